@@ -1,0 +1,27 @@
+"""What each op computes: pure-PyTorch references plus Triton kernels behind one dispatching entry per op.
+
+Public entries validate their inputs once, then pick a backend (``naive`` or ``triton``) with
+:func:`sala.ops.common.dispatch.resolve_backend`. The model only calls these entries.
+"""
+
+from sala.ops.infllm_v2 import (
+    block_sparse_attention,
+    compress_keys,
+    dense_causal_attention,
+    infllm_v2_attention,
+    select_blocks,
+    stage1_block_scores,
+)
+from sala.ops.lightning import chunk_lightning, lightning_decay_slopes, lightning_step
+
+__all__ = [
+    "block_sparse_attention",
+    "chunk_lightning",
+    "compress_keys",
+    "dense_causal_attention",
+    "infllm_v2_attention",
+    "lightning_decay_slopes",
+    "lightning_step",
+    "select_blocks",
+    "stage1_block_scores",
+]

@@ -1,0 +1,1 @@
+"""Shared pieces of the ops room: backend dispatch and Triton helpers."""

@@ -1,0 +1,153 @@
+"""InfLLM-v2 entries (spec §5): key compression, stage-1 scoring, block selection, block-sparse attention,
+plus the dense causal GQA attention the sparse layers use below ``dense_len``.
+
+Sparse entries take one sequence (no batch axis): q [T, H, D], k/v [L, Hkv, D] with k[j] at position j, and
+``q_pos`` [T] the absolute positions of the queries. ``infllm_v2_attention`` chains the stages.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sala.ops.common.dispatch import resolve_backend
+from sala.ops.infllm_v2.naive import (
+    InfLLMv2Params,
+    naive_block_sparse_attention,
+    naive_compress_keys,
+    naive_dense_causal_attention,
+    naive_select_blocks,
+    naive_stage1_block_scores,
+    num_windows,
+)
+
+__all__ = [
+    "InfLLMv2Params",
+    "block_sparse_attention",
+    "compress_keys",
+    "dense_causal_attention",
+    "infllm_v2_attention",
+    "num_windows",
+    "select_blocks",
+    "stage1_block_scores",
+]
+
+
+def _check_seq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor) -> None:
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"sparse ops take one sequence: q [T, H, D], k/v [L, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[2] != k.shape[2]:
+        raise ValueError(f"k and v must both be [L, Hkv, D] with q's D; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
+    if q_pos.shape != (q.shape[0],):
+        raise ValueError(f"q_pos must be [T={q.shape[0]}], got {tuple(q_pos.shape)}")
+    if q.shape[0] and int(q_pos.max()) >= k.shape[0]:
+        raise ValueError(f"query position {int(q_pos.max())} has no key: only {k.shape[0]} keys given")
+
+
+def compress_keys(
+    k: torch.Tensor, kernel_size: int, kernel_stride: int, start: int = 0, backend: str = "auto"
+) -> torch.Tensor:
+    """Mean-pooled complete windows of k, from window index ``start`` on. k: [L, Hkv, D] -> [n - start, Hkv, D]."""
+    if k.dim() != 3:
+        raise ValueError(f"compress_keys takes k [L, Hkv, D], got {tuple(k.shape)}")
+    if resolve_backend(backend, k.device) == "triton":
+        from sala.ops.infllm_v2.compress import triton_compress_keys
+
+        return triton_compress_keys(k, kernel_size, kernel_stride, start)
+    return naive_compress_keys(k, kernel_size, kernel_stride, start)
+
+
+def stage1_block_scores(
+    q: torch.Tensor,
+    ck1: torch.Tensor,
+    ck2: torch.Tensor,
+    q_pos: torch.Tensor,
+    params: InfLLMv2Params,
+    scale: float,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Stage-1 scores. q: [T, H, D]; ck1: [n1, Hkv, D]; ck2: [n2, Hkv, D]; q_pos: [T] -> [Hkv, T, n1]."""
+    if resolve_backend(backend, q.device) == "triton":
+        from sala.ops.infllm_v2.topk import triton_stage1_block_scores
+
+        return triton_stage1_block_scores(q, ck1, ck2, q_pos, params, scale)
+    return naive_stage1_block_scores(q, ck1, ck2, q_pos, params, scale)
+
+
+def select_blocks(
+    scores: torch.Tensor, q_pos: torch.Tensor, num_keys: int, params: InfLLMv2Params, backend: str = "auto"
+) -> torch.Tensor:
+    """Pool, force and top-k. scores: [Hkv, T, n1]; q_pos: [T] -> topk_idx [Hkv, T, K_sel] int32 (-1 unused)."""
+    if resolve_backend(backend, scores.device) == "triton":
+        from sala.ops.infllm_v2.topk import triton_select_blocks
+
+        return triton_select_blocks(scores, q_pos, num_keys, params)
+    return naive_select_blocks(scores, q_pos, num_keys, params)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    topk_idx: torch.Tensor,
+    q_pos: torch.Tensor,
+    block_size: int,
+    scale: float,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Stage 2. q: [T, H, D]; k, v: [L, Hkv, D]; topk_idx: [Hkv, T, K] -> o: [T, H, D] (q dtype)."""
+    _check_seq(q, k, v, q_pos)
+    if resolve_backend(backend, q.device) == "triton":
+        from sala.ops.infllm_v2.sparse_attn import triton_block_sparse_attention
+
+        return triton_block_sparse_attention(q, k, v, topk_idx, q_pos, block_size, scale)
+    return naive_block_sparse_attention(q, k, v, topk_idx, q_pos, block_size, scale)
+
+
+def infllm_v2_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ck1: torch.Tensor,
+    ck2: torch.Tensor,
+    q_pos: torch.Tensor,
+    params: InfLLMv2Params,
+    scale: float,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Full InfLLM-v2 path for one sequence: score, select, attend.
+
+    q: [T, H, D]; k, v: [L, Hkv, D] (all keys so far); ck1/ck2: compressions of k (see ``compress_keys``);
+    q_pos: [T] -> o: [T, H, D] in q's dtype.
+    """
+    _check_seq(q, k, v, q_pos)
+    scores = stage1_block_scores(q, ck1, ck2, q_pos, params, scale, backend)
+    topk_idx = select_blocks(scores, q_pos, k.shape[0], params, backend)
+    return block_sparse_attention(q, k, v, topk_idx, q_pos, params.block_size, scale, backend)
+
+
+def dense_causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    scale: float,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Causal GQA attention of the last T positions over L keys.
+
+    q: [B, T, H, D]; k, v: [B, L, Hkv, D]; key_valid: [B, L] bool or None -> o: [B, T, H, D] (q dtype).
+    On CUDA this runs torch SDPA (cuDNN/flash); elsewhere the chunked reference.
+    """
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"dense attention wants q [B, T, H, D], k/v [B, L, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[1] < q.shape[1]:
+        raise ValueError(f"need at least as many keys ({k.shape[1]}) as queries ({q.shape[1]})")
+    if q.shape[2] % k.shape[2] != 0:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of KV heads ({k.shape[2]})")
+    if resolve_backend(backend, q.device) == "triton":
+        from sala.ops.infllm_v2.dense import sdpa_dense_causal_attention
+
+        return sdpa_dense_causal_attention(q, k, v, key_valid, scale)
+    return naive_dense_causal_attention(q, k, v, key_valid, scale)

@@ -1,0 +1,37 @@
+"""Dense causal GQA attention on GPU through torch SDPA (cuDNN / flash backends pick themselves).
+
+Same contract as :func:`sala.ops.infllm_v2.naive.naive_dense_causal_attention`; the reference is the twin
+that tests compare against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_MASK_ELEMS = 64 * 2**20  # bool mask elements per query chunk
+
+
+def sdpa_dense_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """q: [B, T, H, D]; k, v: [B, L, Hkv, D]; key_valid: [B, L] bool or None -> o: [B, T, H, D]."""
+    B, T, H, D = q.shape
+    L = k.shape[1]
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|Hkv, T|L, D]
+    if key_valid is None and T == L:
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+        return o.transpose(1, 2)
+    out = torch.empty_like(q)
+    step = max(1, _MASK_ELEMS // max(1, B * L))
+    key_idx = torch.arange(L, device=q.device)
+    for a in range(0, T, step):
+        b = min(a + step, T)
+        qi = L - T + torch.arange(a, b, device=q.device)
+        mask = (key_idx[None, :] <= qi[:, None])[None, None]  # [1, 1, Tc, L]
+        if key_valid is not None:
+            # a padding query sees nothing; let it see its own slot so softmax stays finite (output unused)
+            mask = (mask & key_valid[:, None, None, :]) | (key_idx[None, :] == qi[:, None])[None, None]
+        o = F.scaled_dot_product_attention(qh[:, :, a:b], kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[:, a:b] = o.transpose(1, 2)
+    return out

@@ -1,0 +1,1 @@
+"""Leaf utilities any room may import: environment switches, comparison helpers, progress bars."""

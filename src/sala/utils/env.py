@@ -1,0 +1,20 @@
+"""Every ``SALA_*`` environment variable lives here, read at call time (never cached at import)."""
+
+from __future__ import annotations
+
+import os
+
+BACKENDS = ("auto", "naive", "triton")
+
+
+def op_backend() -> str:
+    """Backend forced for all ops by ``SALA_BACKEND`` (``auto`` | ``naive`` | ``triton``); default ``auto``."""
+    value = os.environ.get("SALA_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"SALA_BACKEND must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+def triton_interpret() -> bool:
+    """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
