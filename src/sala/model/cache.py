@@ -1,0 +1,83 @@
+"""``HybridCache``: per-layer decode state of a SALA model (spec §6).
+
+* Lightning layers: one fp32 state ``[B, H, K, V]`` per layer (2 MiB per sequence per layer at released shapes).
+* Sparse layers: raw K/V ``[B, L, Hkv, D]`` in the padded (left-padding) layout, grown by concatenation, plus
+  per-sequence compressed keys ``ck1``/``ck2`` (spec §5.3). The compressed tiers are extended lazily, window by
+  window, from the full K cache the first time a sequence needs the sparse path and on every later sparse call.
+  Invariant (spec §6.2): after any sequence of calls, ``ck1``/``ck2`` equal the compression of the sequence's
+  whole K cache, so chunked prefill and decode see the same compressed keys as a one-shot prefill.
+
+The total padded length is tracked explicitly (never inferred from data). Only left padding is supported;
+the model validates attention masks before they reach the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sala.ops import compress_keys
+from sala.ops.infllm_v2 import num_windows
+
+
+class LightningLayerCache:
+    """Recurrent state of one Lightning layer; ``state`` is None until the first call."""
+
+    def __init__(self) -> None:
+        self.state: torch.Tensor | None = None  # [B, H, K, V] fp32 / fp64
+
+
+class SparseLayerCache:
+    """K/V of one softmax layer plus per-sequence compressed keys."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None  # [B, L, Hkv, D]
+        self.values: torch.Tensor | None = None
+        self.ck1: dict[int, torch.Tensor] = {}  # sequence -> [n1, Hkv, D]
+        self.ck2: dict[int, torch.Tensor] = {}  # sequence -> [n2, Hkv, D]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``k, v`` [B, T, Hkv, D]; return the whole cache [B, L, Hkv, D]."""
+        if self.keys is None:
+            self.keys, self.values = k, v
+        else:
+            if k.shape[0] != self.keys.shape[0]:
+                raise ValueError(f"batch size changed from {self.keys.shape[0]} to {k.shape[0]} within one cache")
+            self.keys = torch.cat([self.keys, k], dim=1)
+            self.values = torch.cat([self.values, v], dim=1)
+        return self.keys, self.values
+
+    def compressed(
+        self, seq: int, keys: torch.Tensor, kernel_size: int, kernel_stride: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ck1, ck2 of sequence ``seq`` whose valid keys are ``keys`` [L_b, Hkv, D], extended to cover them."""
+        out = []
+        for store, ks, st in ((self.ck1, kernel_size, kernel_stride), (self.ck2, 4 * kernel_size, 4 * kernel_stride)):
+            have = store.get(seq)
+            n_have = 0 if have is None else have.shape[0]
+            if num_windows(keys.shape[0], ks, st) > n_have:
+                new = compress_keys(keys, ks, st, start=n_have)
+                have = new if have is None else torch.cat([have, new], dim=0)
+                store[seq] = have
+            out.append(have if have is not None else keys.new_empty(0, *keys.shape[1:]))
+        return out[0], out[1]
+
+
+class HybridCache:
+    """List of per-layer caches with the small interface ``generate()`` needs (``get_seq_length``)."""
+
+    is_compileable = False
+
+    def __init__(self, mixer_is_sparse: list[bool]) -> None:
+        self.layers: list[LightningLayerCache | SparseLayerCache] = [
+            SparseLayerCache() if sparse else LightningLayerCache() for sparse in mixer_is_sparse
+        ]
+        self.seq_length = 0  # padded length L of every sequence (all sequences advance together)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seq_length
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, idx: int) -> LightningLayerCache | SparseLayerCache:
+        return self.layers[idx]

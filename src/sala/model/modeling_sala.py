@@ -1,0 +1,460 @@
+"""MiniCPM-SALA in PyTorch (spec ``architecture.md``), readable top to bottom.
+
+    h = E[ids] * scale_emb
+    for each layer:  h = h + a * Mixer(RMSNorm(h));  h = h + a * MLP(RMSNorm(h))      a = scale_depth / sqrt(N)
+    logits = lm_head(RMSNorm(h) / (hidden / dim_model_base))
+
+Mixers: ``LightningAttention`` (qk-norm, RoPE, fixed-decay linear attention, output norm + gate) and
+``SparseAttention`` (GQA softmax, NoPE, sigmoid output gate; dense below ``dense_len``, InfLLM-v2 at or above).
+All attention math goes through :mod:`sala.ops`, which picks the reference or Triton backend.
+
+Batching: left padding with a 2-D ``attention_mask`` ([B, past + T]); positions are ``cumsum(mask) - 1``.
+Each sequence chooses dense or sparse by its own length (HF decides per batch by the longest sequence; the
+per-sequence rule makes batched results equal unbatched ones).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from sala.model.cache import HybridCache, LightningLayerCache, SparseLayerCache
+from sala.model.checkpoint_io import verify_checkpoint, write_official_config
+from sala.model.configuration_sala import SALAConfig
+from sala.ops import chunk_lightning, dense_causal_attention, infllm_v2_attention, lightning_decay_slopes, lightning_step
+from sala.ops.infllm_v2 import InfLLMv2Params
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# building blocks
+# ---------------------------------------------------------------------------------------------------------------
+class SALARMSNorm(nn.Module):
+    """``to_dtype(x32 * rsqrt(mean(x32^2) + eps)) * w`` (spec §3): fp32 statistics, cast before the weight."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """NeoX RoPE tables at ``positions`` [B, T] -> cos, sin [B, T, 1, head_dim] in fp32 (fp64 for fp64 models)."""
+    dt = torch.promote_types(dtype, torch.float32)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64).to(dt) / head_dim))
+    angles = positions.to(dt)[..., None] * inv_freq  # [B, T, D/2]
+    emb = torch.cat([angles, angles], dim=-1)[:, :, None, :]  # cos/sin duplicated over both halves
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE in fp32, result cast back to x's dtype (spec §4.1). x: [B, T, H, D]."""
+    xf = x.to(cos.dtype)
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
+@functools.cache
+def _slopes(num_heads: int, device: str) -> torch.Tensor:
+    return lightning_decay_slopes(num_heads).to(device)  # float64; ops cast to their compute dtype
+
+
+class SALAMLP(nn.Module):
+    def __init__(self, config: SALAConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class BatchLayout:
+    """Where each sequence's tokens sit in a call (computed once per forward, shared by every layer).
+
+    positions [B, T] absolute positions (pads clamped to 0); ``new_valid`` [B, T] bool (None: no padding);
+    ``pad`` left-pad count of each row; ``total`` the padded length L after this call.
+    """
+
+    positions: torch.Tensor
+    new_valid: torch.Tensor | None
+    key_valid: torch.Tensor | None
+    pad: list[int]
+    total: int
+
+    def valid_keys(self, b: int) -> int:
+        return self.total - self.pad[b]
+
+    def valid_new(self, b: int, num_new: int) -> int:
+        return min(num_new, self.valid_keys(b))
+
+
+class _Projections(nn.Module):
+    """q/k/v/o projections with optional q/k RMSNorm shared by both mixers."""
+
+    def __init__(self, config: SALAConfig, num_kv_heads: int, qk_norm: bool) -> None:
+        super().__init__()
+        H, D, hidden = config.num_attention_heads, config.head_dim, config.hidden_size
+        bias = config.attention_bias or config.qkv_bias
+        self.num_heads, self.num_kv_heads, self.head_dim = H, num_kv_heads, D
+        self.q_proj = nn.Linear(hidden, H * D, bias=bias)
+        self.k_proj = nn.Linear(hidden, num_kv_heads * D, bias=bias)
+        self.v_proj = nn.Linear(hidden, num_kv_heads * D, bias=bias)
+        self.o_proj = nn.Linear(H * D, hidden, bias=config.attention_bias)
+        if qk_norm:
+            self.q_norm = SALARMSNorm(D, config.rms_norm_eps)  # one [D] weight shared by all heads
+            self.k_norm = SALARMSNorm(D, config.rms_norm_eps)
+        self.qk_norm = qk_norm
+
+    def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
+        """x: [B, T, hidden] -> q [B, T, H, D], k, v [B, T, Hkv, D] (qk-norm, then RoPE when given)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mixers
+# ---------------------------------------------------------------------------------------------------------------
+class LightningAttention(_Projections):
+    """Lightning layer (spec §4): qk-norm -> RoPE -> fp32 decay recurrence -> RMSNorm(H*D) -> * sigmoid(z) -> o_proj."""
+
+    def __init__(self, config: SALAConfig, layer_idx: int) -> None:
+        super().__init__(config, config.lightning_nkv, config.qk_norm)
+        self.layer_idx = layer_idx
+        self.use_rope = config.lightning_use_rope
+        self.scale = config.lightning_scale_value()
+        width = config.num_attention_heads * config.head_dim
+        if config.use_output_norm:
+            self.o_norm = SALARMSNorm(width, config.rms_norm_eps)  # over the whole H*D vector, not per head
+        if config.use_output_gate:
+            self.z_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.use_output_norm, self.use_output_gate = config.use_output_norm, config.use_output_gate
+
+    def forward(self, x, layout: BatchLayout, rope, cache: LightningLayerCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, rope if self.use_rope else None)
+        if layout.new_valid is not None:  # left pads must not enter the state (it starts at zero before them)
+            keep = layout.new_valid[:, :, None, None].to(k.dtype)
+            k, v = k * keep, v * keep
+        slopes = _slopes(self.num_heads, str(x.device))
+        state = cache.state if cache is not None else None
+        if T == 1 and state is not None:
+            o = lightning_step(q[:, 0], k[:, 0], v[:, 0], slopes, self.scale, state, output_dtype=x.dtype)[:, None]
+        else:
+            o, final = chunk_lightning(q, k, v, slopes, self.scale, initial_state=state,
+                                       output_final_state=cache is not None, output_dtype=x.dtype)
+            if cache is not None:
+                cache.state = final
+        o = o.reshape(B, T, -1)  # fp32 result already cast to the model dtype (spec §4.4 step 1)
+        if self.use_output_norm:
+            o = self.o_norm(o)
+        if self.use_output_gate:
+            o = o * torch.sigmoid(self.z_proj(x))
+        return self.o_proj(o)
+
+
+class SparseAttention(_Projections):
+    """Softmax layer (spec §5): GQA, NoPE (unless ``attn_use_rope``), sigmoid ``o_gate`` on the layer input.
+
+    Per sequence: dense causal attention while its total length < ``dense_len``, else InfLLM-v2.
+    """
+
+    def __init__(self, config: SALAConfig, layer_idx: int) -> None:
+        super().__init__(config, config.num_key_value_heads, config.attn_qk_norm)
+        self.layer_idx = layer_idx
+        self.use_rope = config.attn_use_rope
+        self.scale = config.head_dim**-0.5
+        sc = config.sparse_config
+        self.dense_len = sc["dense_len"] if config.sparse_attention else None
+        self.params = InfLLMv2Params(
+            kernel_size=sc["kernel_size"], kernel_stride=sc["kernel_stride"], block_size=sc["block_size"],
+            init_blocks=sc["init_blocks"], local_blocks=sc["window_size"] // sc["block_size"], topk=sc["topk"],
+        )
+        if config.attn_use_output_gate:
+            self.o_gate = nn.Linear(config.hidden_size, config.num_attention_heads * config.head_dim, bias=False)
+        self.use_output_gate = config.attn_use_output_gate
+
+    def uses_sparse(self, num_keys: int) -> bool:
+        return self.dense_len is not None and num_keys >= self.dense_len
+
+    def forward(self, x, layout: BatchLayout, rope, cache: SparseLayerCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, rope if self.use_rope else None)
+        keys, values = cache.update(k, v) if cache is not None else (k, v)  # [B, L, Hkv, D]
+        sparse_rows = [b for b in range(B) if self.uses_sparse(layout.valid_keys(b))]
+        if len(sparse_rows) < B:
+            o = dense_causal_attention(q, keys, values, layout.key_valid, self.scale)
+        else:
+            o = torch.zeros_like(q)
+        for b in sparse_rows:
+            n, t = layout.valid_keys(b), layout.valid_new(b, T)
+            kb, vb = keys[b, layout.pad[b]:], values[b, layout.pad[b]:]  # index = absolute position
+            if cache is not None:
+                ck1, ck2 = cache.compressed(b, kb, self.params.kernel_size, self.params.kernel_stride)
+            else:
+                ck1, ck2 = SparseLayerCache().compressed(0, kb, self.params.kernel_size, self.params.kernel_stride)
+            q_pos = torch.arange(n - t, n, device=x.device)
+            o[b, T - t:] = infllm_v2_attention(q[b, T - t:], kb, vb, ck1, ck2, q_pos, self.params, self.scale)
+        o = o.reshape(B, T, -1)
+        if self.use_output_gate:
+            o = o * torch.sigmoid(self.o_gate(x))
+        return self.o_proj(o)
+
+
+class SALADecoderLayer(nn.Module):
+    def __init__(self, config: SALAConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.is_sparse = config.is_sparse_layer(layer_idx)
+        self.self_attn = (SparseAttention if self.is_sparse else LightningAttention)(config, layer_idx)
+        self.mlp = SALAMLP(config)
+        self.input_layernorm = SALARMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = SALARMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.residual_scale = config.residual_scale
+
+    def forward(self, h, layout: BatchLayout, rope, cache) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), layout, rope, cache) * self.residual_scale
+        return h + self.mlp(self.post_attention_layernorm(h)) * self.residual_scale
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HF wrappers
+# ---------------------------------------------------------------------------------------------------------------
+class SALAPreTrainedModel(PreTrainedModel):
+    config_class = SALAConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["SALADecoderLayer"]
+    _supports_sdpa = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:  # we bring our own HybridCache
+        return False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, strict_checkpoint: bool = True, **kwargs):
+        """HF loading, preceded (for local directories) by a strict check of tensor names and shapes against the
+        config, so a missing, extra or mis-shaped tensor is an error instead of a silently re-initialised weight."""
+        path = os.fspath(pretrained_model_name_or_path)
+        if strict_checkpoint and os.path.isdir(path):
+            config = kwargs.get("config")
+            if not isinstance(config, SALAConfig):
+                config = SALAConfig.from_pretrained(path)
+                for key in list(kwargs):
+                    if key in config.to_dict() and key not in ("dtype", "torch_dtype"):
+                        setattr(config, key, kwargs[key])
+                config.check()
+            verify_checkpoint(path, config)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """HF saving (safetensors, sharded past ``max_shard_size``) with the official ``config.json`` names."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_official_config(save_directory)
+
+
+class SALAModel(SALAPreTrainedModel):
+    """Embedding, decoder layers, final norm. Returns hidden states [B, T, hidden] and the ``HybridCache``."""
+
+    def __init__(self, config: SALAConfig) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(SALADecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = SALARMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def new_cache(self) -> HybridCache:
+        return HybridCache([layer.is_sparse for layer in self.layers])
+
+    def _layout(self, B: int, T: int, past: int, attention_mask: torch.Tensor | None, device) -> BatchLayout:
+        total = past + T
+        if attention_mask is None or bool(attention_mask.all()):
+            if attention_mask is not None and attention_mask.shape != (B, total):
+                raise ValueError(f"attention_mask must be [batch, past + new] = {(B, total)}, got {tuple(attention_mask.shape)}")
+            positions = torch.arange(past, total, device=device).expand(B, T)
+            return BatchLayout(positions, None, None, [0] * B, total)
+        if attention_mask.dim() != 2 or attention_mask.shape != (B, total):
+            raise ValueError(
+                f"attention_mask must be 2-D [batch, past + new] = {(B, total)}, got {tuple(attention_mask.shape)}"
+            )
+        mask = attention_mask.to(device=device, dtype=torch.long)
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("attention_mask must contain only 0 and 1")
+        if bool((mask[:, 1:] < mask[:, :-1]).any()):
+            raise ValueError("only left padding is supported: each attention_mask row must be 0...0 1...1")
+        counts = mask.sum(-1)
+        if bool((counts == 0).any()):
+            raise ValueError(f"attention_mask rows {(counts == 0).nonzero().flatten().tolist()} have no tokens")
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        valid = mask.bool()
+        return BatchLayout(positions, valid[:, -T:], valid, (total - counts).tolist(), total)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: HybridCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """input_ids: [B, T] (or inputs_embeds [B, T, hidden], used unscaled); attention_mask: [B, past + T]
+        left-padded 0/1; position_ids [B, T] override RoPE positions only."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"input_ids must be an integer tensor [batch, seq], got {input_ids.dtype} {tuple(input_ids.shape)}")
+            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+                bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)][0].item()
+                raise ValueError(f"token id {bad} is out of range for vocab_size {self.config.vocab_size}")
+            h = self.embed_tokens(input_ids) * self.config.scale_emb
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+                raise ValueError(f"inputs_embeds must be [batch, seq, {self.config.hidden_size}], got {tuple(inputs_embeds.shape)}")
+            h = inputs_embeds  # spec §3.1: HF leaves inputs_embeds unscaled; so do we
+        B, T = h.shape[:2]
+        if T == 0:
+            raise ValueError("empty input: sequence length is 0")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = self.new_cache()
+        cache = past_key_values if use_cache else None
+        if cache is not None and not isinstance(cache, HybridCache):
+            raise TypeError(f"past_key_values must be a sala HybridCache, got {type(cache).__name__}")
+        past = cache.get_seq_length() if cache is not None else 0
+        layout = self._layout(B, T, past, attention_mask, h.device)
+        max_pos = int(layout.positions.max()) if position_ids is None else int(position_ids.max())
+        if max_pos >= self.config.max_position_embeddings:
+            raise ValueError(
+                f"position {max_pos} exceeds max_position_embeddings={self.config.max_position_embeddings}; "
+                "RoPE is computed analytically, so raise max_position_embeddings in the config to extrapolate"
+            )
+        rope_pos = layout.positions if position_ids is None else position_ids.to(h.device)
+        rope = rope_cos_sin(rope_pos, self.config.head_dim, self.config.rope_theta, h.dtype)
+        hidden_states = [h] if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            h = layer(h, layout, rope, cache[i] if cache is not None else None)
+            if output_hidden_states:
+                hidden_states.append(h)
+        if cache is not None:
+            cache.seq_length = layout.total
+        h = self.norm(h)
+        return BaseModelOutputWithPast(
+            last_hidden_state=h, past_key_values=cache, hidden_states=tuple(hidden_states) if hidden_states else None
+        )
+
+
+class SALAForCausalLM(SALAPreTrainedModel, GenerationMixin):
+    """SALA with an untied lm_head on h / (hidden / dim_model_base); fp32 logits (spec §3)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: SALAConfig) -> None:
+        super().__init__(config)
+        self.model = SALAModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [..., hidden] (after the final norm) -> fp32 logits [..., vocab]."""
+        return self.lm_head(hidden / self.config.logit_divisor).float()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: HybridCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Returns fp32 logits [B, T', vocab] for the last ``logits_to_keep`` positions (0 = all) and, with
+        ``labels`` [B, T] (-100 = ignore), the mean next-token cross-entropy."""
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        h = out.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.logits(h[:, keep])
+        loss = None
+        if labels is not None:
+            full = logits if logits.shape[1] == labels.shape[1] else self.logits(h)
+            loss = F.cross_entropy(full[:, :-1].reshape(-1, full.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+        )
+
+    def prepare_inputs_for_generation(
+        self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, **kwargs
+    ) -> dict:
+        """Feed only the tokens the cache has not seen; the model derives positions from the mask."""
+        past = past_key_values.get_seq_length() if isinstance(past_key_values, HybridCache) else 0
+        inputs = {"past_key_values": past_key_values, "attention_mask": attention_mask,
+                  "use_cache": kwargs.get("use_cache", True)}
+        if inputs_embeds is not None and past == 0:
+            inputs["inputs_embeds"] = inputs_embeds
+        else:
+            inputs["input_ids"] = input_ids[:, past:]
+        if "logits_to_keep" in kwargs:
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs
+
+
+MiniCPMSALAConfig = SALAConfig
+MiniCPMSALAModel = SALAModel
+MiniCPMSALAForCausalLM = SALAForCausalLM
+
+__all__ = ["SALAForCausalLM", "SALAModel", "SALAPreTrainedModel", "MiniCPMSALAForCausalLM", "MiniCPMSALAModel"]
