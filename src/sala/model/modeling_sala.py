@@ -297,7 +297,7 @@ class SALAModel(SALAPreTrainedModel):
 
     def _layout(self, B: int, T: int, past: int, attention_mask: torch.Tensor | None, device) -> BatchLayout:
         total = past + T
-        if attention_mask is None or bool(attention_mask.all()):
+        if attention_mask is None or bool((attention_mask == 1).all()):
             if attention_mask is not None and attention_mask.shape != (B, total):
                 raise ValueError(f"attention_mask must be [batch, past + new] = {(B, total)}, got {tuple(attention_mask.shape)}")
             positions = torch.arange(past, total, device=device).expand(B, T)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install sala with the exact versions CI uses. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first, on its own: pip then takes the local CPU wheel where one is provided
+.venv/bin/python -m pip install -q torch==2.13.0
+.venv/bin/python -m pip install -q -r requirements-ci.txt
+.venv/bin/python -m pip install -q --no-deps -e .

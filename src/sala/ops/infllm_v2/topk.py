@@ -1,0 +1,383 @@
+"""Triton stage 1 and block selection for InfLLM-v2 (spec §5.4-5.5).
+
+Three kernels:
+
+* ``_stage1_lse_kernel``: per query tile and KV group, the coarse normaliser LSE_th over the visible ck2
+  windows (online max/sum, log2 domain). The G query heads of a group are folded into the rows of one tile
+  (row = token * GP + head), so they share every ck load. Split over ck2 for short T (decode).
+* ``_stage1_score_kernel``: group-summed ``exp(s q.ck1 - LSE)`` over the visible ck1 windows. It writes either
+  the raw scores [Hkv, T, n1] (the ``stage1_block_scores`` contract) or, fused, only per-block maxima:
+  ``own[b]`` = max over the windows starting inside block b and ``tail[b]`` = max over the last LEFT of them,
+  so that the pooled score is ``max(own[b], tail[b-1])`` (spec §5.5: windows [r b - 1, r b + r - 1]).
+  The fused form writes [Hkv, T, n_blocks] twice instead of [Hkv, T, n1] (r = 4 times fewer columns).
+* ``_select_kernel``: pooling (from raw scores or own/tail), forced blocks (+inf), then top-K_sel per row by
+  a bitwise binary search for the K_sel-th largest of the unique keys ``(score bits, 65535 - block)``, which
+  breaks ties towards the lower block like the reference's stable sort; the kept blocks are written in
+  ascending order via a prefix sum, blocks after the query's own block become -1.
+
+Scores are rounded to q's dtype (bf16/fp16) before pooling exactly like the reference; fp32 inputs run the
+dots in IEEE fp32 so selections match the reference bit for bit up to summation order.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from sala.ops.infllm_v2.naive import InfLLMv2Params
+from sala.utils.env import triton_interpret
+
+logger = logging.getLogger(__name__)
+
+_LOG2E = 1.4426950408889634
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a small constant on CPU, where the interpreter runs)."""
+    if device.type != "cuda":
+        return 4
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """IEEE fp32 dots for fp32 inputs (parity with the reference); half inputs ignore the setting."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def check_dtype(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"Triton InfLLM-v2 kernels take fp16/bf16/fp32 tensors, got {t.dtype}; use backend='naive' for fp64")
+
+
+def _geometry(params: InfLLMv2Params) -> tuple[int, int]:
+    """(r, left): windows per block and windows starting before a block that still overlap it."""
+    ks, st, bs = params.kernel_size, params.kernel_stride, params.block_size
+    if bs % st or ks < st:
+        raise ValueError(f"Triton selection needs block_size % kernel_stride == 0 and kernel_size >= kernel_stride; got {params}")
+    r, left = bs // st, (ks - 1) // st
+    if r & (r - 1) or left > r:
+        raise ValueError(f"Triton selection needs block_size/kernel_stride a power of two >= (kernel_size-1)//kernel_stride; got r={r}, left={left}")
+    return r, left
+
+
+@triton.jit
+def _load_group_rows(q_ptr, pos_ptr, i_t, i_h, T, s_qt, s_qh, G: tl.constexpr, GP: tl.constexpr,
+                     BT: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, CAST: tl.constexpr):
+    """Rows = BT tokens x GP heads of KV group i_h; returns (q [BT*GP, BD], pos [BT*GP] int32, valid, head)."""
+    o_r = tl.arange(0, BT * GP)
+    tok = i_t * BT + o_r // GP
+    g = o_r % GP
+    m_r = (tok < T) & (g < G)
+    head = i_h * G + g
+    pos = tl.load(pos_ptr + tok, mask=tok < T, other=-1).to(tl.int32)
+    o_d = tl.arange(0, BD)
+    p_q = q_ptr + tok.to(tl.int64)[:, None] * s_qt + head[:, None] * s_qh + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_r[:, None] & (o_d[None, :] < D), other=0.0)
+    if CAST:
+        b_q = b_q.to(tl.float32)
+    return b_q, pos, m_r, head, tok
+
+
+@triton.jit
+def _stage1_lse_kernel(
+    q_ptr, c_ptr, pos_ptr, lse_ptr, T, n2, per_split,
+    s_qt, s_qh, s_cn, s_ch, s_ls, s_lt, scale_log2,
+    G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    KS: tl.constexpr, ST: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr,
+):
+    i_t, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b_q, pos, m_r, head, tok = _load_group_rows(q_ptr, pos_ptr, i_t, i_h, T, s_qt, s_qh, G, GP, BT, D, BD, CAST)
+    max_pos = tl.max(pos, axis=0)
+    n_vis = tl.where(max_pos >= KS - 1, (max_pos - KS + 1) // ST + 1, 0)  # windows complete by the last row
+    j_lo = i_s * per_split
+    j_hi = tl.minimum(tl.minimum(j_lo + per_split, n2), n_vis)
+    o_d = tl.arange(0, BD)
+    b_m = tl.full([BT * GP], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BT * GP], dtype=tl.float32)
+    for j0 in range(j_lo, j_hi, BN):
+        o_j = j0 + tl.arange(0, BN)
+        p_c = c_ptr + i_h * s_ch + o_j.to(tl.int64)[None, :] * s_cn + o_d[:, None]
+        b_ct = tl.load(p_c, mask=(o_j < j_hi)[None, :] & (o_d < D)[:, None], other=0.0)  # [BD, BN]
+        if CAST:
+            b_ct = b_ct.to(tl.float32)
+        b_s = tl.dot(b_q, b_ct, input_precision=PREC) * scale_log2  # [BT*GP, BN]
+        vis = ((o_j * ST + KS - 1)[None, :] <= pos[:, None]) & (o_j < j_hi)[None, :]
+        b_s = tl.where(vis, b_s, float("-inf"))
+        m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        b_l = b_l * tl.exp2(b_m - m_safe) + tl.sum(tl.exp2(b_s - m_safe[:, None]), axis=1)
+        b_m = m_new
+    lse = tl.where(b_l > 0, b_m + tl.log2(b_l), float("-inf"))
+    tl.store(lse_ptr + i_s * s_ls + tok.to(tl.int64) * s_lt + head, lse, mask=m_r)
+
+
+@triton.jit
+def _stage1_score_kernel(
+    q_ptr, c_ptr, pos_ptr, lse_ptr, o_ptr, t_ptr, T, n1, n_cols, n_blk,
+    s_qt, s_qh, s_cn, s_ch, s_lt, s_oh, s_ot, scale_log2,
+    G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    CW: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, R: tl.constexpr, LEFT: tl.constexpr,
+    POOL: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr,
+):
+    i_t, i_h, i_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b_q, pos, m_r, head, tok = _load_group_rows(q_ptr, pos_ptr, i_t, i_h, T, s_qt, s_qh, G, GP, BT, D, BD, CAST)
+    lse = tl.load(lse_ptr + tok.to(tl.int64) * s_lt + head, mask=m_r, other=float("-inf"))
+    has = lse > float("-inf")  # no visible coarse window: every score is 0 (spec §5.4 edge case)
+    max_pos = tl.max(pos, axis=0)
+    n_vis = tl.minimum(tl.where(max_pos >= KS - 1, (max_pos - KS + 1) // ST + 1, 0), n1)
+    o_d = tl.arange(0, BD)
+    tok_t = i_t * BT + tl.arange(0, BT)
+    m_t = tok_t < T
+    p_o = o_ptr + i_h * s_oh + tok_t.to(tl.int64)[:, None] * s_ot
+    p_tail = t_ptr + i_h * s_oh + tok_t.to(tl.int64)[:, None] * s_ot
+    c_lo = i_c * CW
+    c_hi = tl.minimum(c_lo + CW, n_cols)
+    for w0 in range(c_lo, c_hi, BN):
+        o_w = w0 + tl.arange(0, BN)
+        if w0 < n_vis:
+            p_c = c_ptr + i_h * s_ch + o_w.to(tl.int64)[None, :] * s_cn + o_d[:, None]
+            b_ct = tl.load(p_c, mask=(o_w < n_vis)[None, :] & (o_d < D)[:, None], other=0.0)  # [BD, BN]
+            if CAST:
+                b_ct = b_ct.to(tl.float32)
+            b_s = tl.dot(b_q, b_ct, input_precision=PREC) * scale_log2  # [BT*GP, BN]
+            vis = ((o_w * ST + KS - 1)[None, :] <= pos[:, None]) & (o_w < n_vis)[None, :] & has[:, None]
+            b_p = tl.where(vis, tl.exp2(b_s - lse[:, None]), 0.0)
+        else:
+            b_p = tl.zeros([BT * GP, BN], dtype=tl.float32)
+        b_ps = tl.sum(tl.reshape(b_p, [BT, GP, BN]), axis=1)  # [BT, BN] summed over the group's heads
+        if POOL:
+            b_p3 = tl.reshape(b_ps, [BT, BN // R, R])
+            b_own = tl.max(b_p3, axis=2)  # [BT, BN // R]
+            o_in = tl.arange(0, R)
+            b_tail = tl.max(tl.where((o_in >= R - LEFT)[None, None, :], b_p3, 0.0), axis=2)
+            o_b = w0 // R + tl.arange(0, BN // R)
+            m_o = m_t[:, None] & (o_b < n_blk)[None, :]
+            tl.store(p_o + o_b[None, :], b_own.to(o_ptr.dtype.element_ty), mask=m_o)
+            tl.store(p_tail + o_b[None, :], b_tail.to(t_ptr.dtype.element_ty), mask=m_o)
+        else:
+            tl.store(p_o + o_w[None, :], b_ps.to(o_ptr.dtype.element_ty), mask=m_t[:, None] & (o_w < n1)[None, :])
+
+
+@triton.jit
+def _select_kernel(
+    s_ptr, t_ptr, pos_ptr, o_ptr, T, n_src, n_blk, k_sel,
+    s_sh, s_st, s_oh, s_ot,
+    BR: tl.constexpr, NBP: tl.constexpr, KP: tl.constexpr, R: tl.constexpr, LEFT: tl.constexpr,
+    BS: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, POOLED: tl.constexpr,
+    KEY64: tl.constexpr, NBITS: tl.constexpr,
+):
+    i_r, i_h = tl.program_id(0), tl.program_id(1)
+    o_r = i_r * BR + tl.arange(0, BR)
+    m_r = o_r < T
+    qb = tl.load(pos_ptr + o_r, mask=m_r, other=0).to(tl.int32) // BS  # query's own block
+    o_b = tl.arange(0, NBP)
+    m_b = o_b < n_blk
+    row_off = i_h * s_sh + o_r.to(tl.int64)[:, None] * s_st
+    if POOLED:
+        m_rb = m_r[:, None] & m_b[None, :]
+        b_own = tl.load(s_ptr + row_off + o_b[None, :], mask=m_rb, other=0.0).to(tl.float32)
+        b_prev = tl.load(t_ptr + row_off + (o_b - 1)[None, :], mask=m_rb & (o_b >= 1)[None, :], other=0.0)
+        b_sc = tl.maximum(b_own, b_prev.to(tl.float32))
+    else:
+        b_sc = tl.zeros([BR, NBP], dtype=tl.float32)
+        for w in tl.static_range(R + LEFT):  # windows [r b - left, r b + r - 1]; scores are >= 0
+            i = o_b * R - LEFT + w
+            ok = (i >= 0) & (i < n_src) & (i < n_blk * R) & m_b
+            b_w = tl.load(s_ptr + row_off + i[None, :], mask=m_r[:, None] & ok[None, :], other=0.0)
+            b_sc = tl.maximum(b_sc, b_w.to(tl.float32))
+    forced = (o_b[None, :] < INIT) | ((o_b[None, :] >= qb[:, None] - LOCAL) & (o_b[None, :] <= qb[:, None]))
+    b_sc = tl.where(forced, float("inf"), b_sc)
+    bits = b_sc.to(tl.int32, bitcast=True)  # monotone in the value for non-negative floats
+    if KEY64:
+        key = bits.to(tl.int64) * 65536 + (65535 - o_b)[None, :].to(tl.int64)
+    else:
+        key = (bits >> 16) * 65536 + (65535 - o_b)[None, :]  # bf16 values: the low 16 bits are zero
+    key = tl.where(m_b[None, :], key, -1)  # unique keys; ties -> lower block wins
+    ans = tl.zeros([BR], dtype=key.dtype)
+    for it in range(NBITS):  # largest threshold with >= k_sel keys at or above it = the k_sel-th key
+        cand = ans | ((ans * 0 + 1) << (NBITS - 1 - it))
+        cnt = tl.sum((key >= cand[:, None]).to(tl.int32), axis=1)
+        ans = tl.where(cnt >= k_sel, cand, ans)
+    sel = (key >= ans[:, None]) & (o_b[None, :] <= qb[:, None])  # future blocks become -1
+    rank = tl.cumsum(sel.to(tl.int32), axis=1) - 1  # ascending block order
+    out_off = i_h * s_oh + o_r.to(tl.int64)[:, None] * s_ot
+    tl.store(o_ptr + out_off + rank, (o_b[None, :] + rank * 0).to(tl.int32), mask=sel & m_r[:, None])
+    n_sel = tl.sum(sel.to(tl.int32), axis=1)
+    o_k = tl.arange(0, KP)
+    m_fill = (o_k[None, :] >= n_sel[:, None]) & (o_k < k_sel)[None, :] & m_r[:, None]
+    tl.store(o_ptr + out_off + o_k[None, :], tl.full([BR, KP], -1, dtype=tl.int32), mask=m_fill)
+
+
+def _stage1_tiles(G: int, interp: bool) -> tuple[int, int, int, int]:
+    """(GP, BT, BN, num_warps): rows = BT tokens x GP heads (128 rows on GPU)."""
+    GP = triton.next_power_of_2(G)
+    rows = 16 if interp else 128
+    BT = max(1, rows // GP)
+    return GP, BT, (16 if interp else 64), (4 if interp else 8)
+
+
+def _stage1_lse(q: torch.Tensor, ck2: torch.Tensor, q_pos: torch.Tensor, params: InfLLMv2Params, scale: float) -> torch.Tensor:
+    """Coarse LSE in log2 units, [T, H] fp32 (-inf where no ck2 window is visible)."""
+    T, H, D = q.shape
+    n2, Hkv = ck2.shape[0], ck2.shape[1]
+    G = H // Hkv
+    interp = triton_interpret()
+    GP, BT, BN, warps = _stage1_tiles(G, interp)
+    n_qt = triton.cdiv(T, BT)
+    target = 4 * num_sms(q.device)
+    S = max(1, min(target // max(1, n_qt * Hkv), triton.cdiv(n2, 4 * BN)))  # split ck2 only when T is short
+    per = triton.cdiv(triton.cdiv(max(n2, 1), S), BN) * BN
+    S = triton.cdiv(max(n2, 1), per)
+    lse = torch.empty(S, T, H, dtype=torch.float32, device=q.device)
+    _stage1_lse_kernel[(n_qt, Hkv, S)](
+        q, ck2, q_pos, lse, T, n2, per,
+        q.stride(0), q.stride(1), ck2.stride(0), ck2.stride(1), lse.stride(0), lse.stride(1), scale * _LOG2E,
+        G=G, GP=GP, BT=BT, D=D, BD=triton.next_power_of_2(D), BN=BN,
+        KS=params.coarse_kernel_size, ST=params.coarse_kernel_stride, CAST=interp, PREC=dot_precision(q.dtype),
+        num_warps=warps, num_stages=2,
+    )
+    if S == 1:
+        return lse[0]
+    m = lse.amax(0)
+    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    return m_safe + torch.log2(torch.exp2(lse - m_safe).sum(0))  # log2(0) = -inf where nothing visible
+
+
+def _run_scores(q, ck1, q_pos, lse, params, scale, out, tail, n_cols, n_blk, pool: bool) -> None:
+    T, H, D = q.shape
+    n1, Hkv = ck1.shape[0], ck1.shape[1]
+    G = H // Hkv
+    interp = triton_interpret()
+    GP, BT, BN, warps = _stage1_tiles(G, interp)
+    r, left = _geometry(params) if pool else (1, 0)
+    n_qt = triton.cdiv(T, BT)
+    tiles = triton.cdiv(n_cols, BN)
+    per = max(1, min(8, (n_qt * Hkv * tiles) // (4 * num_sms(q.device))))  # more column splits for short T
+    CW = per * BN
+    grid = (n_qt, Hkv, triton.cdiv(n_cols, CW))
+    _stage1_score_kernel[grid](
+        q, ck1, q_pos, lse, out, tail, T, n1, n_cols, n_blk,
+        q.stride(0), q.stride(1), ck1.stride(0), ck1.stride(1), lse.stride(0), out.stride(0), out.stride(1),
+        scale * _LOG2E,
+        G=G, GP=GP, BT=BT, D=D, BD=triton.next_power_of_2(D), BN=BN, CW=CW,
+        KS=params.kernel_size, ST=params.kernel_stride, R=max(r, 1), LEFT=left,
+        POOL=pool, CAST=interp, PREC=dot_precision(q.dtype), num_warps=warps, num_stages=2,
+    )
+
+
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def _check_stage1(q, ck1, ck2) -> None:
+    check_dtype(q, ck1, ck2)
+    if q.dim() != 3 or ck1.dim() != 3 or ck2.dim() != 3 or ck1.shape[1:] != ck2.shape[1:] or ck1.shape[2] != q.shape[2]:
+        raise ValueError(f"stage 1 wants q [T, H, D], ck1/ck2 [n, Hkv, D]; got {tuple(q.shape)}, {tuple(ck1.shape)}, {tuple(ck2.shape)}")
+    if q.shape[1] % ck1.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({ck1.shape[1]})")
+
+
+def _contig(*ts: torch.Tensor) -> list[torch.Tensor]:
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
+
+
+def triton_stage1_block_scores(
+    q: torch.Tensor, ck1: torch.Tensor, ck2: torch.Tensor, q_pos: torch.Tensor, params: InfLLMv2Params, scale: float
+) -> torch.Tensor:
+    """Group-summed fine-window scores normalised by the coarse LSE (spec §5.4), as the reference.
+
+    q: [T, H, D]; ck1: [n1, Hkv, D]; ck2: [n2, Hkv, D]; q_pos: [T] -> [Hkv, T, n1]
+    (q's dtype for bf16/fp16, else fp32). Invisible windows and queries without a visible ck2 window score 0.
+    """
+    _check_stage1(q, ck1, ck2)
+    T, H, _ = q.shape
+    n1, Hkv = ck1.shape[0], ck1.shape[1]
+    out = torch.empty(Hkv, T, n1, dtype=_score_dtype(q.dtype), device=q.device)
+    if T == 0 or n1 == 0:
+        return out.zero_()
+    q, ck1, ck2 = _contig(q, ck1, ck2)
+    lse = _stage1_lse(q, ck2, q_pos, params, scale)
+    _run_scores(q, ck1, q_pos, lse, params, scale, out, out, n1, n1, pool=False)
+    return out
+
+
+def _run_select(src, tail, q_pos, num_keys, params, pooled: bool) -> torch.Tensor:
+    Hkv, T, n_src = src.shape
+    bs = params.block_size
+    n_blk = math.ceil(num_keys / bs)
+    k_sel = params.num_selected(num_keys)
+    out = torch.empty(Hkv, T, k_sel, dtype=torch.int32, device=src.device)
+    if T == 0 or k_sel == 0:
+        return out
+    if n_blk > 65535:
+        raise ValueError(f"Triton selection supports up to 65535 blocks ({65535 * bs} keys), got {n_blk}")
+    r, left = _geometry(params)
+    NBP = triton.next_power_of_2(n_blk)
+    BR = max(1, min(16, 4096 // NBP))
+    key64 = src.dtype != torch.bfloat16
+    warps = 4 if NBP <= 2048 else min(16, NBP // 512)
+    _select_kernel[(triton.cdiv(T, BR), Hkv)](
+        src, tail, q_pos, out, T, n_src, n_blk, k_sel,
+        src.stride(0), src.stride(1), out.stride(0), out.stride(1),
+        BR=BR, NBP=NBP, KP=triton.next_power_of_2(k_sel), R=r, LEFT=left, BS=bs,
+        INIT=params.init_blocks, LOCAL=params.local_blocks, POOLED=pooled,
+        KEY64=key64, NBITS=47 if key64 else 31, num_warps=warps,
+    )
+    return out
+
+
+def triton_select_blocks(scores: torch.Tensor, q_pos: torch.Tensor, num_keys: int, params: InfLLMv2Params) -> torch.Tensor:
+    """Max-pool window scores to blocks, force sink + local blocks, take top K_sel (spec §5.5), as the reference.
+
+    scores: [Hkv, T, n1] (fp16/bf16/fp32, >= 0); q_pos: [T]; num_keys: L -> topk_idx [Hkv, T, K_sel] int32,
+    ascending, -1 for unused / future slots. Ties break towards the lower block index.
+    """
+    check_dtype(scores)
+    if scores.dim() != 3:
+        raise ValueError(f"scores must be [Hkv, T, n1], got {tuple(scores.shape)}")
+    (scores,) = _contig(scores)
+    return _run_select(scores, scores, q_pos, num_keys, params, pooled=False)
+
+
+def triton_select_from_queries(
+    q: torch.Tensor,
+    ck1: torch.Tensor,
+    ck2: torch.Tensor,
+    q_pos: torch.Tensor,
+    num_keys: int,
+    params: InfLLMv2Params,
+    scale: float,
+) -> torch.Tensor:
+    """Stage 1 + selection fused: equals ``select_blocks(stage1_block_scores(...))`` without the [Hkv, T, n1] scores.
+
+    The score kernel pools inside the tile and writes per-block maxima ([Hkv, T, n_blocks], twice) in the score
+    dtype, so the rounding before top-k is the reference's. q: [T, H, D]; ck1: [n1, Hkv, D]; ck2: [n2, Hkv, D];
+    q_pos: [T]; num_keys: L -> topk_idx [Hkv, T, K_sel] int32.
+    """
+    _check_stage1(q, ck1, ck2)
+    T, H, _ = q.shape
+    Hkv = ck1.shape[1]
+    r, _ = _geometry(params)
+    n_blk = math.ceil(num_keys / params.block_size)
+    own = torch.empty(Hkv, T, n_blk, dtype=_score_dtype(q.dtype), device=q.device)
+    tail = torch.empty_like(own)
+    if T and n_blk:
+        if ck1.shape[0] == 0:
+            own.zero_()
+            tail.zero_()
+        else:
+            q, ck1, ck2 = _contig(q, ck1, ck2)
+            lse = _stage1_lse(q, ck2, q_pos, params, scale)
+            _run_scores(q, ck1, q_pos, lse, params, scale, own, tail, n_blk * r, n_blk, pool=True)
+    return _run_select(own, tail, q_pos, num_keys, params, pooled=True)
