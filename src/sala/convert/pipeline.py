@@ -1,0 +1,196 @@
+"""``sala convert``: dense HF checkpoint -> official-format SALA checkpoint (optionally selecting layers first and
+verifying the conversion). The CLI maps one flag to each :class:`ConvertConfig` field and calls :func:`run_convert`."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from sala.convert.adapters import ConversionError, check_source_tensors, read_source, sala_config
+from sala.convert.inherit import InitOptions, write_sala_checkpoint
+from sala.convert.report import CONVERSION_JSON, write_json
+from sala.convert.select import SelectConfig, SelectionResult, run_select_layers
+from sala.convert.verify import IdentityReport, verify_identity
+from sala.model.configuration_sala import mixer_schedule
+
+logger = logging.getLogger(__name__)
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?)i?B?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``"4GB"``, ``"500MB"``, ``"64KB"``, ``"1024"`` -> bytes (powers of 1024)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"max_shard_size must look like 4GB, 500MB, 64KB or a byte count; got {text!r}")
+    return int(float(m.group(1)) * 1024 ** " KMG".index(m.group(2).upper() or " "))
+
+
+@dataclass(kw_only=True)
+class ConvertConfig:
+    """``sala convert``: inherit a dense checkpoint's weights into a SALA hybrid."""
+
+    source: str
+    """Dense HF checkpoint directory: Llama, Mistral, Qwen2, Qwen3 or MiniCPM/MiniCPM4 (config.json + safetensors)."""
+    out: str
+    """Output directory: official config.json, safetensors (+ index), tokenizer files, conversion.json."""
+    sparse_layers: tuple[int, ...] | None = None
+    """Layers kept as softmax (InfLLM-v2 sparse, NoPE); the rest become Lightning. Exclusive with ``select``."""
+    select: str | None = None
+    """``auto``: run HALO layer selection (``selection``) first and use its choice."""
+    selection: SelectConfig | None = None
+    """Options of the ``select=auto`` run (default: SelectConfig with this source; report into ``out/selection``)."""
+    students: str | None = None
+    """``aligned_students.safetensors`` from ``sala select-layers --save-students``: Lightning layers take these
+    aligned weights instead of plain inheritance."""
+    use_aligned_students: bool = True
+    """With ``select=auto``, Lightning layers take the students aligned during selection (HALO stage 1 output)."""
+    verify: bool = False
+    """Run the identity check (all-softmax conversion == source logits) and load + run the written checkpoint."""
+    verify_tolerance: float = 1e-4
+    """Relative L2 tolerance of the identity check (fp32)."""
+    z_proj_init: str = "random"
+    """Lightning output gate init: ``random`` (HALO) or ``zeros``."""
+    o_gate_init: str = "compensated"
+    """Sparse output gate init: ``compensated`` (zeros, o_proj x2: output unchanged) or ``random``."""
+    seed: int = 0
+    """Seed of the random initialisations."""
+    dtype: str | None = None
+    """Cast the output (``bfloat16``, ``float16``, ``float32``); default keeps the source's dtypes."""
+    untie_embeddings: bool = False
+    """Write a separate lm_head (copy of the embedding) for tied sources, as the released SALA is untied."""
+    max_shard_size: str = "4GB"
+    """Output shard size (e.g. 4GB, 500MB)."""
+    device: str = "auto"
+    """Device for ``verify`` / ``select=auto``: auto, cpu, cuda."""
+    quiet: bool = False
+    """No progress bars."""
+
+    def __post_init__(self) -> None:
+        if (self.sparse_layers is None) == (self.select is None):
+            raise ValueError("pass exactly one of sparse_layers (--sparse-layers 0,9,...) or select='auto' (--select auto)")
+        if self.select is not None and self.select != "auto":
+            raise ValueError(f"select must be 'auto', got {self.select!r}")
+        if self.sparse_layers is not None:
+            self.sparse_layers = tuple(sorted(set(int(i) for i in self.sparse_layers)))
+        if self.students is not None and self.select is not None:
+            raise ValueError("students= is for a conversion with explicit sparse_layers; select='auto' aligns its own")
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        parse_size(self.max_shard_size)
+        InitOptions(z_proj_init=self.z_proj_init, o_gate_init=self.o_gate_init, seed=self.seed)
+
+
+@dataclass(kw_only=True)
+class ConvertResult:
+    out: Path
+    sparse_layers: list[int]
+    mixer_types: list[str]
+    files: list[Path]
+    identity: IdentityReport | None = None
+    selection: SelectionResult | None = None
+    hybrid_logits_finite: bool | None = None
+
+    def summary(self) -> str:
+        """Human-readable lines for the CLI."""
+        lines = [f"wrote {self.out} ({len(self.files)} shard(s)): softmax layers {self.sparse_layers}, "
+                 f"{len(self.mixer_types) - len(self.sparse_layers)} Lightning layers"]
+        if self.identity is not None:
+            lines.append(f"identity check: rel L2 {self.identity.rel_l2:.2e} vs {self.identity.reference} "
+                         f"({'pass' if self.identity.passed else 'FAIL'}); converted checkpoint loads and runs: "
+                         f"{self.hybrid_logits_finite}")
+        if self.selection is not None:
+            lines.append(self.selection.summary())
+        return "\n".join(lines)
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """``"0,9,16"`` -> (0, 9, 16) for the CLI."""
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError as e:
+        raise ValueError(f"--sparse-layers wants comma-separated integers like 0,9,16,31; got {text!r}") from e
+
+
+def _load_students(path: str, sparse: list[int]) -> dict[str, torch.Tensor]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConversionError(f"students file {p} does not exist (write one with sala select-layers --save-students)")
+    tensors = load_file(str(p))
+    return {k: v for k, v in tensors.items() if int(k.split(".")[2]) not in sparse}  # sparse layers keep softmax
+
+
+@torch.no_grad()
+def _run_hybrid(out: Path, vocab: int, device: torch.device) -> bool:
+    """Load the written checkpoint with AutoModelForCausalLM (strict tensor check) and run a short forward."""
+    from transformers import AutoModelForCausalLM
+
+    import sala  # noqa: F401  (registers minicpm_sala)
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device).eval()
+    ids = torch.randint(0, vocab, (1, 32), generator=torch.Generator().manual_seed(0)).to(device)
+    finite = bool(torch.isfinite(model(input_ids=ids, use_cache=False).logits).all())
+    del model
+    return finite
+
+
+def run_convert(cfg: ConvertConfig) -> ConvertResult:
+    """Convert ``cfg.source`` into ``cfg.out``; see :class:`ConvertConfig`. Raises :class:`ConversionError`."""
+    t0 = time.perf_counter()
+    spec = read_source(cfg.source)
+    check_source_tensors(spec)  # every missing / extra / mis-shaped tensor fails here, before anything is written
+    if cfg.sparse_layers is not None:
+        mixer_schedule(spec.num_layers, cfg.sparse_layers)  # range check before any work
+    out = Path(cfg.out)
+    if out.resolve() == spec.path.resolve():
+        raise ConversionError(f"out ({out}) must differ from the source directory")
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    identity = None
+    if cfg.verify:  # before writing: a wrong key map should not leave a checkpoint behind
+        identity = verify_identity(spec, device=device, tolerance=cfg.verify_tolerance)
+    selection, overrides = None, None
+    if cfg.select == "auto":
+        sel_cfg = cfg.selection or SelectConfig(source=cfg.source, out=str(out / "selection"), seed=cfg.seed,
+                                                z_proj_init=cfg.z_proj_init, device=cfg.device, quiet=cfg.quiet)
+        selection = run_select_layers(sel_cfg)
+        sparse = selection.sparse_layers
+        if cfg.use_aligned_students:
+            overrides = {k: v for k, v in selection.students.items() if int(k.split(".")[2]) not in sparse}
+    else:
+        sparse = list(cfg.sparse_layers)
+        if cfg.students is not None:
+            overrides = _load_students(cfg.students, sparse)
+    mixers = mixer_schedule(spec.num_layers, sparse)
+    config = sala_config(spec, mixers, tie_word_embeddings=False if cfg.untie_embeddings else None)
+    opts = InitOptions(z_proj_init=cfg.z_proj_init, o_gate_init=cfg.o_gate_init, seed=cfg.seed)
+    logger.info("softmax layers %s (NoPE, o_gate %s); Lightning layers %s (z_proj %s, o_norm ones, q/k norms %s)",
+                sparse, opts.o_gate_init, "from aligned students" if overrides else "inherited", opts.z_proj_init,
+                "from source" if spec.qk_norm else "ones")
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
+    if overrides and dtype is None:  # students are fp32; store them like the source's attention weights
+        src_dtype = getattr(torch, spec.torch_dtype) if spec.torch_dtype in ("float32", "bfloat16", "float16") else None
+        overrides = {k: v.to(src_dtype) if src_dtype else v for k, v in overrides.items()}
+    files = write_sala_checkpoint(spec, config, out, opts, overrides=overrides, dtype=dtype,
+                                  max_shard_bytes=parse_size(cfg.max_shard_size))
+    finite = _run_hybrid(out, spec.vocab_size, device) if cfg.verify else None
+    if finite is False:
+        raise ConversionError(f"the converted checkpoint {out} loads but produces non-finite logits")
+    report = {
+        "source": str(spec.path), "family": spec.family, "sparse_layers": sparse, "mixer_types": mixers,
+        "init": asdict(opts), "lightning_weights": "aligned students" if overrides else "inherited",
+        "notes": list(spec.notes), "identity_check": identity.to_dict() if identity else None,
+        "hybrid_loads_and_runs": finite, "selection": selection.to_dict() if selection else None,
+        "seconds": time.perf_counter() - t0,
+        "config": {k: v for k, v in asdict(cfg).items() if k != "selection"},
+    }
+    write_json(out / CONVERSION_JSON, report)
+    logger.info("converted %s -> %s: softmax layers %s", spec.path, out, sparse)
+    return ConvertResult(out=out, sparse_layers=sparse, mixer_types=mixers, files=files, identity=identity,
+                         selection=selection, hybrid_logits_finite=finite)
