@@ -25,9 +25,10 @@ activations (derivation: G_t = dL/dS_t = scale * sum_{i>=t} gamma^(i-t) q_i^T do
 where "forward (a, b, c, S0)" is out_t = scale * (sum_{j<=t} gamma^(t-j) (a_t . b_j) c_j + gamma^(t+1) a_t S0).
 
 Precision: 16-bit inputs feed ``tl.dot`` in their own dtype (the fp32 state and decay-masked scores
-are rounded to it for the dot) with fp32 accumulation, like fla. fp32 inputs use IEEE fp32 dots
-(exact, slower than tf32); fp64 inputs fall back to the PyTorch reference. Under the CPU interpreter
-(``TRITON_INTERPRET=1``) all dots run in fp32.
+are rounded to it for the dot) with fp32 accumulation, like fla. fp32 inputs use 3xTF32 dots (about
+fp32 accuracy on tensor cores, but register-heavy and several times slower than bf16): pass bf16 q/k/v
+when they are bf16 values anyway (spec §4.1). fp64 inputs fall back to the PyTorch reference. Under
+the CPU interpreter (``TRITON_INTERPRET=1``) all dots run in fp32.
 """
 
 from __future__ import annotations
@@ -50,11 +51,12 @@ BT = 64  # chunk size (tokens)
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
+def _dot(a, b, acc, F32: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; fp32 operands use 3xTF32 (about fp32 accuracy on tensor cores)."""
+    if F32:
+        return tl.dot(a, b, acc, input_precision="tf32x3")
     else:
-        return tl.dot(a, b)
+        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -73,7 +75,7 @@ def _segment_state_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     DT: tl.constexpr,
-    IEEE: tl.constexpr,
+    F32: tl.constexpr,
     REVERSE: tl.constexpr,
 ):
     """dS = sum_j gamma^(L-1-j) b_j^T c_j over one full, non-last segment of L = SEG_TOK tokens."""
@@ -106,7 +108,7 @@ def _segment_state_kernel(
         b_b = tl.load(b_ptr + rows[:, None] * DK + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
         b_c = tl.load(c_ptr + rows[:, None] * DV + o_v[None, :], mask=m_v[None, :], other=0.0).to(DT)
         b_bd = (b_b * d_k[:, None]).to(DT)
-        b_s = b_s * d_chunk + _dot(tl.trans(b_bd), b_c, IEEE)  # [BK, BT] @ [BT, BV]
+        b_s = _dot(tl.trans(b_bd), b_c, b_s * d_chunk, F32)  # [BK, BT] @ [BT, BV]
     p_s = dstate + ((slot * H + i_h).to(tl.int64) * DK + o_k[:, None]) * DV + o_v[None, :]
     tl.store(p_s, b_s, mask=m_k[:, None] & m_v[None, :])
 
@@ -132,7 +134,7 @@ def _chunk_out_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     DT: tl.constexpr,
-    IEEE: tl.constexpr,
+    F32: tl.constexpr,
     REVERSE: tl.constexpr,
     HAS_INIT: tl.constexpr,
     HAS_FOLD: tl.constexpr,
@@ -185,15 +187,17 @@ def _chunk_out_kernel(
         b_b = tl.load(b_ptr + rows[:, None] * DK + o_k[None, :], mask=m_tk, other=0.0).to(DT)
         b_c = tl.load(c_ptr + rows[:, None] * DV + o_v[None, :], mask=m_tv, other=0.0).to(DT)
 
-        b_A = _dot(b_a, tl.trans(b_b), IEEE) * d_intra  # [BT, DK] @ [DK, BT]
-        b_o = _dot(b_A.to(DT), b_c, IEEE)  # [BT, BT] @ [BT, BV]
-        b_o += d_q[:, None] * _dot(b_a, b_s.to(DT), IEEE)  # [BT, DK] @ [DK, BV]
-        tl.store(o_ptr + rows[:, None] * DV + o_v[None, :], (b_o * scale).to(o_ptr.dtype.element_ty), mask=m_tv)
-
+        b_s16 = b_s.to(DT)  # state before this chunk, as a dot operand
+        # state update first, accumulating in place so no second [BK, BV] tile is live
         n_in = tl.minimum(seg_end - t0, BT)  # tokens in this chunk (the last one may be partial)
-        d_k = tl.where(m_t, tl.exp(g * (n_in - 1 - o_t).to(tl.float32)), 0.0)
+        d_k = tl.where(m_t, tl.exp(g * (n_in - 1 - o_t).to(tl.float32)), 0.0)  # gamma^(n-1-j)
         b_bd = (b_b.to(tl.float32) * d_k[:, None]).to(DT)
-        b_s = b_s * tl.exp(g * n_in.to(tl.float32)) + _dot(tl.trans(b_bd), b_c, IEEE)  # [DK, BT] @ [BT, BV]
+        b_s = _dot(tl.trans(b_bd), b_c, b_s * tl.exp(g * n_in.to(tl.float32)), F32)  # [DK, BT] @ [BT, BV]
+
+        b_o = _dot(b_a, b_s16, tl.zeros([BT, BV], dtype=tl.float32), F32) * d_q[:, None]  # [BT, DK] @ [DK, BV]
+        b_A = _dot(b_a, tl.trans(b_b), tl.zeros([BT, BT], dtype=tl.float32), F32) * d_intra  # [BT, DK] @ [DK, BT]
+        b_o = _dot(b_A.to(DT), b_c, b_o, F32)  # [BT, BT] @ [BT, BV]
+        tl.store(o_ptr + rows[:, None] * DV + o_v[None, :], (b_o * scale).to(o_ptr.dtype.element_ty), mask=m_tv)
 
     if STORE_FINAL:
         k_lim = tl.where(seg_end == eos - bos, DK, 0)  # only the sequence's last segment stores
@@ -216,19 +220,43 @@ class _Config:
     waves: int = 2
 
 
-_GPU_CONFIGS = (
-    _Config(64, 4, 2),
-    _Config(64, 8, 2),
-    _Config(128, 8, 2),
-    _Config(64, 4, 3),
-    _Config(32, 4, 2),
-    _Config(128, 8, 1),
-    _Config(64, 4, 2, waves=4),
-    _Config(128, 8, 2, waves=4),
-)
-_SEG_BK, _SEG_BV, _SEG_WARPS, _SEG_STAGES = 64, 64, 4, 2
+@dataclass(frozen=True)
+class _SegConfig:
+    """Launch parameters of ``_segment_state_kernel`` (a [bk, bv] tile of dS per program)."""
+
+    bk: int
+    bv: int
+    num_warps: int
+    num_stages: int
+
+
+_GPU_CONFIGS = {  # candidates by dot dtype class; the first is the default for small problems
+    "16bit": (
+        _Config(64, 4, 2),
+        _Config(64, 4, 3),
+        _Config(64, 4, 1),
+        _Config(64, 8, 2),
+        _Config(128, 8, 2),
+        _Config(32, 4, 2),
+        _Config(64, 4, 2, waves=4),
+    ),
+    "fp32": (_Config(32, 4, 2), _Config(16, 4, 2), _Config(32, 8, 2)),
+}
+_SEG_CONFIGS = {  # memory-bound: vary the bytes in flight
+    "16bit": (
+        _SegConfig(64, 64, 4, 2),
+        _SegConfig(64, 64, 4, 3),
+        _SegConfig(64, 64, 4, 4),
+        _SegConfig(128, 64, 4, 3),
+        _SegConfig(64, 128, 4, 3),
+        _SegConfig(128, 128, 8, 2),
+    ),
+    "fp32": (_SegConfig(64, 64, 4, 2), _SegConfig(64, 64, 4, 3)),
+}
+_TUNE_MIN_TOKENS = 1 << 17  # below total tokens x heads, take the default config: tuning would cost more
 _MAX_SEGMENTS = 64  # per sequence: bounds the quadratic cost of folding dS
 _BEST: dict[tuple, _Config] = {}
+_BEST_SEG: dict[tuple, _SegConfig] = {}
 
 
 @functools.cache
@@ -237,11 +265,17 @@ def _num_sms(device_index: int) -> int:
 
 
 def _choose_seg_chunks(lens: tuple[int, ...], programs_per_segment: int, target_programs: int) -> int:
+    """Segment length (chunks) so that about ``target_programs`` programs run, split evenly.
+
+    Only the last segment of a sequence skips ``_segment_state_kernel``, so fewer, equal segments
+    move fewer bytes; ``target_programs`` (a multiple of the SM count) sets how many are needed.
+    """
     chunks = [triton.cdiv(n, BT) for n in lens]
-    total = max(sum(chunks), 1)
-    seg = triton.cdiv(total * programs_per_segment, max(target_programs, 1))
-    seg = max(seg, triton.cdiv(max(chunks + [1]), _MAX_SEGMENTS), 4)
-    return seg
+    longest = max(chunks + [1])
+    n_target = max(1, target_programs // programs_per_segment)
+    seg = triton.cdiv(max(sum(chunks), 1), n_target)
+    seg = max(seg, triton.cdiv(longest, _MAX_SEGMENTS), 4)
+    return triton.cdiv(longest, triton.cdiv(longest, seg))  # even split of the longest sequence
 
 
 @functools.lru_cache(maxsize=64)
@@ -270,7 +304,7 @@ def _uniform_cu(batch: int, length: int, device: torch.device) -> torch.Tensor:
 
 
 def _dot_dtype(*tensors: torch.Tensor) -> tuple[torch.dtype, bool]:
-    """Dot input dtype and whether fp32 dots must be IEEE: 16-bit when all inputs share one, else fp32."""
+    """Dot operand dtype and whether it is fp32: 16-bit when all inputs share one 16-bit dtype, else fp32."""
     if triton_interpret():
         return torch.float32, True
     dtypes = {t.dtype for t in tensors}
@@ -280,6 +314,30 @@ def _dot_dtype(*tensors: torch.Tensor) -> tuple[torch.dtype, bool]:
 
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _gpu_plan(t: torch.Tensor) -> bool:
+    """Compiled kernels on a GPU (tuned launch plan), as opposed to the CPU interpreter (fixed small plan)."""
+    return t.device.type == "cuda" and not triton_interpret()
+
+
+def _pick(cache: dict, key: tuple | None, candidates: tuple, run) -> object:
+    """Fastest candidate for ``key``, timed once with CUDA events and cached; the first when ``key`` is None."""
+    if key is None:
+        return candidates[0]
+    best = cache.get(key)
+    if best is None:
+        timings = {}
+        for cand in candidates:
+            try:
+                timings[cand] = triton.testing.do_bench(lambda cand=cand: run(cand), warmup=5, rep=20)
+            except OutOfResources as err:  # too big for this GPU
+                logger.debug("lightning chunk config %s skipped: %s", cand, err)
+        best = min(timings, key=timings.get)
+        cache[key] = best
+        logger.debug("lightning chunk timings (ms) for %s: %s", key, {str(c): round(t, 4) for c, t in timings.items()})
+        logger.info("lightning chunk picks %s for %s: fastest of %d (%.3f ms)", best, key, len(timings), timings[best])
+    return best
 
 
 def _lightning_pass(
@@ -298,64 +356,63 @@ def _lightning_pass(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One generic pass: a, b [1 or B, T, H, DK], c [.., DV] -> out [.., DV], final [N, H, DK, DV] fp32."""
     H, DK, DV = a.shape[2], a.shape[3], c.shape[3]
-    N = len(lens)
     out = torch.empty(*c.shape, dtype=out_dtype, device=c.device)
-    final = torch.empty(N, H, DK, DV, dtype=torch.float32, device=c.device) if store_final else None
-    dt, ieee = _dot_dtype(a, b, c)
+    final = torch.empty(len(lens), H, DK, DV, dtype=torch.float32, device=c.device) if store_final else None
+    dt, f32 = _dot_dtype(a, b, c)
+    cls = "fp32" if dt == torch.float32 else "16bit"
+    on_gpu = _gpu_plan(c)
+    # tune per shape class on the GPU, for problems big enough to be worth it
+    key = None
+    if on_gpu and sum(lens) * H >= _TUNE_MIN_TOKENS:
+        key = (c.device.index, H, DK, DV, dt, reverse, s0 is not None, len(lens) > 1,
+               triton.next_power_of_2(sum(lens)))  # fmt: skip
 
-    def launch(cfg: _Config) -> None:
-        bk = max(16, triton.next_power_of_2(DK))
+    def plan(cfg: _Config) -> tuple[int, int, int, torch.Tensor, torch.Tensor, int]:
         bv = max(16, min(cfg.bv, triton.next_power_of_2(DV)))
         nv = triton.cdiv(DV, bv)
         if seg_chunks is not None:
             seg = seg_chunks
-        elif triton_interpret():
+        elif not on_gpu:
             seg = 2
         else:
             seg = _choose_seg_chunks(lens, H * nv, cfg.waves * _num_sms(c.device.index or 0))
-        seg_tok = seg * BT
-        work_out, work_seg, n_seg = _work_tables(lens, seg_tok, c.device)
+        return (bv, nv, seg * BT, *_work_tables(lens, seg * BT, c.device))
+
+    def run_seg(p, scfg: _SegConfig, dstate: torch.Tensor) -> None:
+        _, _, seg_tok, _, work_seg, n_seg = p
+        sbk = max(16, min(scfg.bk, triton.next_power_of_2(DK)))
+        sbv = max(16, min(scfg.bv, triton.next_power_of_2(DV)))
+        _segment_state_kernel[(triton.cdiv(DK, sbk) * triton.cdiv(DV, sbv), H, n_seg)](
+            b, c, slopes, dstate, work_seg, cu, H, seg_tok,
+            DK=DK, DV=DV, BT=BT, BK=sbk, BV=sbv, DT=_TL_DTYPE[dt], F32=f32, REVERSE=reverse,
+            num_warps=scfg.num_warps, num_stages=scfg.num_stages,
+        )  # fmt: skip
+
+    def launch(cfg: _Config, scfg: _SegConfig | None = None) -> None:
+        p = plan(cfg)
+        bv, nv, seg_tok, work_out, _, n_seg = p
         dstate = None
         if n_seg > 0:
             dstate = torch.empty(n_seg, H, DK, DV, dtype=torch.float32, device=c.device)
-            sbk = max(16, min(_SEG_BK, triton.next_power_of_2(DK)))
-            sbv = max(16, min(_SEG_BV, triton.next_power_of_2(DV)))
-            _segment_state_kernel[(triton.cdiv(DK, sbk) * triton.cdiv(DV, sbv), H, n_seg)](
-                b, c, slopes, dstate, work_seg, cu, H, seg_tok,
-                DK=DK, DV=DV, BT=BT, BK=sbk, BV=sbv, DT=_TL_DTYPE[dt], IEEE=ieee, REVERSE=reverse,
-                num_warps=_SEG_WARPS, num_stages=_SEG_STAGES,
-            )  # fmt: skip
+            run_seg(p, scfg or _SEG_CONFIGS[cls][0], dstate)
         _chunk_out_kernel[(nv, H, work_out.shape[0])](
             a, b, c, out, slopes, s0, dstate, final, work_out, cu, scale, H, seg_tok,
-            DK=DK, DV=DV, BT=BT, BK=bk, BV=bv, DT=_TL_DTYPE[dt], IEEE=ieee, REVERSE=reverse,
-            HAS_INIT=s0 is not None, HAS_FOLD=n_seg > 0, STORE_FINAL=store_final,
+            DK=DK, DV=DV, BT=BT, BK=max(16, triton.next_power_of_2(DK)), BV=bv, DT=_TL_DTYPE[dt], F32=f32,
+            REVERSE=reverse, HAS_INIT=s0 is not None, HAS_FOLD=n_seg > 0, STORE_FINAL=store_final,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
 
-    launch(_pick_config(launch, a, c, dt, reverse, s0 is not None, lens))
+    if not on_gpu:
+        launch(_Config(64, 4, 1))
+        return out, final
+    cfg = _pick(_BEST, key, _GPU_CONFIGS[cls], launch)
+    p = plan(cfg)
+    scfg = None
+    if key is not None and p[-1] > 0:  # then tune the segment kernel alone for the chosen plan
+        scratch = torch.empty(p[-1], H, DK, DV, dtype=torch.float32, device=c.device)
+        scfg = _pick(_BEST_SEG, key, _SEG_CONFIGS[cls], lambda sc: run_seg(p, sc, scratch))
+    launch(cfg, scfg)
     return out, final
-
-
-def _pick_config(launch, a: torch.Tensor, c: torch.Tensor, dt: torch.dtype, reverse: bool, has_init: bool,
-                 lens: tuple[int, ...]) -> _Config:  # fmt: skip
-    """Fastest of ``_GPU_CONFIGS`` for this shape class, measured once and cached; fixed under the interpreter."""
-    if triton_interpret() or a.device.type != "cuda":
-        return _Config(64, 4, 1)
-    total = sum(lens)
-    key = (a.device.index, a.shape[2], a.shape[3], c.shape[3], dt, reverse, has_init, len(lens) > 1,
-           triton.next_power_of_2(max(total, 1)))  # fmt: skip
-    best = _BEST.get(key)
-    if best is None:
-        timings = {}
-        for cfg in _GPU_CONFIGS:
-            try:
-                timings[cfg] = triton.testing.do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20)
-            except OutOfResources as err:  # config too big for this GPU
-                logger.debug("lightning chunk config %s skipped: %s", cfg, err)
-        best = min(timings, key=timings.get)
-        _BEST[key] = best
-        logger.info("lightning chunk config %s for %s: fastest of %d (%.3f ms)", best, key, len(timings), timings[best])
-    return best
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,17 +424,22 @@ class _ChunkLightningFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, slopes, scale, initial_state, lens, cu, out_dtype, seg_chunks):
         o, final = _lightning_pass(q, k, v, slopes, scale, initial_state, out_dtype, lens, cu, True, False, seg_chunks)
+        ctx.set_materialize_grads(False)  # an unused final state gives dfinal=None: reverse passes start at zero
         ctx.save_for_backward(q, k, v, slopes, initial_state)
-        ctx.scale, ctx.lens, ctx.cu, ctx.seg_chunks = scale, lens, cu, seg_chunks
+        ctx.scale, ctx.lens, ctx.cu, ctx.seg_chunks, ctx.out_dtype = scale, lens, cu, seg_chunks, out_dtype
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
         q, k, v, slopes, h0 = ctx.saved_tensors
         scale, lens, cu, seg = ctx.scale, ctx.lens, ctx.cu, ctx.seg_chunks
-        do = do.contiguous()
-        s0_t = None if h0 is None else h0.transpose(-1, -2).contiguous()
-        dq, _ = _lightning_pass(do, v, k, slopes, scale, s0_t, q.dtype, lens, cu, False, False, seg)
+        dq = None
+        if do is None:  # only the final state was used: q has no gradient
+            do = torch.zeros(*v.shape, dtype=ctx.out_dtype, device=v.device)
+        else:
+            do = do.contiguous()
+            s0_t = None if h0 is None else h0.transpose(-1, -2).contiguous()
+            dq, _ = _lightning_pass(do, v, k, slopes, scale, s0_t, q.dtype, lens, cu, False, False, seg)
         m = None
         if dfinal is not None:
             # reverse-time pass starts from dS_T / (scale * gamma) (module docstring)

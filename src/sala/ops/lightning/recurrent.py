@@ -11,10 +11,13 @@ are cached per (device, shape). ``slopes`` must already be on the device for cap
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import triton
 import triton.language as tl
+
+logger = logging.getLogger(__name__)
 
 
 @triton.jit
@@ -23,7 +26,7 @@ def _lightning_step_kernel(
     k,  # [N, H, K]
     v,  # [N, H, V]
     slopes,  # [H]
-    state,  # [N, H, K, V] contiguous, fp32 or fp64, updated in place
+    state,  # [N, H, K, V] contiguous fp32, updated in place
     o,  # [N, H, V] contiguous
     scale,
     H,
@@ -40,7 +43,7 @@ def _lightning_step_kernel(
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    acc_ty = state.dtype.element_ty  # fp32 (fp64 for an fp64 model)
+    acc_ty = state.dtype.element_ty  # fp32
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k = o_k < K
@@ -56,6 +59,11 @@ def _lightning_step_kernel(
     tl.store(p_s, b_s, mask=m_s)
     b_o = tl.sum(b_s * b_q[:, None], axis=0) * scale  # [BV]; the current token is included
     tl.store(o + i_nh.to(tl.int64) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+
+
+@functools.cache
+def _log_fp64_fallback() -> None:
+    logger.info("lightning step: fp64 state runs the PyTorch reference (Triton's exp is fp32-accurate only)")
 
 
 @functools.cache
@@ -87,9 +95,14 @@ def triton_lightning_step(
 ) -> torch.Tensor:
     """One decode step; same contract as ``sala.ops.lightning.lightning_step``.
 
-    q, k: [N, H, K]; v: [N, H, V]; slopes: [H]; state: [N, H, K, V] fp32 (or fp64), contiguous, updated
-    in place -> o: [N, H, V] in ``output_dtype``.
+    q, k: [N, H, K]; v: [N, H, V]; slopes: [H]; state: [N, H, K, V] fp32, contiguous, updated in place
+    -> o: [N, H, V] in ``output_dtype``. An fp64 state (fp64 model) runs the PyTorch reference.
     """
+    if state.dtype == torch.float64:
+        _log_fp64_fallback()
+        from sala.ops.lightning.naive import naive_lightning_step
+
+        return naive_lightning_step(q, k, v, slopes, scale, state).to(output_dtype)
     if not state.is_contiguous():
         raise ValueError("lightning step updates the state in place, so it must be contiguous; got strides "
                          f"{tuple(state.stride())}; pass state.contiguous() and keep that tensor")  # fmt: skip
