@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from sala.ops.infllm_v2.naive import num_windows
+from sala.ops.infllm_v2.topk import interp_rne, rne_bf16
 from sala.utils.env import triton_interpret
 
 
@@ -29,6 +30,7 @@ def _compress_kernel(
     KS: tl.constexpr,
     ST: tl.constexpr,
     BW: tl.constexpr,
+    RNE: tl.constexpr,
 ):
     i_w, i_h = tl.program_id(0), tl.program_id(1)
     o_w = i_w * BW + tl.arange(0, BW)  # output row = window (start + o_w)
@@ -41,6 +43,8 @@ def _compress_kernel(
     for j in range(KS):
         b_acc += tl.load(p_k + j * s_kl, mask=m_wd, other=0.0).to(tl.float32)
     b_o = b_acc / KS  # divide (not multiply by 1/KS) like torch's mean
+    if RNE:  # the CPU interpreter's bf16 cast truncates; round to nearest even like the GPU
+        b_o = rne_bf16(b_o)
     p_o = o_ptr + i_h * s_oh + o_w.to(tl.int64)[:, None] * s_ol + o_d[None, :]
     tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_wd)
 
@@ -63,6 +67,6 @@ def triton_compress_keys(k: torch.Tensor, kernel_size: int, kernel_stride: int, 
     grid = (triton.cdiv(n_out, BW), Hkv)
     _compress_kernel[grid](
         k, out, n_out, start, k.stride(0), k.stride(1), out.stride(0), out.stride(1),
-        D=D, BD=BD, KS=kernel_size, ST=kernel_stride, BW=BW, num_warps=4,
+        D=D, BD=BD, KS=kernel_size, ST=kernel_stride, BW=BW, RNE=interp_rne(k.dtype), num_warps=4,
     )
     return out

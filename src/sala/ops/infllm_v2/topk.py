@@ -60,6 +60,19 @@ def check_dtype(*tensors: torch.Tensor) -> None:
             raise TypeError(f"Triton InfLLM-v2 kernels take fp16/bf16/fp32 tensors, got {t.dtype}; use backend='naive' for fp64")
 
 
+def interp_rne(dtype: torch.dtype) -> bool:
+    """Whether kernels must round bf16 outputs by hand (only the interpreter needs it)."""
+    return triton_interpret() and dtype == torch.bfloat16
+
+
+@triton.jit
+def rne_bf16(x):
+    """Round fp32 to the nearest-even bf16 value, kept in fp32 (the CPU interpreter's casts truncate)."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
 def _geometry(params: InfLLMv2Params) -> tuple[int, int]:
     """(r, left): windows per block and windows starting before a block that still overlap it."""
     ks, st, bs = params.kernel_size, params.kernel_stride, params.block_size
@@ -72,7 +85,7 @@ def _geometry(params: InfLLMv2Params) -> tuple[int, int]:
 
 
 @triton.jit
-def _load_group_rows(q_ptr, pos_ptr, i_t, i_h, T, s_qt, s_qh, G: tl.constexpr, GP: tl.constexpr,
+def load_group_rows(q_ptr, pos_ptr, i_t, i_h, T, s_qt, s_qh, G: tl.constexpr, GP: tl.constexpr,
                      BT: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, CAST: tl.constexpr):
     """Rows = BT tokens x GP heads of KV group i_h; returns (q [BT*GP, BD], pos [BT*GP] int32, valid, head)."""
     o_r = tl.arange(0, BT * GP)
@@ -97,7 +110,7 @@ def _stage1_lse_kernel(
     KS: tl.constexpr, ST: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr,
 ):
     i_t, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b_q, pos, m_r, head, tok = _load_group_rows(q_ptr, pos_ptr, i_t, i_h, T, s_qt, s_qh, G, GP, BT, D, BD, CAST)
+    b_q, pos, m_r, head, tok = load_group_rows(q_ptr, pos_ptr, i_t, i_h, T, s_qt, s_qh, G, GP, BT, D, BD, CAST)
     max_pos = tl.max(pos, axis=0)
     n_vis = tl.where(max_pos >= KS - 1, (max_pos - KS + 1) // ST + 1, 0)  # windows complete by the last row
     j_lo = i_s * per_split
@@ -118,7 +131,7 @@ def _stage1_lse_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         b_l = b_l * tl.exp2(b_m - m_safe) + tl.sum(tl.exp2(b_s - m_safe[:, None]), axis=1)
         b_m = m_new
-    lse = tl.where(b_l > 0, b_m + tl.log2(b_l), float("-inf"))
+    lse = tl.where(b_l > 0, b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0)), float("-inf"))
     tl.store(lse_ptr + i_s * s_ls + tok.to(tl.int64) * s_lt + head, lse, mask=m_r)
 
 
@@ -128,14 +141,17 @@ def _stage1_score_kernel(
     s_qt, s_qh, s_cn, s_ch, s_lt, s_oh, s_ot, scale_log2,
     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
     CW: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, R: tl.constexpr, LEFT: tl.constexpr,
-    POOL: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr,
+    POOL: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr, RNE: tl.constexpr,
 ):
     i_t, i_h, i_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b_q, pos, m_r, head, tok = _load_group_rows(q_ptr, pos_ptr, i_t, i_h, T, s_qt, s_qh, G, GP, BT, D, BD, CAST)
+    b_q, pos, m_r, head, tok = load_group_rows(q_ptr, pos_ptr, i_t, i_h, T, s_qt, s_qh, G, GP, BT, D, BD, CAST)
     lse = tl.load(lse_ptr + tok.to(tl.int64) * s_lt + head, mask=m_r, other=float("-inf"))
-    has = lse > float("-inf")  # no visible coarse window: every score is 0 (spec §5.4 edge case)
+    # no visible coarse window (spec §5.4 edge case) or a padding row: lse = +inf makes every score exp2(-inf) = 0
+    lse = tl.where(lse > float("-inf"), lse, float("inf"))
     max_pos = tl.max(pos, axis=0)
-    n_vis = tl.minimum(tl.where(max_pos >= KS - 1, (max_pos - KS + 1) // ST + 1, 0), n1)
+    min_pos = tl.min(tl.where(tok < T, pos, 2147483647), axis=0)
+    n_vis = tl.minimum(tl.where(max_pos >= KS - 1, (max_pos - KS + 1) // ST + 1, 0), n1)  # some row sees them
+    n_full = tl.minimum(tl.where(min_pos >= KS - 1, (min_pos - KS + 1) // ST + 1, 0), n1)  # every row sees them
     o_d = tl.arange(0, BD)
     tok_t = i_t * BT + tl.arange(0, BT)
     m_t = tok_t < T
@@ -151,11 +167,15 @@ def _stage1_score_kernel(
             if CAST:
                 b_ct = b_ct.to(tl.float32)
             b_s = tl.dot(b_q, b_ct, input_precision=PREC) * scale_log2  # [BT*GP, BN]
-            vis = ((o_w * ST + KS - 1)[None, :] <= pos[:, None]) & (o_w < n_vis)[None, :] & has[:, None]
-            b_p = tl.where(vis, tl.exp2(b_s - lse[:, None]), 0.0)
+            b_p = tl.exp2(b_s - lse[:, None])
+            if w0 + BN > n_full:  # causal edge: mask per row (most tiles skip this)
+                vis = ((o_w * ST + KS - 1)[None, :] <= pos[:, None]) & (o_w < n_vis)[None, :]
+                b_p = tl.where(vis, b_p, 0.0)
         else:
             b_p = tl.zeros([BT * GP, BN], dtype=tl.float32)
         b_ps = tl.sum(tl.reshape(b_p, [BT, GP, BN]), axis=1)  # [BT, BN] summed over the group's heads
+        if RNE:  # interpreter: round like the GPU does at the store (max commutes with rounding)
+            b_ps = rne_bf16(b_ps)
         if POOL:
             b_p3 = tl.reshape(b_ps, [BT, BN // R, R])
             b_own = tl.max(b_p3, axis=2)  # [BT, BN // R]
@@ -219,12 +239,21 @@ def _select_kernel(
     tl.store(o_ptr + out_off + o_k[None, :], tl.full([BR, KP], -1, dtype=tl.int32), mask=m_fill)
 
 
-def _stage1_tiles(G: int, interp: bool) -> tuple[int, int, int, int]:
-    """(GP, BT, BN, num_warps): rows = BT tokens x GP heads (128 rows on GPU)."""
+# GPU launch configuration (tuned on H200 with triton 3.6 at T=32K; the interpreter uses small tiles). Keys: rows = tokens x heads per
+# tile, bn = windows per step, warps/stages per kernel, select_rows = max row elements per select program.
+GPU_CONFIG = dict(rows=128, bn=64, lse_warps=8, lse_stages=2, score_warps=4, score_stages=2, select_elems=4096)
+_INTERP_CONFIG = dict(rows=16, bn=16, lse_warps=4, lse_stages=1, score_warps=4, score_stages=1, select_elems=4096)
+
+
+def _cfg() -> dict:
+    return _INTERP_CONFIG if triton_interpret() else GPU_CONFIG
+
+
+def _stage1_tiles(G: int) -> tuple[int, int, int]:
+    """(GP, BT, BN): rows = BT tokens x GP heads."""
     GP = triton.next_power_of_2(G)
-    rows = 16 if interp else 128
-    BT = max(1, rows // GP)
-    return GP, BT, (16 if interp else 64), (4 if interp else 8)
+    cfg = _cfg()
+    return GP, max(1, cfg["rows"] // GP), cfg["bn"]
 
 
 def _stage1_lse(q: torch.Tensor, ck2: torch.Tensor, q_pos: torch.Tensor, params: InfLLMv2Params, scale: float) -> torch.Tensor:
@@ -233,19 +262,21 @@ def _stage1_lse(q: torch.Tensor, ck2: torch.Tensor, q_pos: torch.Tensor, params:
     n2, Hkv = ck2.shape[0], ck2.shape[1]
     G = H // Hkv
     interp = triton_interpret()
-    GP, BT, BN, warps = _stage1_tiles(G, interp)
+    GP, BT, BN = _stage1_tiles(G)
     n_qt = triton.cdiv(T, BT)
     target = 4 * num_sms(q.device)
     S = max(1, min(target // max(1, n_qt * Hkv), triton.cdiv(n2, 4 * BN)))  # split ck2 only when T is short
     per = triton.cdiv(triton.cdiv(max(n2, 1), S), BN) * BN
     S = triton.cdiv(max(n2, 1), per)
+    if S > 1:
+        logger.debug("stage-1 LSE split over %d programs per query tile (T=%d too short to fill the GPU)", S, T)
     lse = torch.empty(S, T, H, dtype=torch.float32, device=q.device)
     _stage1_lse_kernel[(n_qt, Hkv, S)](
         q, ck2, q_pos, lse, T, n2, per,
         q.stride(0), q.stride(1), ck2.stride(0), ck2.stride(1), lse.stride(0), lse.stride(1), scale * _LOG2E,
         G=G, GP=GP, BT=BT, D=D, BD=triton.next_power_of_2(D), BN=BN,
         KS=params.coarse_kernel_size, ST=params.coarse_kernel_stride, CAST=interp, PREC=dot_precision(q.dtype),
-        num_warps=warps, num_stages=2,
+        num_warps=_cfg()["lse_warps"], num_stages=_cfg()["lse_stages"],
     )
     if S == 1:
         return lse[0]
@@ -259,8 +290,9 @@ def _run_scores(q, ck1, q_pos, lse, params, scale, out, tail, n_cols, n_blk, poo
     n1, Hkv = ck1.shape[0], ck1.shape[1]
     G = H // Hkv
     interp = triton_interpret()
-    GP, BT, BN, warps = _stage1_tiles(G, interp)
+    GP, BT, BN = _stage1_tiles(G)
     r, left = _geometry(params) if pool else (1, 0)
+    BN = max(BN, r)  # a tile holds whole blocks when pooling
     n_qt = triton.cdiv(T, BT)
     tiles = triton.cdiv(n_cols, BN)
     per = max(1, min(8, (n_qt * Hkv * tiles) // (4 * num_sms(q.device))))  # more column splits for short T
@@ -272,7 +304,8 @@ def _run_scores(q, ck1, q_pos, lse, params, scale, out, tail, n_cols, n_blk, poo
         scale * _LOG2E,
         G=G, GP=GP, BT=BT, D=D, BD=triton.next_power_of_2(D), BN=BN, CW=CW,
         KS=params.kernel_size, ST=params.kernel_stride, R=max(r, 1), LEFT=left,
-        POOL=pool, CAST=interp, PREC=dot_precision(q.dtype), num_warps=warps, num_stages=2,
+        POOL=pool, CAST=interp, PREC=dot_precision(q.dtype), RNE=interp_rne(out.dtype),
+        num_warps=_cfg()["score_warps"], num_stages=_cfg()["score_stages"],
     )
 
 
@@ -324,7 +357,7 @@ def _run_select(src, tail, q_pos, num_keys, params, pooled: bool) -> torch.Tenso
         raise ValueError(f"Triton selection supports up to 65535 blocks ({65535 * bs} keys), got {n_blk}")
     r, left = _geometry(params)
     NBP = triton.next_power_of_2(n_blk)
-    BR = max(1, min(16, 4096 // NBP))
+    BR = max(1, min(16, _cfg()["select_elems"] // NBP))
     key64 = src.dtype != torch.bfloat16
     warps = 4 if NBP <= 2048 else min(16, NBP // 512)
     _select_kernel[(triton.cdiv(T, BR), Hkv)](

@@ -1,0 +1,383 @@
+"""Triton block-sparse attention for InfLLM-v2 stage 2 (spec §5.6).
+
+Each query token t of KV group g attends to the tokens of its own selected blocks ``topk_idx[g, t]`` with
+the token-level causal mask (key position <= q_pos[t]); the G query heads of a group share the list, so
+they are folded into the rows of one tile and share every K/V block load. A flash-attention forward with an
+online softmax (log2 domain, fp32 statistics and accumulator) runs over the selected blocks.
+
+Two strategies, picked by the number of queries:
+
+* **Prefill** (tile + token). Neighbouring tokens share most of their blocks (always the sink and the local
+  window). ``_split_lists_kernel`` splits each tile of BT tokens' lists into the blocks *every* token of the
+  tile selected (``shared``) and the rest (``private``, per token). ``_sparse_tile_kernel`` attends the
+  shared blocks with BT x G rows per tile (a 128-row MMA on GPU, K/V loaded once for BT tokens);
+  ``_sparse_token_kernel`` attends each token's private blocks with G rows and merges both softmax states.
+* **Decode / short chunks** (flash-decoding). ``_sparse_token_kernel`` alone, its list split over S programs
+  writing (o, lse) partials that a small PyTorch step combines.
+
+Backward: recompute-based **PyTorch** (not Triton) over the selected blocks, in query chunks
+(``_sparse_backward_torch``); exact softmax gradients in fp32, memory bounded per chunk.
+
+Contract: block indices in a row must be unique (``select_blocks`` guarantees it); -1 marks an unused slot.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import triton
+import triton.language as tl
+
+from sala.ops.infllm_v2.topk import load_group_rows, check_dtype, dot_precision, interp_rne, num_sms, rne_bf16
+from sala.utils.env import triton_interpret
+
+logger = logging.getLogger(__name__)
+
+_LOG2E = 1.4426950408889634
+_BWD_CHUNK_BYTES = 256 * 2**20
+
+
+@triton.jit
+def _attend(
+    b_q, pos, b_m, b_l, b_acc, list_ptr, lo, hi, k_ptr, v_ptr, L, i_h,
+    s_kl, s_kh, s_vl, s_vh, scale_log2,
+    BS: tl.constexpr, NBI: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr,
+):
+    """Online softmax over the blocks in list slots [lo, hi), NBI blocks (NBI * BS keys) per step."""
+    o_n = tl.arange(0, NBI * BS)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    min_pos = tl.min(pos, axis=0)  # padding rows carry -1 and keep the mask on
+    for s0 in range(lo, hi, NBI):
+        slot = s0 + o_n // BS
+        blk = tl.load(list_ptr + slot, mask=slot < hi, other=-1)
+        kpos = blk * BS + o_n % BS
+        kval = (blk >= 0) & (kpos < L)
+        kpos64 = kpos.to(tl.int64)
+        b_kt = tl.load(k_ptr + i_h * s_kh + kpos64[None, :] * s_kl + o_d[:, None], mask=kval[None, :] & m_d[:, None], other=0.0)
+        b_v = tl.load(v_ptr + i_h * s_vh + kpos64[:, None] * s_vl + o_d[None, :], mask=kval[:, None] & m_d[None, :], other=0.0)
+        if CAST:
+            b_kt = b_kt.to(tl.float32)
+            b_v = b_v.to(tl.float32)
+        b_s = tl.dot(b_q, b_kt, input_precision=PREC) * scale_log2  # [M, NBI*BS]
+        n_bad = tl.sum((kval == 0).to(tl.int32), axis=0)
+        if (n_bad > 0) | (tl.max(kpos, axis=0) > min_pos):  # spec §5.6: token-level causal mask, edge blocks only
+            ok = kval[None, :] & (kpos[None, :] <= pos[:, None])
+            b_s = tl.where(ok, b_s, float("-inf"))
+        m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(b_m - m_safe)
+        b_p = tl.exp2(b_s - m_safe[:, None])
+        b_l = b_l * alpha + tl.sum(b_p, axis=1)
+        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)  # [M, BD]
+        b_m = m_new
+    return b_m, b_l, b_acc
+
+
+@triton.jit
+def _rank(keep, o_k):
+    """Exclusive prefix count of ``keep`` (compaction slot); a [KP, KP] sum, cheaper than a scan here."""
+    return tl.sum(((o_k[None, :] < o_k[:, None]) & keep[None, :]).to(tl.int32), axis=1)
+
+
+@triton.jit
+def _split_lists_kernel(
+    idx_ptr, sh_ptr, shc_ptr, pr_ptr, prc_ptr, T, K,
+    s_ih, s_it, s_sh, s_st, s_ch, s_ph, s_pt, s_qh,
+    BT: tl.constexpr, KP: tl.constexpr,
+):
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    o_k = tl.arange(0, KP)
+    t0 = i_t * BT
+    base = idx_ptr + i_h * s_ih
+    l0 = tl.load(base + t0.to(tl.int64) * s_it + o_k, mask=o_k < K, other=-1)
+    inall = l0 >= 0
+    for j in range(1, BT):
+        tj = t0 + j
+        in_t = (o_k * 0 + tj) < T  # vector form: the interpreter rejects masks broadcast from a scalar bool
+        lj = tl.load(base + tj.to(tl.int64) * s_it + o_k, mask=(o_k < K) & in_t, other=-1)
+        mem = tl.max((l0[:, None] == lj[None, :]).to(tl.int32), axis=1) > 0
+        inall = inall & (mem | (in_t == 0))
+    rank = _rank(inall, o_k)
+    tl.store(sh_ptr + i_h * s_sh + i_t.to(tl.int64) * s_st + rank, l0, mask=inall)
+    tl.store(shc_ptr + i_h * s_ch + i_t, tl.sum(inall.to(tl.int32), axis=0))
+    shv = tl.where(inall, l0, -2)
+    for j in range(BT):
+        tj = t0 + j
+        in_t = (o_k * 0 + tj) < T
+        lj = tl.load(base + tj.to(tl.int64) * s_it + o_k, mask=(o_k < K) & in_t, other=-1)
+        mem = tl.max((lj[:, None] == shv[None, :]).to(tl.int32), axis=1) > 0
+        keep = (lj >= 0) & (mem == 0)
+        rank = _rank(keep, o_k)
+        tl.store(pr_ptr + i_h * s_ph + tj.to(tl.int64) * s_pt + rank, lj, mask=keep & in_t)
+        tl.store(prc_ptr + i_h * s_qh + tj, tl.sum(keep.to(tl.int32), axis=0), mask=tj < T)
+
+
+@triton.jit
+def _sparse_tile_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, list_ptr, cnt_ptr, o_ptr, lse_ptr, T, L,
+    s_qt, s_qh, s_kl, s_kh, s_vl, s_vh, s_lh, s_lt, s_ch, s_ot, s_oh, s_et, scale_log2,
+    G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    BS: tl.constexpr, NBI: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr, RNE: tl.constexpr,
+):
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    b_q, pos, m_r, head, tok = load_group_rows(q_ptr, pos_ptr, i_t, i_h, T, s_qt, s_qh, G, GP, BT, D, BD, CAST)
+    cnt = tl.load(cnt_ptr + i_h * s_ch + i_t)
+    b_m = tl.full([BT * GP], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BT * GP], dtype=tl.float32)
+    b_acc = tl.zeros([BT * GP, BD], dtype=tl.float32)
+    b_m, b_l, b_acc = _attend(
+        b_q, pos, b_m, b_l, b_acc, list_ptr + i_h * s_lh + i_t.to(tl.int64) * s_lt, 0, cnt, k_ptr, v_ptr, L, i_h,
+        s_kl, s_kh, s_vl, s_vh, scale_log2, BS, NBI, D, BD, CAST, PREC,
+    )
+    has = b_l > 0
+    b_o = b_acc / tl.where(has, b_l, 1.0)[:, None]
+    if RNE:
+        b_o = rne_bf16(b_o)
+    o_d = tl.arange(0, BD)
+    tok64 = tok.to(tl.int64)
+    p_o = o_ptr + tok64[:, None] * s_ot + head[:, None] * s_oh + o_d[None, :]
+    tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_r[:, None] & (o_d < D)[None, :])
+    tl.store(lse_ptr + tok64 * s_et + head, tl.where(has, b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0)), float("-inf")), mask=m_r)
+
+
+@triton.jit
+def _sparse_token_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, list_ptr, cnt_ptr, pa_ptr, pl_ptr, o_ptr, lse_ptr, T, L, K, per_split,
+    s_qt, s_qh, s_kl, s_kh, s_vl, s_vh, s_lh, s_lt, s_ch, s_ct, s_pt, s_ph, s_ps, s_ot, s_oh, s_es, s_et, scale_log2,
+    G: tl.constexpr, MB: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, NBI: tl.constexpr,
+    HAS_CNT: tl.constexpr, HAS_PRIOR: tl.constexpr, PARTIAL: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr,
+    RNE: tl.constexpr,
+):
+    i_t, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b_q, pos, m_r, head, tok = load_group_rows(q_ptr, pos_ptr, i_t, i_h, T, s_qt, s_qh, G, MB, 1, D, BD, CAST)
+    if HAS_CNT:
+        n = tl.load(cnt_ptr + i_h * s_ch + i_t * s_ct)
+    else:
+        n = K
+    lo = i_s * per_split
+    hi = tl.minimum(lo + per_split, n)
+    b_m = tl.full([MB], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([MB], dtype=tl.float32)
+    b_acc = tl.zeros([MB, BD], dtype=tl.float32)
+    b_m, b_l, b_acc = _attend(
+        b_q, pos, b_m, b_l, b_acc, list_ptr + i_h * s_lh + i_t.to(tl.int64) * s_lt, lo, hi, k_ptr, v_ptr, L, i_h,
+        s_kl, s_kh, s_vl, s_vh, scale_log2, BS, NBI, D, BD, CAST, PREC,
+    )
+    o_d = tl.arange(0, BD)
+    m_rd = m_r[:, None] & (o_d < D)[None, :]
+    tok64 = tok.to(tl.int64)
+    if PARTIAL:  # flash-decoding split: normalised partial output + its lse, combined on the host
+        has = b_l > 0
+        b_o = b_acc / tl.where(has, b_l, 1.0)[:, None]
+        p_o = pa_ptr + i_s * s_ps + tok64[:, None] * s_pt + head[:, None] * s_ph + o_d[None, :]
+        tl.store(p_o, b_o, mask=m_rd)
+        tl.store(pl_ptr + i_s * s_es + tok64 * s_et + head, tl.where(has, b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0)), float("-inf")), mask=m_r)
+    else:
+        if HAS_PRIOR:  # merge with the tile kernel's state: o_A = acc_A / l_A, lse_A = m_A + log2(l_A)
+            lse_a = tl.load(pl_ptr + tok64 * s_et + head, mask=m_r, other=float("-inf"))
+            b_oa = tl.load(pa_ptr + tok64[:, None] * s_pt + head[:, None] * s_ph + o_d[None, :], mask=m_rd, other=0.0)
+            mm = tl.maximum(lse_a, b_m)
+            mm = tl.where(mm == float("-inf"), 0.0, mm)
+            w_a = tl.exp2(lse_a - mm)
+            w_b = tl.exp2(b_m - mm)
+            b_acc = b_oa.to(tl.float32) * w_a[:, None] + b_acc * w_b[:, None]
+            b_l = w_a + b_l * w_b
+        b_o = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]  # a query that sees nothing gets 0
+        if RNE:
+            b_o = rne_bf16(b_o)
+        tl.store(o_ptr + tok64[:, None] * s_ot + head[:, None] * s_oh + o_d[None, :], b_o.to(o_ptr.dtype.element_ty), mask=m_rd)
+
+
+# GPU launch configuration (tuned on H200 with triton 3.6 at T=32K; 3 stages lose, 128-key tiles with 4 warps
+# and 3 stages exceed shared memory). rows: tile-kernel rows (tokens x heads); *_keys: keys per inner step;
+# share: split lists into tile-shared + private blocks (else every block goes through the token kernel).
+GPU_CONFIG = dict(rows=128, tile_keys=128, tile_warps=8, tile_stages=2, tok_keys=128, tok_warps=4, tok_stages=2, share=True)
+_INTERP_CONFIG = dict(rows=16, tile_keys=16, tile_warps=4, tile_stages=1, tok_keys=16, tok_warps=4, tok_stages=1, share=True)
+
+
+def _cfg() -> dict:
+    return _INTERP_CONFIG if triton_interpret() else GPU_CONFIG
+
+
+def _sparse_forward(q, k, v, topk_idx, q_pos, block_size: int, scale: float) -> torch.Tensor:
+    T, H, D = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    cfg = _cfg()
+    wide = 2 if q.dtype == torch.float32 else 1  # fp32 tiles take twice the shared memory per key
+    a = dict(
+        T=T, L=k.shape[0], Hkv=Hkv, G=G, K=topk_idx.shape[-1], GP=triton.next_power_of_2(G),
+        MB=max(16, triton.next_power_of_2(G)), nbi_tile=max(1, cfg["tile_keys"] // wide // block_size),
+        nbi_tok=max(1, cfg["tok_keys"] // wide // block_size), scale_log2=scale * _LOG2E, cfg=cfg,
+        tok_launch=dict(num_warps=cfg["tok_warps"], num_stages=cfg["tok_stages"]),
+        common=dict(D=D, BD=triton.next_power_of_2(D), BS=block_size, CAST=triton_interpret(),
+                    PREC=dot_precision(q.dtype), RNE=interp_rne(q.dtype)),
+    )
+    o = torch.empty_like(q)
+    if T == 0:
+        return o
+    n_sm = num_sms(q.device)
+    if T <= 16 or T * Hkv < n_sm:
+        logger.debug("block-sparse attention: flash-decoding split (T=%d, too few queries to fill %d SMs)", T, n_sm)
+        return _decode_forward(q, k, v, topk_idx, q_pos, o, n_sm, a)
+    if not cfg["share"]:
+        return _token_forward(q, k, v, topk_idx, q_pos, o, a)
+    return _shared_forward(q, k, v, topk_idx, q_pos, o, a)
+
+
+def _decode_forward(q, k, v, topk_idx, q_pos, o, n_sm: int, a: dict) -> torch.Tensor:
+    """Each list split over S programs writing (o, lse) partials, combined here (flash-decoding)."""
+    T, H, D, K, nbi = a["T"], q.shape[1], q.shape[2], a["K"], a["nbi_tok"]
+    S = max(1, min(triton.cdiv(2 * n_sm, T * a["Hkv"]), triton.cdiv(K, 2 * nbi)))
+    per = triton.cdiv(triton.cdiv(max(K, 1), S), nbi) * nbi
+    S = triton.cdiv(max(K, 1), per)
+    po = torch.empty(S, T, H, D, dtype=torch.float32, device=q.device)
+    pl = torch.empty(S, T, H, dtype=torch.float32, device=q.device)
+    _sparse_token_kernel[(T, a["Hkv"], S)](
+        q, k, v, q_pos, topk_idx, topk_idx, po, pl, o, pl, T, a["L"], K, per,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        topk_idx.stride(0), topk_idx.stride(1), 0, 0, po.stride(1), po.stride(2), po.stride(0),
+        o.stride(0), o.stride(1), pl.stride(0), pl.stride(1), a["scale_log2"],
+        G=a["G"], MB=a["MB"], NBI=nbi, HAS_CNT=False, HAS_PRIOR=False, PARTIAL=True, **a["tok_launch"], **a["common"],
+    )
+    m = pl.amax(0)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    w = torch.exp2(pl - m)  # [S, T, H]; 0 for empty splits
+    den = w.sum(0)
+    return o.copy_((po * w[..., None]).sum(0) / torch.where(den > 0, den, torch.ones_like(den))[..., None])
+
+
+def _token_forward(q, k, v, topk_idx, q_pos, o, a: dict) -> torch.Tensor:
+    """Every block through the token kernel (the official kernel's scheme; ``share=False``)."""
+    K = a["K"]
+    _sparse_token_kernel[(a["T"], a["Hkv"], 1)](
+        q, k, v, q_pos, topk_idx, topk_idx, o, o, o, o, a["T"], a["L"], K, K,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        topk_idx.stride(0), topk_idx.stride(1), 0, 0, 0, 0, 0, o.stride(0), o.stride(1), 0, 0, a["scale_log2"],
+        G=a["G"], MB=a["MB"], NBI=a["nbi_tok"], HAS_CNT=False, HAS_PRIOR=False, PARTIAL=False,
+        **a["tok_launch"], **a["common"],
+    )
+    return o
+
+
+def _shared_forward(q, k, v, topk_idx, q_pos, o, a: dict) -> torch.Tensor:
+    """Split lists per tile, attend shared blocks with BT x G rows, then private blocks per token and merge."""
+    T, Hkv, K, cfg = a["T"], a["Hkv"], a["K"], a["cfg"]
+    BT = max(1, cfg["rows"] // a["GP"])
+    n_tiles = triton.cdiv(T, BT)
+    KP = triton.next_power_of_2(max(K, 1))
+    dev = q.device
+    shared = torch.empty(Hkv, n_tiles, KP, dtype=torch.int32, device=dev)
+    shared_n = torch.empty(Hkv, n_tiles, dtype=torch.int32, device=dev)
+    private = torch.empty(Hkv, T, KP, dtype=torch.int32, device=dev)
+    private_n = torch.empty(Hkv, T, dtype=torch.int32, device=dev)
+    _split_lists_kernel[(n_tiles, Hkv)](
+        topk_idx, shared, shared_n, private, private_n, T, K,
+        topk_idx.stride(0), topk_idx.stride(1), shared.stride(0), shared.stride(1), shared_n.stride(0),
+        private.stride(0), private.stride(1), private_n.stride(0), BT=BT, KP=KP, num_warps=4,
+    )
+    o_a = torch.empty_like(q)  # tile-kernel partial in q's dtype (fp32 for fp32 inputs)
+    lse_a = torch.empty(T, q.shape[1], dtype=torch.float32, device=dev)
+    _sparse_tile_kernel[(n_tiles, Hkv)](
+        q, k, v, q_pos, shared, shared_n, o_a, lse_a, T, a["L"],
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        shared.stride(0), shared.stride(1), shared_n.stride(0), o_a.stride(0), o_a.stride(1), lse_a.stride(0),
+        a["scale_log2"], G=a["G"], GP=a["GP"], BT=BT, NBI=a["nbi_tile"], num_warps=cfg["tile_warps"],
+        num_stages=cfg["tile_stages"], **a["common"],
+    )
+    _sparse_token_kernel[(T, Hkv, 1)](
+        q, k, v, q_pos, private, private_n, o_a, lse_a, o, lse_a, T, a["L"], KP, KP,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        private.stride(0), private.stride(1), private_n.stride(0), private_n.stride(1), o_a.stride(0), o_a.stride(1), 0,
+        o.stride(0), o.stride(1), 0, lse_a.stride(0), a["scale_log2"],
+        G=a["G"], MB=a["MB"], NBI=a["nbi_tok"], HAS_CNT=True, HAS_PRIOR=True, PARTIAL=False,
+        **a["tok_launch"], **a["common"],
+    )
+    return o
+
+
+def _sparse_backward_torch(q, k, v, topk_idx, q_pos, block_size: int, scale: float, do: torch.Tensor):
+    """Recompute-based gradients over the selected blocks, in fp32, query chunk by query chunk."""
+    dt = torch.float32
+    T, H, D = q.shape
+    L, Hkv = k.shape[0], k.shape[1]
+    G = H // Hkv
+    K = topk_idx.shape[-1]
+    N = K * block_size
+    kk = k.to(dt).transpose(0, 1)  # [Hkv, L, D]
+    vv = v.to(dt).transpose(0, 1)
+    dq = torch.zeros(T, H, D, dtype=dt, device=q.device)
+    dk = torch.zeros(Hkv * L, D, dtype=dt, device=q.device)
+    dv = torch.zeros(Hkv * L, D, dtype=dt, device=q.device)
+    step = max(1, _BWD_CHUNK_BYTES // max(1, 4 * Hkv * N * (4 * D + 3 * G)))
+    o_bs = torch.arange(block_size, device=q.device)
+    for a in range(0, T, step):
+        idx = topk_idx[:, a : a + step].long()  # [Hkv, Tc, K]
+        Tc = idx.shape[1]
+        kpos = (idx[..., None] * block_size + o_bs).reshape(Hkv, Tc, N)
+        valid = (idx[..., None] >= 0).expand(-1, -1, -1, block_size).reshape(Hkv, Tc, N)
+        valid = valid & (kpos < L) & (kpos <= q_pos[a : a + step].view(1, Tc, 1))
+        kp = kpos.clamp(0, L - 1)
+        gidx = kp.reshape(Hkv, Tc * N, 1).expand(-1, -1, D)
+        kg = torch.gather(kk, 1, gidx).view(Hkv, Tc, N, D)
+        vg = torch.gather(vv, 1, gidx).view(Hkv, Tc, N, D)
+        qc = q[a : a + step].to(dt).view(Tc, Hkv, G, D).transpose(0, 1)  # [Hkv, Tc, G, D]
+        doc = do[a : a + step].to(dt).view(Tc, Hkv, G, D).transpose(0, 1)
+        s = scale * torch.einsum("htgd,htnd->htgn", qc, kg)
+        s = s.masked_fill(~valid[:, :, None, :], float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+        oc = torch.einsum("htgn,htnd->htgd", p, vg)
+        dp = torch.einsum("htgd,htnd->htgn", doc, vg)
+        ds = p * (dp - (doc * oc).sum(-1, keepdim=True))
+        dq[a : a + step] = (scale * torch.einsum("htgn,htnd->htgd", ds, kg)).transpose(0, 1).reshape(Tc, H, D)
+        flat = (kp + torch.arange(Hkv, device=q.device).view(Hkv, 1, 1) * L).reshape(-1)
+        dk.index_add_(0, flat, (scale * torch.einsum("htgn,htgd->htnd", ds, qc)).reshape(-1, D))
+        dv.index_add_(0, flat, torch.einsum("htgn,htgd->htnd", p, doc).reshape(-1, D))
+    dk = dk.view(Hkv, L, D).transpose(0, 1)
+    dv = dv.view(Hkv, L, D).transpose(0, 1)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, topk_idx, q_pos, block_size, scale):
+        ctx.save_for_backward(q, k, v, topk_idx, q_pos)
+        ctx.block_size, ctx.scale = block_size, scale
+        return _sparse_forward(q, k, v, topk_idx, q_pos, block_size, scale)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, topk_idx, q_pos = ctx.saved_tensors
+        dq, dk, dv = _sparse_backward_torch(q, k, v, topk_idx, q_pos, ctx.block_size, ctx.scale, do)
+        return dq, dk, dv, None, None, None, None
+
+
+def triton_block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    topk_idx: torch.Tensor,
+    q_pos: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """Softmax attention over the tokens of each query's selected blocks, keys at positions <= p (spec §5.6).
+
+    q: [T, H, D]; k, v: [L, Hkv, D]; topk_idx: [Hkv, T, K] int32 (unique per row, -1 unused); q_pos: [T]
+    -> o: [T, H, D] in q's dtype. Forward in Triton; differentiable in q, k, v through a recompute-based
+    PyTorch backward (module docstring). block_size: a power of two >= 8; head dim >= 16.
+    """
+    check_dtype(q, k, v)
+    if block_size & (block_size - 1) or block_size < 8:
+        raise ValueError(f"Triton block-sparse attention needs a power-of-two block_size >= 8, got {block_size}")
+    if topk_idx.dim() != 3 or topk_idx.shape[:2] != (k.shape[1], q.shape[0]):
+        raise ValueError(f"topk_idx must be [Hkv={k.shape[1]}, T={q.shape[0]}, K], got {tuple(topk_idx.shape)}")
+    if q.shape[2] < 16:
+        raise ValueError(f"Triton block-sparse attention needs head dim >= 16, got {q.shape[2]}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    topk_idx = topk_idx.to(torch.int32).contiguous()
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _BlockSparseAttention.apply(q, k, v, topk_idx, q_pos, block_size, scale)
+    return _sparse_forward(q, k, v, topk_idx, q_pos, block_size, scale)

@@ -1,0 +1,240 @@
+"""Triton InfLLM-v2 kernels (compress, stage 1, selection, block-sparse attention) against the naive reference.
+
+On CPU these run in the Triton interpreter (conftest sets TRITON_INTERPRET=1). Shapes are small but awkward:
+lengths off the stride/block grid and ≡ 15 mod 16, chunk continuation (T < L), decode (T = 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sala.ops import block_sparse_attention, compress_keys, infllm_v2_attention
+from sala.ops.infllm_v2 import InfLLMv2Params
+from sala.ops.infllm_v2.naive import (
+    naive_block_sparse_attention,
+    naive_compress_keys,
+    naive_select_blocks,
+    naive_stage1_block_scores,
+)
+from sala.utils.testing import assert_close
+
+triton = pytest.importorskip("triton")
+
+from sala.ops.infllm_v2.compress import triton_compress_keys  # noqa: E402
+from sala.ops.infllm_v2.sparse_attn import triton_block_sparse_attention  # noqa: E402
+from sala.ops.infllm_v2.topk import (  # noqa: E402
+    triton_select_blocks,
+    triton_select_from_queries,
+    triton_stage1_block_scores,
+)
+
+pytestmark = pytest.mark.triton
+
+P = InfLLMv2Params(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, local_blocks=2, topk=3)
+RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # real kernels on a GPU, the interpreter elsewhere
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+
+# (L, T, H, Hkv, D): full prefill, chunk continuation, decode; 47 and 143 are ≡ 15 (mod 16)
+CASES = [(100, 100, 4, 2, 16), (161, 40, 8, 1, 32), (47, 47, 8, 1, 16), (143, 16, 4, 2, 32), (300, 1, 4, 2, 16)]
+CASE_IDS = [f"L{c[0]}-T{c[1]}-H{c[2]}-Hkv{c[3]}-D{c[4]}" for c in CASES]
+
+
+def _rand(*shape, dtype, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(DEV)
+
+
+def _inputs(L, T, H, Hkv, D, dtype, seed=0):
+    q = _rand(T, H, D, dtype=dtype, seed=seed)
+    k = _rand(L, Hkv, D, dtype=dtype, seed=seed + 1)
+    v = _rand(L, Hkv, D, dtype=dtype, seed=seed + 2)
+    q_pos = torch.arange(L - T, L, device=DEV)
+    ck1 = naive_compress_keys(k, P.kernel_size, P.kernel_stride)
+    ck2 = naive_compress_keys(k, P.coarse_kernel_size, P.coarse_kernel_stride)
+    return q, k, v, q_pos, ck1, ck2, D**-0.5
+
+
+def _pooled(scores, q_pos, L):
+    """Reference block scores after pooling and forcing: [Hkv, T, n_blocks] fp32 (forced = +inf)."""
+    Hkv, T, n1 = scores.shape
+    r, n_blk = P.block_size // P.kernel_stride, math.ceil(L / P.block_size)
+    s, q_pos = scores.float().cpu(), q_pos.cpu()
+    out = torch.zeros(Hkv, T, n_blk)
+    for b in range(n_blk):
+        lo, hi = max(0, r * b - 1), min(n1, r * b + r, n_blk * r)
+        if lo < hi:
+            out[..., b] = s[..., lo:hi].amax(-1)
+    blk = torch.arange(n_blk)
+    qb = (q_pos // P.block_size)[:, None]
+    forced = (blk < P.init_blocks) | ((blk >= qb - P.local_blocks) & (blk <= qb))
+    return out.masked_fill(forced[None], float("inf"))
+
+
+def _assert_valid_topk(idx, pooled, q_pos, rel_tol):
+    """idx must be an ascending top-K of ``pooled`` up to ``rel_tol`` near-ties, with future blocks -1."""
+    Hkv, T, K = idx.shape
+    idx, qb = idx.cpu(), q_pos.cpu() // P.block_size
+    for h in range(Hkv):
+        for t in range(T):
+            row = idx[h, t]
+            kept = row[row >= 0]
+            assert torch.all(kept[1:] > kept[:-1]), f"not ascending: {row.tolist()}"
+            assert torch.all(kept <= qb[t]) and torch.all(row[len(kept):] == -1), f"bad tail: {row.tolist()}"
+            past = pooled[h, t, : int(qb[t]) + 1]
+            sel = torch.zeros(len(past), dtype=torch.bool)
+            sel[kept.long()] = True
+            # future blocks score 0 and lose ties to past ones, so the K choices land on past blocks first
+            assert int(sel.sum()) == min(K, len(past)), f"row {h},{t}: {row.tolist()}"
+            if sel.all() or not sel.any():
+                continue
+            lo, hi = past[sel].min(), past[~sel].max()
+            assert lo >= hi - rel_tol * max(float(hi), 1e-30), f"row {h},{t}: selected {float(lo)} < unselected {float(hi)}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("L", [37, 100, 161, 300, 47])
+def test_compress_keys(L, dtype):
+    k = _rand(L, 2, 32, dtype=dtype, seed=L)
+    for ks, st in ((8, 4), (32, 16)):
+        for start in (0, 3):
+            ref = naive_compress_keys(k, ks, st, start)
+            out = triton_compress_keys(k, ks, st, start)
+            assert out.shape == ref.shape and out.dtype == ref.dtype
+            if ref.numel():
+                assert_close(out, ref, 1e-6 if dtype == torch.float32 else 5e-3, f"ck L={L} ks={ks} start={start}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_stage1_block_scores(case, dtype):
+    q, k, v, q_pos, ck1, ck2, scale = _inputs(*case, dtype)
+    ref = naive_stage1_block_scores(q, ck1, ck2, q_pos, P, scale)
+    out = triton_stage1_block_scores(q, ck1, ck2, q_pos, P, scale)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert_close(out, ref, RTOL[dtype], "stage-1 scores")
+    assert torch.equal(out == 0, ref == 0), "invisible windows must score exactly 0"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_select_blocks_matches_reference(case, dtype):
+    q, k, v, q_pos, ck1, ck2, scale = _inputs(*case, dtype)
+    scores = naive_stage1_block_scores(q, ck1, ck2, q_pos, P, scale)
+    ref = naive_select_blocks(scores, q_pos, case[0], P)
+    out = triton_select_blocks(scores, q_pos, case[0], P)
+    assert out.dtype == torch.int32 and torch.equal(out, ref)  # same scores in: identical, ties included
+
+
+def test_select_blocks_ties_and_forced():
+    """All-equal scores: the lowest blocks win ties; forced blocks always in; released-like K_sel > blocks."""
+    L, T = 200, 5
+    q_pos = torch.tensor([15, 16, 63, 150, 199], device=DEV)
+    n1 = (L - P.kernel_size) // P.kernel_stride + 1
+    for scores in (torch.ones(2, T, n1, device=DEV), torch.zeros(2, T, n1, device=DEV), _rand(2, T, n1, dtype=torch.float32, seed=3).abs()):
+        for params in (P, InfLLMv2Params(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=2, local_blocks=1, topk=20)):
+            ref = naive_select_blocks(scores, q_pos, L, params)
+            assert torch.equal(triton_select_blocks(scores, q_pos, L, params), ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES + [(1200, 1, 4, 2, 16)], ids=CASE_IDS + ["L1200-T1-split"])
+def test_select_from_queries(case, dtype):
+    q, k, v, q_pos, ck1, ck2, scale = _inputs(*case, dtype)
+    scores = naive_stage1_block_scores(q, ck1, ck2, q_pos, P, scale)
+    ref = naive_select_blocks(scores, q_pos, case[0], P)
+    out = triton_select_from_queries(q, ck1, ck2, q_pos, case[0], P, scale)
+    assert out.shape == ref.shape and out.dtype == torch.int32
+    if dtype == torch.float32 and DEV == "cpu":  # the interpreter sums in the reference's order
+        assert torch.equal(out, ref)
+    else:  # near-ties may flip (half-precision scores, GPU summation order), but it must be a valid top-k
+        _assert_valid_topk(out, _pooled(scores, q_pos, case[0]), q_pos, rel_tol=1e-4 if dtype == torch.float32 else 2e-2)
+
+
+ATTN_CASES = [(64, 64, 4, 2, 16), (161, 40, 8, 1, 32), (143, 3, 4, 2, 32), (300, 1, 8, 1, 16)]
+ATTN_IDS = [f"L{c[0]}-T{c[1]}-H{c[2]}-Hkv{c[3]}-D{c[4]}" for c in ATTN_CASES]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ATTN_CASES, ids=ATTN_IDS)
+def test_block_sparse_attention(case, dtype):
+    q, k, v, q_pos, ck1, ck2, scale = _inputs(*case, dtype)
+    idx = naive_select_blocks(naive_stage1_block_scores(q, ck1, ck2, q_pos, P, scale), q_pos, case[0], P)
+    ref = naive_block_sparse_attention(q, k, v, idx, q_pos, P.block_size, scale)
+    out = triton_block_sparse_attention(q, k, v, idx, q_pos, P.block_size, scale)
+    assert out.dtype == q.dtype
+    assert_close(out, ref, RTOL[dtype], "block-sparse attention")
+
+
+def _random_lists(Hkv, T, K, q_pos, n_blk, seed):
+    """Unsorted unique block lists with -1 holes and some future blocks (which the causal mask must drop)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.full((Hkv, T, K), -1, dtype=torch.int32)
+    q_pos = q_pos.cpu()
+    for h in range(Hkv):
+        for t in range(T):
+            hi = min(n_blk, int(q_pos[t]) // P.block_size + 2)
+            pick = torch.randperm(hi, generator=g)[: K - 1]
+            slots = torch.randperm(K, generator=g)[: len(pick)]
+            idx[h, t, slots] = pick.to(torch.int32)
+    return idx.to(DEV)
+
+
+@pytest.mark.parametrize("share", [True, False], ids=["tile+token", "token-only"])
+@pytest.mark.parametrize("T", [1, 30])
+def test_block_sparse_attention_arbitrary_lists(T, share, monkeypatch):
+    from sala.ops.infllm_v2 import sparse_attn
+
+    if T == 1 and not share:
+        pytest.skip("decode does not use the tile split")
+    monkeypatch.setitem(sparse_attn._cfg(), "share", share)
+    L, H, Hkv, D = 130, 4, 2, 16
+    q, k, v, q_pos, *_ = _inputs(L, T, H, Hkv, D, torch.float32, seed=5)
+    idx = _random_lists(Hkv, T, 5, q_pos, math.ceil(L / P.block_size), seed=T)
+    ref = naive_block_sparse_attention(q, k, v, idx, q_pos, P.block_size, D**-0.5)
+    out = triton_block_sparse_attention(q, k, v, idx, q_pos, P.block_size, D**-0.5)
+    assert_close(out, ref, 1e-5, "attention with arbitrary lists")
+
+
+def test_block_sparse_attention_backward():
+    L, T, H, Hkv, D = 80, 24, 4, 2, 16
+    q, k, v, q_pos, ck1, ck2, scale = _inputs(L, T, H, Hkv, D, torch.float32, seed=7)
+    idx = naive_select_blocks(naive_stage1_block_scores(q, ck1, ck2, q_pos, P, scale), q_pos, L, P)
+    do = _rand(T, H, D, dtype=torch.float32, seed=8)
+    grads = []
+    for fn in (naive_block_sparse_attention, triton_block_sparse_attention):
+        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+        fn(qq, kk, vv, idx, q_pos, P.block_size, scale).backward(do)
+        grads.append((qq.grad, kk.grad, vv.grad))
+    for name, a, b in zip("qkv", grads[1], grads[0]):
+        assert_close(a, b, 1e-5, f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_entries_dispatch_to_triton(dtype):
+    L, T, H, Hkv, D = 161, 20, 8, 1, 32
+    q, k, v, q_pos, _, _, scale = _inputs(L, T, H, Hkv, D, dtype, seed=11)
+    ck1 = compress_keys(k, P.kernel_size, P.kernel_stride, backend="triton")
+    ck2 = compress_keys(k, P.coarse_kernel_size, P.coarse_kernel_stride, backend="triton")
+    ref = infllm_v2_attention(q, k, v, ck1, ck2, q_pos, P, scale, backend="naive")
+    out = infllm_v2_attention(q, k, v, ck1, ck2, q_pos, P, scale, backend="triton")
+    assert_close(out, ref, RTOL[dtype], "infllm_v2_attention")
+    idx = triton_select_from_queries(q, ck1, ck2, q_pos, L, P, scale)
+    fused = block_sparse_attention(q, k, v, idx, q_pos, P.block_size, scale, backend="triton")
+    assert_close(fused, ref, RTOL[dtype], "fused selection path")
+
+
+def test_errors():
+    q, k, v, q_pos, ck1, ck2, scale = _inputs(64, 4, 4, 2, 16, torch.float32)
+    idx = torch.zeros(2, 4, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="power-of-two block_size"):
+        triton_block_sparse_attention(q, k, v, idx, q_pos, 24, scale)
+    with pytest.raises(ValueError, match="topk_idx must be"):
+        triton_block_sparse_attention(q, k, v, idx[:1], q_pos, 16, scale)
+    with pytest.raises(TypeError, match="fp16/bf16/fp32"):
+        triton_stage1_block_scores(q.double(), ck1.double(), ck2.double(), q_pos, P, scale)
+    with pytest.raises(ValueError, match="kernel_stride"):
+        bad = InfLLMv2Params(kernel_size=8, kernel_stride=6, block_size=16, init_blocks=1, local_blocks=2, topk=3)
+        triton_select_from_queries(q, ck1, ck2, q_pos, 64, bad, scale)
