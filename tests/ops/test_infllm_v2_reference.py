@@ -189,3 +189,14 @@ def test_sparse_op_errors_are_specific():
         dense_causal_attention(q, k, k, None, 1.0)
     with pytest.raises(ValueError, match="at least as many keys"):
         dense_causal_attention(_rand(1, 5, 4, 8), _rand(1, 3, 2, 8), _rand(1, 3, 2, 8), None, 1.0)
+
+
+@pytest.mark.parametrize("L,T", [(150, 150), (150, 90), (150, 60), (150, 1)])
+def test_dense_routing_of_easy_queries_equals_full_sparse_path(L, T):
+    """infllm_v2_attention sends queries with p < K_sel * block to dense attention; same result as selecting."""
+    q, k, v = _rand(T, 4, 8, seed=12), _rand(L, 2, 8, seed=13), _rand(L, 2, 8, seed=14)
+    pos = L - T + torch.arange(T)
+    ck1, ck2 = compress_keys(k, 8, 4), compress_keys(k, 32, 16)
+    idx = select_blocks(stage1_block_scores(q, ck1, ck2, pos, P, 0.3), pos, L, P)
+    ref = block_sparse_attention(q, k, v, idx, pos, 16, 0.3)
+    assert_close(infllm_v2_attention(q, k, v, ck1, ck2, pos, P, 0.3), ref, 1e-12)

@@ -122,8 +122,27 @@ def infllm_v2_attention(
     q_pos: [T] -> o: [T, H, D] in q's dtype.
     """
     _check_seq(q, k, v, q_pos)
-    scores = stage1_block_scores(q, ck1, ck2, q_pos, params, scale, backend)
-    topk_idx = select_blocks(scores, q_pos, k.shape[0], params, backend)
+    T = q.shape[0]
+    if T == 0:
+        return torch.empty_like(q)
+    # A query whose own block index is below topk + local_blocks selects every past block (spec §5.5.5), so
+    # plain causal attention gives the same result for that prefix of the (consecutive) query positions.
+    first, last = q_pos[[0, -1]].tolist()
+    easy = min(max(0, (params.topk + params.local_blocks) * params.block_size - first), T)
+    if easy and last - first == T - 1:
+        head = dense_causal_attention(q[None, :easy], k[None, : first + easy], v[None, : first + easy], None, scale,
+                                      backend)[0]
+        if easy == T:
+            return head
+        tail = infllm_v2_attention(q[easy:], k, v, ck1, ck2, q_pos[easy:], params, scale, backend)
+        return torch.cat([head, tail], dim=0)
+    if resolve_backend(backend, q.device) == "triton":
+        from sala.ops.infllm_v2.topk import triton_select_from_queries
+
+        topk_idx = triton_select_from_queries(q, ck1, ck2, q_pos, k.shape[0], params, scale)
+    else:
+        topk_idx = select_blocks(stage1_block_scores(q, ck1, ck2, q_pos, params, scale, backend), q_pos, k.shape[0],
+                                 params, backend)
     return block_sparse_attention(q, k, v, topk_idx, q_pos, params.block_size, scale, backend)
 
 
