@@ -1,0 +1,414 @@
+"""Kernel benchmarks against baselines measured in the same run; never collected by pytest.
+
+    python benchmarks/kernels.py --only lightning --out out/bench
+
+Each section verifies its kernels against the naive reference first, then times them with CUDA
+events (``triton.testing.do_bench``: warm-up, L2 flush, median), prints a table with the ratio to the
+baseline (lower is better for time) and writes JSON to ``--out``. Baselines that are not installed
+are reported as such and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+SCALE = 128**-0.5  # spec §4.3: s = 1/sqrt(128)
+
+
+def env_info() -> dict:
+    """Card and software versions, printed and stored with every result."""
+    import triton
+
+    info = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(card=props.name, sms=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1))
+    try:
+        import fla
+
+        info["fla"] = fla.__version__
+    except ImportError:
+        info["fla"] = None
+    return info
+
+
+def _time_ms(fn) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def _print_table(title: str, rows: list[dict], cols: list[str]) -> None:
+    print(f"\n## {title}")
+    print(" | ".join(f"{c:>12}" for c in cols))
+    for r in rows:
+        cells = []
+        for c in cols:
+            x = r.get(c)
+            cells.append(f"{x:>12.4g}" if isinstance(x, float) else f"{str(x):>12}")
+        print(" | ".join(cells))
+
+
+def _fla_simple_gla():
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
+    except ImportError as err:
+        print(f"fla not installed ({err}): baselines skipped")
+        return None, None
+    return chunk_simple_gla, fused_recurrent_simple_gla
+
+
+# ----------------------------------------------------------------------------------------------
+# Lightning
+# ----------------------------------------------------------------------------------------------
+
+
+def _lightning_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=dtype, generator=g) for _ in range(3))
+    h0 = torch.randn(B, H, D, D, device="cuda", dtype=torch.float32, generator=g)
+    return q, k, v, h0
+
+
+def verify_lightning(T: int = 8192, H: int = 32, D: int = 128) -> dict:
+    """Triton prefill (bf16 in, fp32 out) and decode step vs the naive chunked reference in fp32 on the GPU."""
+    from sala.ops.lightning import chunk_lightning, lightning_decay_slopes, lightning_step, naive_chunk_lightning
+    from sala.utils.testing import rel_l2
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # the reference must be IEEE fp32
+    slopes = lightning_decay_slopes(H).to("cuda")
+    q, k, v, h0 = _lightning_inputs(1, T, H, D, torch.bfloat16, seed=1)
+    o, final = chunk_lightning(q, k, v, slopes, SCALE, h0, True, output_dtype=torch.float32, backend="triton")
+    ro, rf = naive_chunk_lightning(q.float(), k.float(), v.float(), slopes, SCALE, h0)
+    state = final.clone()
+    o1 = lightning_step(q[:, -1], k[:, -1], v[:, -1], slopes, SCALE, state, torch.float32, backend="triton")
+    rs = rf.clone()
+    ro1 = (SCALE * torch.einsum("nhk,nhkv->nhv", q[:, -1].float(), rs.mul_(torch.exp(-slopes.float())[None, :, None, None])
+                                .add_(k[:, -1].float()[..., None] * v[:, -1].float()[..., None, :])))  # fmt: skip
+    errs = {"T": T, "o": rel_l2(o, ro), "final": rel_l2(final, rf), "step_o": rel_l2(o1, ro1), "step_state": rel_l2(state, rs)}
+    print(f"verify lightning bf16 T={T} H={H} D={D} (rel L2 vs naive fp32): " + ", ".join(
+        f"{n}={e:.2e}" for n, e in errs.items() if n != "T"))  # fmt: skip
+    if not all(e < 1e-2 for n, e in errs.items() if n != "T"):
+        raise AssertionError(f"Lightning Triton kernels disagree with the reference: {errs}")
+    return errs
+
+
+def bench_lightning_prefill(Ts=(8192, 32768, 131072, 262144), H: int = 32, D: int = 128) -> list[dict]:
+    """B=1 prefill, bf16, with initial and final state: ours vs fla ``chunk_simple_gla``."""
+    from sala.ops.lightning import lightning_decay_slopes
+    from sala.ops.lightning.chunk import triton_chunk_lightning
+
+    chunk_simple_gla, _ = _fla_simple_gla()
+    slopes = lightning_decay_slopes(H).to("cuda", torch.float32)
+    rows = []
+    for T in Ts:
+        q, k, v, h0 = _lightning_inputs(1, T, H, D, torch.bfloat16)
+        ours = lambda: triton_chunk_lightning(q, k, v, slopes, SCALE, h0, True, None, torch.bfloat16)  # noqa: E731
+        ours()  # compile and tune outside the timing
+        row = {"T": T, "ours_ms": _time_ms(ours)}
+        if chunk_simple_gla is not None:
+            fla_fn = lambda: chunk_simple_gla(q, k, v, g_gamma=-slopes, scale=SCALE, initial_state=h0,  # noqa: E731
+                                              output_final_state=True)  # fmt: skip
+            o_f, s_f = fla_fn()
+            o_o, s_o = ours()
+            row["vs_fla_o"] = float((o_o.float() - o_f.float()).norm() / o_f.float().norm())
+            row["fla_ms"] = _time_ms(fla_fn)
+            row["ratio"] = row["ours_ms"] / row["fla_ms"]
+            del o_f, s_f, o_o, s_o
+        # bytes that must move at least: q, k, v read and o written once (bf16), states negligible
+        row["ours_TBps"] = 4 * T * H * D * 2 / row["ours_ms"] / 1e9
+        rows.append(row)
+        del q, k, v, h0
+        torch.cuda.empty_cache()
+    _print_table(f"Lightning prefill, B=1 H={H} D={D} bf16 (ms; ratio = ours/fla)", rows,
+                 ["T", "ours_ms", "fla_ms", "ratio", "ours_TBps", "vs_fla_o"])  # fmt: skip
+    return rows
+
+
+def bench_lightning_train(Ts=(8192, 32768), H: int = 32, D: int = 128) -> list[dict]:
+    """B=1 forward+backward, bf16: ours vs fla ``chunk_simple_gla``."""
+    from sala.ops.lightning import lightning_decay_slopes
+    from sala.ops.lightning.chunk import triton_chunk_lightning
+
+    chunk_simple_gla, _ = _fla_simple_gla()
+    slopes = lightning_decay_slopes(H).to("cuda", torch.float32)
+    rows = []
+    for T in Ts:
+        q, k, v, h0 = (t.requires_grad_() for t in _lightning_inputs(1, T, H, D, torch.bfloat16))
+        do = torch.randn_like(q)
+
+        def ours():
+            o, _ = triton_chunk_lightning(q, k, v, slopes, SCALE, h0, True, None, torch.bfloat16)
+            torch.autograd.grad(o, (q, k, v, h0), do)
+
+        ours()
+        row = {"T": T, "ours_ms": _time_ms(ours)}
+        if chunk_simple_gla is not None:
+
+            def fla_fn():
+                o, _ = chunk_simple_gla(q, k, v, g_gamma=-slopes, scale=SCALE, initial_state=h0, output_final_state=True)
+                torch.autograd.grad(o, (q, k, v, h0), do)
+
+            fla_fn()
+            row["fla_ms"] = _time_ms(fla_fn)
+            row["ratio"] = row["ours_ms"] / row["fla_ms"]
+        rows.append(row)
+    _print_table(f"Lightning forward+backward, B=1 H={H} D={D} bf16 (ms)", rows, ["T", "ours_ms", "fla_ms", "ratio"])
+    return rows
+
+
+def _graph_ms(fn) -> float:
+    """Median time of one replay of ``fn`` captured in a CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return _time_ms(graph.replay)
+
+
+def bench_lightning_decode(batches=(1, 16, 64), H: int = 32, D: int = 128) -> list[dict]:
+    """One decode step, bf16 q/k/v, fp32 state in place, in a CUDA graph: ours vs fla ``fused_recurrent_simple_gla``."""
+    from sala.ops.lightning import lightning_decay_slopes
+    from sala.ops.lightning.recurrent import triton_lightning_step
+
+    _, fused_recurrent_simple_gla = _fla_simple_gla()
+    slopes = lightning_decay_slopes(H).to("cuda", torch.float32)
+    rows = []
+    for N in batches:
+        g = torch.Generator(device="cuda").manual_seed(N)
+        q, k, v = (torch.randn(N, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+        state = torch.randn(N, H, D, D, device="cuda", generator=g)
+        ours = lambda: triton_lightning_step(q, k, v, slopes, SCALE, state, torch.bfloat16)  # noqa: E731
+        row = {"batch": N, "ours_us": 1e3 * _graph_ms(ours)}
+        state_bytes = 2 * N * H * D * D * 4  # state read + write
+        row["ours_TBps"] = state_bytes / row["ours_us"] / 1e6
+        if fused_recurrent_simple_gla is not None:
+            fla_state = state.clone()
+            fla_fn = lambda: fused_recurrent_simple_gla(q[:, None], k[:, None], v[:, None], g_gamma=-slopes,  # noqa: E731
+                                                        scale=SCALE, initial_state=fla_state, output_final_state=True)  # fmt: skip
+            try:
+                row["fla_us"] = 1e3 * _graph_ms(fla_fn)
+                row["fla_mode"] = "graph"
+            except RuntimeError as err:  # capture not supported by this fla version: time it eagerly
+                print(f"fla decode not capturable ({err.__class__.__name__}); timing eagerly")
+                row["fla_us"] = 1e3 * _time_ms(fla_fn)
+                row["fla_mode"] = "eager"
+            row["ratio"] = row["ours_us"] / row["fla_us"]
+        rows.append(row)
+    _print_table(f"Lightning decode step, H={H} D={D} bf16, fp32 state (us; TB/s = state read+write)", rows,
+                 ["batch", "ours_us", "fla_us", "ratio", "ours_TBps", "fla_mode"])  # fmt: skip
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# InfLLM-v2 (sparse)
+# ----------------------------------------------------------------------------------------------
+
+
+def _sparse_inputs(T: int, H: int, Hkv: int, D: int, clustered: bool = False, seed: int = 0):
+    """Random bf16 q/k/v for one sequence. ``clustered``: the queries of each 64-token block share a common
+    component (correlation ~0.9), as neighbouring tokens do in real attention, so their selections overlap."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(T, H, D, device="cuda", generator=g)
+    if clustered:
+        base = torch.randn((T + 63) // 64, H, D, device="cuda", generator=g).repeat_interleave(64, 0)[:T]
+        q = base + 0.5 * q
+    k, v = (torch.randn(T, Hkv, D, device="cuda", generator=g).bfloat16() for _ in range(2))
+    return q.bfloat16(), k, v, torch.arange(T, device="cuda")
+
+
+def _sparse_layer(q, k, v, q_pos, params, scale: float):
+    """The sparse layer's attention work for one prefill: compress both tiers, score + select (fused), attend."""
+    from sala.ops.infllm_v2.compress import triton_compress_keys
+    from sala.ops.infllm_v2.sparse_attn import triton_block_sparse_attention
+    from sala.ops.infllm_v2.topk import triton_select_from_queries
+
+    ck1 = triton_compress_keys(k, params.kernel_size, params.kernel_stride)
+    ck2 = triton_compress_keys(k, params.coarse_kernel_size, params.coarse_kernel_stride)
+    idx = triton_select_from_queries(q, ck1, ck2, q_pos, k.shape[0], params, scale)
+    return triton_block_sparse_attention(q, k, v, idx, q_pos, params.block_size, scale)
+
+
+def _selected_flops(idx: torch.Tensor, q_pos: torch.Tensor, block_size: int, G: int, D: int) -> float:
+    """4 * D FLOPs per (query head, visible key) over the selected blocks (QK^T and PV)."""
+    b = idx.long()
+    keys = (q_pos.view(1, -1, 1) - b * block_size + 1).clamp(0, block_size)
+    return 4.0 * D * G * float(torch.where(b >= 0, keys, torch.zeros_like(keys)).sum())
+
+
+def _pooled_reference(scores: torch.Tensor, n_blk: int, r: int) -> torch.Tensor:
+    """Block scores as the reference pools them (windows [r b - 1, r b + r - 1]), without forcing."""
+    Hkv, T, n1 = scores.shape
+    pad = torch.zeros(Hkv, T, n_blk * r + r + 2, device=scores.device)
+    use = min(n1, n_blk * r)
+    pad[..., 1 : 1 + use] = scores[..., :use].float()
+    return pad.unfold(-1, r + 1, r)[..., :n_blk, :].amax(-1)
+
+
+def verify_sparse(T: int = 8192, H: int = 32, Hkv: int = 2, D: int = 128, n_rows: int = 256) -> dict:
+    """Triton vs naive on the GPU at a real shape: kernels run on all T queries, the reference on a sample of
+    rows (its cost is T x L). Raises if any error is above the bf16 tolerance."""
+    import math
+
+    from sala.ops.infllm_v2.compress import triton_compress_keys
+    from sala.ops.infllm_v2.naive import (
+        InfLLMv2Params,
+        naive_block_sparse_attention,
+        naive_compress_keys,
+        naive_select_blocks,
+        naive_stage1_block_scores,
+    )
+    from sala.ops.infllm_v2.sparse_attn import triton_block_sparse_attention
+    from sala.ops.infllm_v2.topk import triton_select_blocks, triton_select_from_queries, triton_stage1_block_scores
+    from sala.utils.testing import rel_l2
+
+    p, scale = InfLLMv2Params(), D**-0.5
+    q, k, v, q_pos = _sparse_inputs(T, H, Hkv, D, seed=1)
+    ck1 = triton_compress_keys(k, p.kernel_size, p.kernel_stride)
+    ck2 = triton_compress_keys(k, p.coarse_kernel_size, p.coarse_kernel_stride)
+    res = {
+        "ck1": rel_l2(ck1, naive_compress_keys(k, p.kernel_size, p.kernel_stride)),
+        "ck2": rel_l2(ck2, naive_compress_keys(k, p.coarse_kernel_size, p.coarse_kernel_stride)),
+    }
+    idx = triton_select_from_queries(q, ck1, ck2, q_pos, T, p, scale)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.cat([torch.randperm(T - 64, generator=g)[: n_rows - 64], torch.arange(T - 64, T)]).sort().values.cuda()
+    ref_scores = naive_stage1_block_scores(q[rows], ck1, ck2, q_pos[rows], p, scale)
+    res["stage1"] = rel_l2(triton_stage1_block_scores(q[rows], ck1, ck2, q_pos[rows], p, scale), ref_scores)
+    ref_idx = naive_select_blocks(ref_scores, q_pos[rows], T, p)
+    res["select_equal"] = bool(torch.equal(triton_select_blocks(ref_scores, q_pos[rows], T, p), ref_idx))
+    res["fused_select_match"] = float((idx[:, rows] == ref_idx).float().mean())
+    pooled = _pooled_reference(ref_scores, math.ceil(T / p.block_size), p.block_size // p.kernel_stride)
+
+    def mass(ix):
+        val = torch.gather(pooled, -1, ix.long().clamp(min=0))
+        return float(torch.where(ix >= 0, val, torch.zeros_like(val)).sum())
+
+    res["fused_select_mass_ratio"] = mass(idx[:, rows]) / mass(ref_idx)  # 1.0 = same score mass chosen
+    o = triton_block_sparse_attention(q, k, v, idx, q_pos, p.block_size, scale)
+    ref_o = naive_block_sparse_attention(q[rows], k, v, idx[:, rows], q_pos[rows], p.block_size, scale)
+    res["attention"] = rel_l2(o[rows], ref_o)
+    idx1 = triton_select_from_queries(q[-1:], ck1, ck2, q_pos[-1:], T, p, scale)
+    res["decode_select_equal"] = bool(torch.equal(idx1, idx[:, -1:]))
+    res["decode_attention"] = rel_l2(triton_block_sparse_attention(q[-1:], k, v, idx1, q_pos[-1:], p.block_size, scale), ref_o[-1:])
+    print(f"\n## InfLLM-v2 verify (T={T}, {n_rows} sampled rows vs naive): " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()))
+    bad = [k for k in ("ck1", "ck2", "stage1", "attention", "decode_attention") if not res[k] <= 1e-2]
+    if bad or res["fused_select_mass_ratio"] < 0.999:
+        raise SystemExit(f"InfLLM-v2 verify failed: {res}")
+    return res
+
+
+def _dense_causal_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[float, str]:
+    """Dense causal SDPA over [1, H, T, D] (KV heads expanded): cuDNN, else FlashAttention."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    G = q.shape[1] // k.shape[1]
+    qh = q.transpose(0, 1).unsqueeze(0)
+    kh, vh = (x.transpose(0, 1).repeat_interleave(G, 0).unsqueeze(0) for x in (k, v))
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
+        try:
+            with sdpa_kernel(backend):
+                return _time_ms(lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)), backend.name
+        except RuntimeError as err:
+            print(f"dense SDPA {backend.name} unavailable: {str(err)[:120]}")
+    return float("nan"), "none"
+
+
+def bench_sparse(Ts=(8192, 32768, 131072), H: int = 32, Hkv: int = 2, D: int = 128) -> dict:
+    """Sparse layer end to end (compress + score/select + attend; 32 q / 2 kv heads, D 128, bf16, released
+    params) vs dense causal cuDNN SDPA, on random inputs and on block-clustered queries."""
+    from sala.ops.infllm_v2.compress import triton_compress_keys
+    from sala.ops.infllm_v2.naive import InfLLMv2Params
+    from sala.ops.infllm_v2.sparse_attn import triton_block_sparse_attention
+    from sala.ops.infllm_v2.topk import triton_select_from_queries
+
+    p, scale = InfLLMv2Params(), D**-0.5
+    out: dict = {"verify": verify_sparse(min(Ts), H, Hkv, D)}
+    rows, dense = [], {}
+    for clustered in (False, True):
+        for T in Ts:
+            q, k, v, q_pos = _sparse_inputs(T, H, Hkv, D, clustered)
+            ck1 = triton_compress_keys(k, p.kernel_size, p.kernel_stride)
+            ck2 = triton_compress_keys(k, p.coarse_kernel_size, p.coarse_kernel_stride)
+            idx = triton_select_from_queries(q, ck1, ck2, q_pos, T, p, scale)
+            t_comp = _time_ms(lambda: (triton_compress_keys(k, p.kernel_size, p.kernel_stride),
+                                       triton_compress_keys(k, p.coarse_kernel_size, p.coarse_kernel_stride)))
+            t_sel = _time_ms(lambda: triton_select_from_queries(q, ck1, ck2, q_pos, T, p, scale))
+            t_att = _time_ms(lambda: triton_block_sparse_attention(q, k, v, idx, q_pos, p.block_size, scale))
+            t_all = _time_ms(lambda: _sparse_layer(q, k, v, q_pos, p, scale))
+            if T not in dense:  # the dense time does not depend on the data
+                dense[T] = _dense_causal_ms(q, k, v, scale)
+            t_dense, backend = dense[T]
+            flops = _selected_flops(idx, q_pos, p.block_size, H // Hkv, D)
+            rows.append(dict(
+                inputs="clustered" if clustered else "random", T=T, compress_ms=t_comp, select_ms=t_sel, attend_ms=t_att,
+                sparse_ms=t_all, dense_ms=t_dense, dense_backend=backend, speedup=t_dense / t_all,
+                attend_tflops=flops / t_att / 1e9, dense_tflops=2.0 * T * T * H * D / t_dense / 1e9,
+                keys_per_query=flops / (4.0 * D * H * T),
+            ))
+            del q, k, v, ck1, ck2, idx
+            torch.cuda.empty_cache()
+    _print_table("InfLLM-v2 sparse layer vs dense causal SDPA (ms; TFLOP/s on the selected blocks)", rows,
+                 ["inputs", "T", "compress_ms", "select_ms", "attend_ms", "sparse_ms", "dense_ms", "speedup",
+                  "attend_tflops", "dense_tflops", "keys_per_query"])
+    print(f"dense backend: {rows[0]['dense_backend']}")
+    out["prefill"] = rows
+    # decode: one new token over L keys (selection + attention) vs dense SDPA of one query
+    import torch.nn.functional as F
+
+    L = max(Ts)
+    q, k, v, q_pos = _sparse_inputs(L, H, Hkv, D)
+    ck1 = triton_compress_keys(k, p.kernel_size, p.kernel_stride)
+    ck2 = triton_compress_keys(k, p.coarse_kernel_size, p.coarse_kernel_stride)
+    q1, p1 = q[-1:], q_pos[-1:]
+    t_dec = _time_ms(lambda: triton_block_sparse_attention(
+        q1, k, v, triton_select_from_queries(q1, ck1, ck2, p1, L, p, scale), p1, p.block_size, scale))
+    kh, vh = (x.transpose(0, 1).repeat_interleave(H // Hkv, 0).unsqueeze(0) for x in (k, v))
+    t_dd = _time_ms(lambda: F.scaled_dot_product_attention(q1.transpose(0, 1).unsqueeze(0), kh, vh, scale=scale))
+    dec = [dict(L=L, sparse_select_attend_ms=t_dec, dense_sdpa_ms=t_dd, speedup=t_dd / t_dec)]
+    _print_table("InfLLM-v2 decode, one token (ms)", dec, ["L", "sparse_select_attend_ms", "dense_sdpa_ms", "speedup"])
+    out["decode"] = dec
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="sala kernel benchmarks vs baselines measured in the same run")
+    parser.add_argument("--only", choices=("lightning", "sparse", "all"), default="all", help="which sections to run")
+    parser.add_argument("--out", type=Path, default=Path("out/bench"), help="folder for the JSON results")
+    parser.add_argument("--prefill-T", default="8192,32768,131072,262144", help="comma-separated prefill lengths")
+    parser.add_argument("--decode-batch", default="1,16,64", help="comma-separated decode batch sizes")
+    parser.add_argument("--train", action="store_true", help="also time Lightning forward+backward (T<=32K)")
+    parser.add_argument("--verify-T", type=int, default=8192, help="length of the Lightning verify step")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks need a CUDA device")
+    info = env_info()
+    print("env: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"env": info}
+    if args.only in ("lightning", "all"):
+        results["lightning_verify"] = verify_lightning(args.verify_T)
+        results["lightning_prefill"] = bench_lightning_prefill(tuple(int(x) for x in args.prefill_T.split(",")))
+        results["lightning_decode"] = bench_lightning_decode(tuple(int(x) for x in args.decode_batch.split(",")))
+        if args.train:
+            results["lightning_train"] = bench_lightning_train()
+    if args.only in ("sparse", "all"):
+        results["sparse"] = bench_sparse()
+    path = args.out / f"kernels_{args.only}.json"
+    path.write_text(json.dumps(results, indent=2, default=str))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

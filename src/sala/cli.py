@@ -1,0 +1,204 @@
+"""``sala`` command line: flags -> a config dataclass -> one call per subcommand. No logic lives here.
+
+Subcommands are registered in ``COMMANDS`` (name -> help, flag builder, runner); ``sala bench`` has its own
+table ``BENCH_COMMANDS``. Add a subcommand by writing its two small functions and one table entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from typing import Callable
+
+
+def _fill(cls, args: argparse.Namespace):
+    """Build config dataclass ``cls`` from the parsed flags (each field is one flag)."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
+# ---- shared flag groups -----------------------------------------------------------------------------------------
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="checkpoint directory or preset (minicpm-sala-9b, tiny, tiny-sparse, small: random weights)")
+    g.add_argument("--demo", action="store_true", help="build a tiny random checkpoint with the bundled tokenizer and use it "
+                                                       "(--model then names the preset, default tiny)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float16 | float32")
+    g.add_argument("--seed", type=int, default=0, help="seed of random (preset/demo) weights")
+    g.add_argument("--threads", type=int, help="CPU threads for torch (default torch's; 1 with --demo)")
+
+
+def _engine_flags(p: argparse.ArgumentParser, batch: int = 1) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--context", help="tokens per sequence, e.g. 32K or 1M (default: what the prompt needs)")
+    g.add_argument("--batch", type=int, default=batch, help=f"sequence slots decoding together (default {batch})")
+    g.add_argument("--chunk", type=int, default=8192, help="prefill chunk in tokens (default 8192)")
+    g.add_argument("--gpu-mem", type=float, help="memory budget in GiB (default: the GPU's memory)")
+    g.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
+
+
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=128, help="most new tokens (default 128)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 disables")
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--sample-seed", type=int, help="seed of the sampler")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+
+
+# ---- subcommands: flags + runner --------------------------------------------------------------------------------
+def _info_flags(p):
+    p.add_argument("--model", help="also describe this checkpoint directory or preset")
+
+
+def _info(args):
+    from sala.engine.commands import InfoConfig, run_info
+
+    return run_info(_fill(InfoConfig, args))
+
+
+def _plan_flags(p):
+    p.add_argument("--model", required=True, help="checkpoint directory or preset")
+    p.add_argument("--context", default="1M", help="tokens per sequence (default 1M)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--chunk", type=int, default=8192, help="prefill chunk (default 8192)")
+    p.add_argument("--gpu-mem", type=float, help="GPU memory in GiB (default: this machine's GPU, if any)")
+    p.add_argument("--dtype", default="bfloat16", help="weights/KV dtype (default bfloat16)")
+
+
+def _plan(args):
+    from sala.engine.commands import PlanConfig, run_plan
+
+    return run_plan(_fill(PlanConfig, args))
+
+
+def _generate_flags(p):
+    _model_flags(p)
+    _engine_flags(p)
+    _sampling_flags(p)
+    p.add_argument("--prompt", help="prompt text")
+    p.add_argument("--prompt-file", help="read the prompt from a file ('-' = stdin)")
+    p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or timing line")
+
+
+def _generate(args):
+    from sala.engine.commands import GenerateConfig, run_generate
+
+    return run_generate(_fill(GenerateConfig, args))
+
+
+def _chat_flags(p):
+    _model_flags(p)
+    _engine_flags(p)
+    _sampling_flags(p)
+    p.set_defaults(max_tokens=1024)
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--think", default="strip", choices=("show", "strip", "hide"),
+                   help="<think> blocks: show (print, keep in history), strip (print, drop from history; default), hide")
+
+
+def _chat(args):
+    from sala.engine.commands import ChatConfig, run_chat
+
+    return run_chat(_fill(ChatConfig, args))
+
+
+def _serve_flags(p):
+    _model_flags(p)
+    _engine_flags(p, batch=8)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--served-model-name", help="model name clients must send (default: the directory name)")
+    p.add_argument("--max-request-bytes", type=int, default=8 * 2**20, help="largest request body (default 8 MiB)")
+    p.add_argument("--log-level", default="info")
+
+
+def _serve(args):
+    from sala.engine.commands import ServeConfig, run_serve
+
+    return run_serve(_fill(ServeConfig, args))
+
+
+def _bench_e2e_flags(p):
+    p.add_argument("--shape", default="released", choices=("released", "small", "tiny"),
+                   help="model shapes: released (SALA-9B vs Qwen3-8B), or small/tiny for CPU smoke runs")
+    p.add_argument("--contexts", default="32K,64K,128K,256K,512K,1M", help="comma-separated prompt lengths")
+    p.add_argument("--layers", type=int, help="override the number of layers")
+    p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--decode-batch", type=int, default=8, help="the larger decode batch (default 8)")
+    p.add_argument("--chunk", type=int, default=8192)
+    p.add_argument("--systems", default="sala,dense,hf", help="subset of sala,dense,hf")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--gpu-mem", type=float)
+    p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="out/e2e", help="directory for e2e.json / e2e.md / e2e.png")
+
+
+def _bench_e2e(args):
+    from sala.engine.bench import E2EConfig, run_e2e
+
+    run_e2e(_fill(E2EConfig, args))
+    return 0
+
+
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+BENCH_COMMANDS: dict[str, Command] = {
+    "e2e": ("end-to-end TTFT / decode / memory vs context: sala vs dense baseline vs transformers", _bench_e2e_flags, _bench_e2e),
+}
+
+
+def _bench_flags(p):
+    sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    for name, (help_, flags, run) in BENCH_COMMANDS.items():
+        q = sub.add_parser(name, help=help_, description=help_)
+        flags(q)
+        q.set_defaults(func=run)
+
+
+COMMANDS: dict[str, Command] = {
+    "info": ("versions, device, op backend; --model: config summary", _info_flags, _info),
+    "plan": ("memory plan (weights / KV / state / activations) and whether it fits", _plan_flags, _plan),
+    "generate": ("generate from a prompt, streaming, with TTFT and tokens/s", _generate_flags, _generate),
+    "chat": ("multi-turn chat with the tokenizer's chat template", _chat_flags, _chat),
+    "serve": ("OpenAI-compatible HTTP server (completions, chat, SSE streaming)", _serve_flags, _serve),
+    "bench": ("benchmarks", _bench_flags, None),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sala", description="MiniCPM-SALA long-context models: inference, serving, tools.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v info logs, -vv debug logs and tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_, flags, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        flags(p)
+        if run is not None:
+            p.set_defaults(func=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as e:  # bad input (flags, files, requests, plans): message, not traceback
+        if args.verbose >= 2:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

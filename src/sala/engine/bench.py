@@ -1,0 +1,438 @@
+"""``sala bench e2e``: time to first token, decode speed and peak memory against context length, for
+
+* **sala**: MiniCPM-SALA-9B shapes (random bf16 weights) in this engine;
+* **dense**: a fair dense baseline, Qwen3-8B shapes (36 layers, 32 q / 8 kv heads, RoPE, q/k-norm, all-softmax
+  dense attention) as a ``SALAConfig`` with every layer a softmax layer and ``sparse_attention`` off, run by
+  the same engine: same chunked prefill, preallocated cache and decode path;
+* **hf**: transformers ``Qwen3ForCausalLM`` (SDPA), one forward with ``logits_to_keep=1`` (a user's default).
+
+Rows that do not fit are reported (``no-fit`` by the memory plan, ``OOM`` when allocation fails), never a
+crash. Writes ``e2e.json``, ``e2e.md`` and ``e2e.png`` to ``--out``. ``--shape tiny|small`` and ``--layers``
+shrink the models so a smoke run works on CPU; the numbers that matter come from ``--shape released`` on a GPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from sala.engine.kv_cache import StaticCache
+from sala.engine.loader import dtype_name, random_model, resolve_device, resolve_dtype
+from sala.engine.planner import num_parameters, parse_tokens, plan_memory
+from sala.engine.runner import ModelRunner
+from sala.engine.types import MemoryPlanError
+from sala.model import SALAConfig, mixer_schedule, preset
+
+logger = logging.getLogger(__name__)
+
+SYSTEMS = ("sala", "dense", "hf")
+SHAPES = ("released", "small", "tiny")
+DECODE_WARMUP = 3
+
+
+@dataclass(kw_only=True)
+class E2EConfig:
+    shape: str = "released"
+    """released (MiniCPM-SALA-9B vs Qwen3-8B shapes) | small | tiny (CPU smoke runs)."""
+    contexts: str = "32K,64K,128K,256K,512K,1M"
+    """Comma-separated prompt lengths."""
+    layers: int | None = None
+    """Override the number of layers of every system (SALA keeps a quarter of them sparse, first and last included)."""
+    decode_steps: int = 32
+    """Timed decode steps per measurement."""
+    decode_batch: int = 8
+    """The larger decode batch (copies of the prefilled sequence)."""
+    chunk: int = 8192
+    """Prefill chunk in tokens (engine systems)."""
+    systems: str = "sala,dense,hf"
+    device: str = "auto"
+    dtype: str = "auto"
+    gpu_mem: float | None = None
+    """Memory budget in GiB for the engines' plans (default: the device's memory)."""
+    no_cuda_graphs: bool = False
+    seed: int = 0
+    out: str = "out/e2e"
+
+    def __post_init__(self) -> None:
+        if self.shape not in SHAPES:
+            raise ValueError(f"--shape must be one of {SHAPES}, got {self.shape!r}")
+        bad = set(self.system_list) - set(SYSTEMS)
+        if bad:
+            raise ValueError(f"unknown systems {sorted(bad)}; choose from {SYSTEMS}")
+        if self.layers is not None and self.layers < 1:
+            raise ValueError(f"--layers must be >= 1, got {self.layers}")
+
+    @property
+    def system_list(self) -> list[str]:
+        return [s.strip() for s in self.systems.split(",") if s.strip()]
+
+    @property
+    def context_list(self) -> list[int]:
+        return [parse_tokens(c) for c in self.contexts.split(",") if c.strip()]
+
+
+@dataclass
+class Row:
+    system: str
+    context: int
+    status: str = "ok"  # ok | no-fit | OOM | skipped | error
+    ttft_s: float | None = None
+    decode_ms_b1: float | None = None
+    decode_ms_bn: float | None = None  # per step at the larger batch
+    batch_n: int | None = None
+    peak_gib: float | None = None
+    note: str = ""
+
+    @property
+    def decode_tok_s_b1(self) -> float | None:
+        return None if self.decode_ms_b1 is None else 1000.0 / self.decode_ms_b1
+
+    @property
+    def decode_tok_s_bn(self) -> float | None:
+        return None if self.decode_ms_bn is None else 1000.0 * self.batch_n / self.decode_ms_bn
+
+
+# ---- model shapes -----------------------------------------------------------------------------------------------
+def _sparse_positions(n: int) -> list[int]:
+    """A quarter of ``n`` layers sparse, evenly spread, first and last included (HALO keeps both softmax)."""
+    k = max(1, round(n / 4))
+    return [0] if k == 1 else sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+def sala_config(shape: str, layers: int | None, max_len: int) -> SALAConfig:
+    name = {"released": "minicpm-sala-9b", "small": "small", "tiny": "tiny-sparse"}[shape]
+    over: dict = {"initializer_range": 0.02, "max_position_embeddings": max(max_len, preset(name).max_position_embeddings)}
+    if layers is not None:
+        over.update(num_hidden_layers=layers, mixer_types=mixer_schedule(layers, _sparse_positions(layers)))
+    return preset(name, **over)
+
+
+def _dense_dims(shape: str, layers: int | None) -> dict:
+    """Qwen3-8B dims (36 layers, 32 q / 8 kv heads, d 128, 12288 MLP, vocab 151936), or a scaled-down analog."""
+    dims = {
+        "released": dict(hidden=4096, inter=12288, layers=36, heads=32, kv=8, head_dim=128, vocab=151936),
+        "small": dict(hidden=256, inter=768, layers=9, heads=8, kv=2, head_dim=32, vocab=1024),
+        "tiny": dict(hidden=64, inter=128, layers=4, heads=4, kv=1, head_dim=16, vocab=512),
+    }[shape]
+    if layers is not None:
+        dims["layers"] = max(1, round(layers * 36 / 32))
+    return dims
+
+
+def dense_config(shape: str, layers: int | None, max_len: int) -> SALAConfig:
+    """The fair dense baseline as a SALA config: every layer softmax (GQA, RoPE, q/k-norm, no gate), dense always."""
+    d = _dense_dims(shape, layers)
+    return SALAConfig(
+        vocab_size=d["vocab"], hidden_size=d["hidden"], intermediate_size=d["inter"], num_hidden_layers=d["layers"],
+        num_attention_heads=d["heads"], num_key_value_heads=d["kv"], head_dim=d["head_dim"], max_position_embeddings=max_len,
+        rope_theta=1_000_000.0, scale_emb=1.0, scale_depth=math.sqrt(d["layers"]), dim_model_base=d["hidden"],
+        mixer_types=["minicpm4"] * d["layers"], attn_use_rope=True, attn_qk_norm=True, attn_use_output_gate=False,
+        sparse_attention=False, initializer_range=0.02, eos_token_id=[], bos_token_id=None, pad_token_id=None,
+    )
+
+
+def hf_qwen3(shape: str, layers: int | None, max_len: int, device: torch.device, dtype: torch.dtype, seed: int):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    d = _dense_dims(shape, layers)
+    cfg = Qwen3Config(vocab_size=d["vocab"], hidden_size=d["hidden"], intermediate_size=d["inter"], num_hidden_layers=d["layers"],
+                      num_attention_heads=d["heads"], num_key_value_heads=d["kv"], head_dim=d["head_dim"],
+                      max_position_embeddings=max_len, rope_theta=1_000_000.0, tie_word_embeddings=False,
+                      initializer_range=0.02, attn_implementation="sdpa")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
+        torch.manual_seed(seed)
+        return Qwen3ForCausalLM._from_config(cfg, dtype=dtype, attn_implementation="sdpa").eval()
+
+
+# ---- timing helpers ---------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _now(device: torch.device) -> float:
+    _sync(device)
+    return time.perf_counter()
+
+
+def _reset_peak(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 2**30) -> float | None:
+    """Device-to-device copy bandwidth in bytes/s (read + write), for the weight-read floor."""
+    if device.type != "cuda":
+        return None
+    x = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        y.copy_(x)
+    end.record()
+    torch.cuda.synchronize(device)
+    return 2 * nbytes * 5 / (start.elapsed_time(end) / 1000)
+
+
+# ---- one engine system at one context ---------------------------------------------------------------------------
+def bench_engine(model, ctx: int, cfg: E2EConfig, device: torch.device, row: Row) -> None:
+    """Prefill ``ctx`` random tokens in chunks (TTFT), then time decode at batch 1 and at ``decode_batch``."""
+    steps = cfg.decode_steps + DECODE_WARMUP
+    max_len = ctx + 2 * steps + 1
+    dt = dtype_name(next(model.parameters()).dtype)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    budget = cfg.gpu_mem if cfg.gpu_mem is not None else (
+        torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None)
+    batch = cfg.decode_batch
+    plan = plan_memory(model.config, batch=batch, context=max_len, chunk=cfg.chunk, dtype=dt, budget_gib=budget, weights_bytes=weights)
+    if plan.fits is False:
+        batch = 1
+        plan = plan_memory(model.config, batch=1, context=max_len, chunk=cfg.chunk, dtype=dt, budget_gib=budget, weights_bytes=weights)
+        row.note = f"batch {cfg.decode_batch} does not fit"
+    plan.check()
+    cache = StaticCache(model.config, batch, max_len, next(model.parameters()).dtype, device)
+    runner = ModelRunner(model, cache, cuda_graphs=not cfg.no_cuda_graphs)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    prompt = torch.randint(0, model.config.vocab_size, (ctx,), generator=gen).to(device)
+    t0 = _now(device)
+    for a in range(0, ctx, cfg.chunk):
+        logits = runner.prefill(0, prompt[a : a + cfg.chunk], want_logits=a + cfg.chunk >= ctx)
+    token = logits.argmax()[None]
+    row.ttft_s = _now(device) - t0
+
+    def timed_decode(slots: list[int], token: torch.Tensor) -> tuple[float, torch.Tensor]:
+        tokens = token.expand(len(slots)).contiguous()
+        for i in range(steps):
+            if i == DECODE_WARMUP:
+                t = _now(device)
+            pos = [cache.lengths[s] for s in slots]
+            tokens = runner.decode(slots, pos, tokens).argmax(dim=-1)
+        return (_now(device) - t) * 1000 / cfg.decode_steps, tokens[:1]
+
+    row.decode_ms_b1, token = timed_decode([0], token)
+    if batch > 1:
+        for s in range(1, batch):
+            cache.copy_slot(0, s)
+        row.decode_ms_bn, _ = timed_decode(list(range(batch)), token)
+        row.batch_n = batch
+    row.peak_gib = _peak_gib(device)
+
+
+def bench_hf(model, ctx: int, cfg: E2EConfig, device: torch.device, row: Row) -> None:
+    """transformers default: one forward over the whole prompt (``logits_to_keep=1``), then eager decode."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.randint(0, model.config.vocab_size, (1, ctx), generator=gen).to(device)
+    with torch.no_grad():
+        t0 = _now(device)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        row.ttft_s = _now(device) - t0
+        past = out.past_key_values
+        del out
+        n = min(5, cfg.decode_steps)
+        for i in range(n + 1):
+            if i == 1:
+                t = _now(device)
+            out = model(input_ids=token, past_key_values=past, use_cache=True, logits_to_keep=1)
+            token, past = out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
+        row.decode_ms_b1 = (_now(device) - t) * 1000 / n
+    row.peak_gib = _peak_gib(device)
+
+
+def _warmup(system: str, model, ctx: int, cfg: E2EConfig, device: torch.device) -> None:
+    """One untimed run at the shortest context so that Triton compilation/autotuning, cuBLAS handles and CUDA-graph
+    capture are not counted in the first row (a failure here shows up again, and is reported, in the timed row)."""
+    if device.type != "cuda":
+        return
+    row = Row(system, ctx)
+    try:
+        if system == "hf":
+            bench_hf(model, min(ctx, 4096), cfg, device, row)
+        else:
+            bench_engine(model, ctx, E2EConfig(**{**asdict(cfg), "decode_steps": 2}), device, row)
+    except Exception as e:
+        logger.warning("warm-up of %s at %d tokens failed: %s", system, ctx, e)
+    gc.collect()
+
+
+# ---- driver -----------------------------------------------------------------------------------------------------
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def run_system(system: str, cfg: E2EConfig, device: torch.device, dtype: torch.dtype) -> tuple[list[Row], dict]:
+    contexts = cfg.context_list
+    max_len = max(contexts) + 2 * (cfg.decode_steps + DECODE_WARMUP) + 1
+    _reset_peak(device)
+    if system == "hf":
+        model = hf_qwen3(cfg.shape, cfg.layers, max_len, device, dtype, cfg.seed)
+        info = {"params": sum(p.numel() for p in model.parameters())}
+    else:
+        mc = sala_config(cfg.shape, cfg.layers, max_len) if system == "sala" else dense_config(cfg.shape, cfg.layers, max_len)
+        model = random_model(mc, device, dtype, cfg.seed)
+        embed = mc.vocab_size * mc.hidden_size
+        info = {"params": num_parameters(mc), "weight_read_bytes": (num_parameters(mc) - embed) * dtype.itemsize,
+                "kv_bytes_per_token": plan_memory(mc, batch=1, context=1).kv_bytes_per_token}
+    _warmup(system, model, min(contexts), cfg, device)
+    rows: list[Row] = []
+    failed = False
+    for ctx in contexts:
+        row = Row(system, ctx)
+        rows.append(row)
+        if failed:
+            row.status, row.note = "skipped", "a shorter context already failed"
+            continue
+        _reset_peak(device)
+        try:
+            (bench_hf if system == "hf" else bench_engine)(model, ctx, cfg, device, row)
+        except MemoryPlanError as e:
+            row.status, row.note, failed = "no-fit", str(e).splitlines()[0], True
+        except Exception as e:  # an OOM (or any failure) is a result row, not a crash
+            if _is_oom(e):
+                row.status, row.note, failed = "OOM", str(e).splitlines()[0][:160], True
+            else:
+                logger.exception("%s at %d tokens failed", system, ctx)
+                row.status, row.note = "error", f"{type(e).__name__}: {e}".splitlines()[0][:200]
+            row.ttft_s = row.decode_ms_b1 = row.decode_ms_bn = None
+        logger.info("%s", row)
+        gc.collect()
+    del model
+    _reset_peak(device)
+    return rows, info
+
+
+def _fmt(x: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if x is None else format(x, spec) + suffix
+
+
+def summarize(rows: list[Row], infos: dict, bandwidth: float | None, shape: str) -> tuple[str, dict]:
+    """Markdown table with ratios to the dense baseline, plus the issue's targets (released shape only)."""
+    by = {(r.system, r.context): r for r in rows}
+    lines = ["| system | context | status | TTFT s | TTFT vs dense | decode b1 ms/tok | decode b1 vs dense | decode bN tok/s | peak GiB | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d = by.get(("dense", r.context))
+        ttft_x = d.ttft_s / r.ttft_s if d and d.ttft_s and r.ttft_s and r.system != "dense" else None
+        dec_x = d.decode_ms_b1 / r.decode_ms_b1 if d and d.decode_ms_b1 and r.decode_ms_b1 and r.system != "dense" else None
+        bn = f"{r.decode_tok_s_bn:,.0f} (b{r.batch_n})" if r.decode_tok_s_bn else "-"
+        lines.append(f"| {r.system} | {r.context:,} | {r.status} | {_fmt(r.ttft_s, '.3f')} | {_fmt(ttft_x, '.2f', 'x')} | "
+                     f"{_fmt(r.decode_ms_b1, '.2f')} | {_fmt(dec_x, '.2f', 'x')} | {bn} | {_fmt(r.peak_gib, '.1f')} | {r.note} |")
+    targets: dict = {}
+    if bandwidth and "sala" in infos:
+        targets["weight_read_floor_ms"] = infos["sala"]["weight_read_bytes"] / bandwidth * 1000
+    s256, d256 = by.get(("sala", 262144)), by.get(("dense", 262144))
+    if shape == "released" and s256 and s256.status == "ok":
+        if d256 and d256.ttft_s:
+            targets["ttft_256k_speedup_vs_dense"] = (d256.ttft_s / s256.ttft_s, ">= 5")
+            targets["decode_256k_speedup_vs_dense"] = (d256.decode_ms_b1 / s256.decode_ms_b1, ">= 2.5")
+        if "weight_read_floor_ms" in targets:
+            targets["decode_256k_b1_over_floor"] = (s256.decode_ms_b1 / targets["weight_read_floor_ms"], "<= 1.4")
+    s1m = by.get(("sala", 1048576))
+    if shape == "released" and s1m:
+        targets["prefill_1m_s"] = (s1m.ttft_s, "<= 60")
+    if targets:
+        lines.append("")
+        lines += [f"- {k}: {v[0]:.3f} (target {v[1]})" if isinstance(v, tuple) and v[0] is not None else f"- {k}: {v}"
+                  for k, v in targets.items()]
+    return "\n".join(lines), targets
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for system in dict.fromkeys(r.system for r in rows):
+        ok = [r for r in rows if r.system == system and r.status == "ok"]
+        x = [r.context for r in ok]
+        for ax, ys in zip(axes, ([r.ttft_s for r in ok], [r.decode_ms_b1 for r in ok], [r.peak_gib for r in ok])):
+            pts = [(a, b) for a, b in zip(x, ys) if b is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=system)
+        for r in rows:
+            if r.system == system and r.status in ("OOM", "no-fit"):
+                axes[0].axvline(r.context, linestyle=":", alpha=0.4)
+                axes[0].annotate(f"{system} {r.status}", (r.context, 0), rotation=90, fontsize=7, alpha=0.7,
+                                 xycoords=("data", "axes fraction"), xytext=(2, 4), textcoords="offset points")
+                break
+    for ax, title in zip(axes, ("time to first token (s)", "decode, batch 1 (ms/token)", "peak memory (GiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    axes[0].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def environment(device: torch.device) -> dict:
+    env = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device), "command": " ".join(sys.argv)}
+    if device.type == "cuda":
+        env["card"] = torch.cuda.get_device_name(device)
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    import transformers
+
+    env["transformers"] = transformers.__version__
+    return env
+
+
+def run_e2e(cfg: E2EConfig, out=None) -> dict:
+    """Run every system at every context; print the table; write JSON, Markdown and PNG to ``cfg.out``."""
+    out = out or sys.stdout
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32"), device)
+    env = environment(device)
+    print(f"sala bench e2e: shape {cfg.shape}, contexts {cfg.context_list}, {dtype_name(dtype)} on "
+          f"{env.get('card', device)} (torch {env['torch']}, triton {env['triton']})", file=out)
+    bandwidth = copy_bandwidth(device)
+    rows, infos = [], {}
+    for system in cfg.system_list:
+        r, info = run_system(system, cfg, device, dtype)
+        rows += r
+        infos[system] = info
+        for row in r:
+            print(f"  {system:>5} {row.context:>9,}: {row.status:<7} TTFT {_fmt(row.ttft_s, '.3f')} s  "
+                  f"decode b1 {_fmt(row.decode_ms_b1, '.2f')} ms  peak {_fmt(row.peak_gib, '.1f')} GiB {row.note}", file=out)
+    table, targets = summarize(rows, infos, bandwidth, cfg.shape)
+    print(table, file=out)
+    dest = Path(cfg.out)
+    dest.mkdir(parents=True, exist_ok=True)
+    result = {"config": asdict(cfg), "environment": env, "copy_bandwidth_bytes_per_s": bandwidth, "models": infos,
+              "rows": [asdict(r) for r in rows], "targets": {k: (list(v) if isinstance(v, tuple) else v) for k, v in targets.items()}}
+    (dest / "e2e.json").write_text(json.dumps(result, indent=2) + "\n")
+    (dest / "e2e.md").write_text(table + "\n")
+    written = [dest / "e2e.json", dest / "e2e.md"]
+    try:
+        plot(rows, dest / "e2e.png")
+        written.append(dest / "e2e.png")
+    except ImportError:
+        print("matplotlib is not installed: no PNG (pip install 'sala[plot]')", file=out)
+    print("wrote " + ", ".join(map(str, written)), file=out)
+    return result

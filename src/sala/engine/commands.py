@@ -1,0 +1,365 @@
+"""What each ``sala`` subcommand does; ``sala.cli`` only parses flags into these config dataclasses.
+
+Every config field is one CLI flag (``--max-tokens`` -> ``max_tokens``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, TextIO
+
+logger = logging.getLogger(__name__)
+
+DEMO_PROMPT = "The capital of France is"
+
+
+@dataclass(kw_only=True)
+class ModelOptions:
+    model: str | None = None
+    """Checkpoint directory or preset name (minicpm-sala-9b, tiny, tiny-sparse, small; random weights)."""
+    demo: bool = False
+    """Build a tiny random checkpoint with the bundled tokenizer in a temporary directory and use it."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N."""
+    dtype: str = "auto"
+    """auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float16 | float32."""
+    seed: int = 0
+    """Seed of preset/demo random weights."""
+    threads: int | None = None
+    """CPU threads for torch (default: torch's choice; 1 for --demo)."""
+
+
+@dataclass(kw_only=True)
+class EngineOptions:
+    context: str | None = None
+    """Tokens per sequence slot (e.g. 32K, 1M); default: what the command needs."""
+    batch: int = 1
+    """Sequence slots (requests decoding together)."""
+    chunk: int = 8192
+    """Prefill chunk in tokens."""
+    gpu_mem: float | None = None
+    """Memory budget in GiB (default: the CUDA device's memory; unchecked on CPU)."""
+    no_cuda_graphs: bool = False
+    """Decode eagerly on CUDA."""
+
+
+@dataclass(kw_only=True)
+class SamplingOptions:
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    sample_seed: int | None = None
+    ignore_eos: bool = False
+
+    def sampling_params(self):
+        from sala.engine.types import SamplingParams
+
+        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              repetition_penalty=self.repetition_penalty, stop=list(self.stop), seed=self.sample_seed,
+                              ignore_eos=self.ignore_eos)
+
+
+@dataclass(kw_only=True)
+class InfoConfig:
+    model: str | None = None
+
+
+@dataclass(kw_only=True)
+class PlanConfig:
+    model: str
+    context: str = "1M"
+    batch: int = 1
+    chunk: int = 8192
+    gpu_mem: float | None = None
+    dtype: str = "bfloat16"
+
+
+@dataclass(kw_only=True)
+class GenerateConfig(ModelOptions, EngineOptions, SamplingOptions):
+    prompt: str | None = None
+    prompt_file: str | None = None
+    no_stream: bool = False
+    quiet: bool = False
+
+
+@dataclass(kw_only=True)
+class ChatConfig(ModelOptions, EngineOptions, SamplingOptions):
+    system: str | None = None
+    think: str = "strip"
+    """show: print and keep reasoning; strip: print it, drop it from the history; hide: neither."""
+
+
+@dataclass(kw_only=True)
+class ServeConfig(ModelOptions, EngineOptions):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_name: str | None = None
+    max_request_bytes: int = 8 * 2**20
+    log_level: str = "info"
+
+
+# ---- shared plumbing ------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _model_source(opts: ModelOptions) -> Iterator[str]:
+    if opts.demo:
+        from sala.engine.demo import make_demo_checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="sala-demo-") as tmp:
+            preset = opts.model or "tiny"
+            make_demo_checkpoint(tmp, preset=preset, seed=opts.seed)
+            logger.info("demo checkpoint (%s, random weights) written to %s", preset, tmp)
+            yield tmp
+    elif opts.model is None:
+        raise ValueError("--model DIR|PRESET is required (or --demo)")
+    else:
+        yield opts.model
+
+
+def _load(opts: ModelOptions, path: str, context: int | None = None):
+    import torch
+
+    from sala.engine.loader import load_model
+
+    from sala.engine.demo import quiet_hf_progress
+
+    threads = opts.threads if opts.threads is not None else (1 if opts.demo else None)
+    if threads:
+        torch.set_num_threads(threads)
+    with quiet_hf_progress(opts.demo or getattr(opts, "quiet", False)):
+        return load_model(path, device=opts.device, dtype=opts.dtype, seed=opts.seed, max_position_embeddings=context)
+
+
+def _engine(model, tokenizer, opts: EngineOptions, max_seq_len: int, progress=None):
+    from sala.engine.engine import Engine
+    from sala.engine.types import EngineConfig
+
+    cfg = EngineConfig(max_batch=opts.batch, max_seq_len=max_seq_len, prefill_chunk=opts.chunk,
+                       memory_budget_gib=opts.gpu_mem, cuda_graphs=not opts.no_cuda_graphs)
+    return Engine(model, tokenizer, cfg, on_prefill_progress=progress)
+
+
+def _context(opts: EngineOptions) -> int | None:
+    from sala.engine.planner import parse_tokens
+
+    return parse_tokens(opts.context) if opts.context else None
+
+
+def _rope_limit(spec: str, context: int | None) -> int | None:
+    """max_position_embeddings to load with: raised only when the asked context exceeds the config's."""
+    from sala.engine.loader import load_config
+
+    if context is None:
+        return None
+    limit = load_config(spec).max_position_embeddings
+    if context > limit:
+        logger.warning("context %d > max_position_embeddings %d: raising the RoPE limit (spec §10.16)", context, limit)
+        return context
+    return None
+
+
+class _PrefillBar:
+    """tqdm bar over prompt tokens, shown only for prompts longer than one chunk and on a terminal."""
+
+    def __init__(self, chunk: int, quiet: bool) -> None:
+        self.chunk, self.quiet, self.bar = chunk, quiet, None
+
+    def __call__(self, request_id: str, done: int, total: int) -> None:
+        if self.quiet or total <= self.chunk:
+            return
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="prefill", unit="tok", leave=False, disable=not sys.stderr.isatty())
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.bar.close()
+            self.bar = None
+
+
+# ---- subcommands ----------------------------------------------------------------------------------------------
+def run_info(cfg: InfoConfig, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    import platform
+
+    import torch
+    import transformers
+
+    import sala
+    from sala.ops.common.dispatch import resolve_backend, triton_available
+
+    print(f"sala {sala.__version__}  python {platform.python_version()}  torch {torch.__version__}  "
+          f"transformers {transformers.__version__}", file=out)
+    if triton_available():
+        import triton
+
+        print(f"triton {triton.__version__}", file=out)
+    else:
+        print("triton not installed", file=out)
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        print(f"device cuda:0 {p.name}, {p.total_memory / 2**30:.1f} GiB; op backend {resolve_backend('auto', torch.device('cuda'))}", file=out)
+    else:
+        print(f"device cpu ({torch.get_num_threads()} threads); op backend {resolve_backend('auto', torch.device('cpu'))}", file=out)
+    if cfg.model:
+        from sala.engine.loader import load_config
+        from sala.engine.planner import num_parameters
+
+        c = load_config(cfg.model)
+        sched = "".join("S" if c.is_sparse_layer(i) else "L" for i in range(c.num_hidden_layers))
+        print(f"model {cfg.model}: {num_parameters(c):,} parameters, {c.num_hidden_layers} layers [{sched}] "
+              f"(S = InfLLM-v2 sparse {c.sparse_layers}, L = Lightning)", file=out)
+        print(f"  hidden {c.hidden_size}, heads {c.num_attention_heads} (kv {c.num_key_value_heads} in sparse layers), head_dim "
+              f"{c.head_dim}, intermediate {c.intermediate_size}, vocab {c.vocab_size}, max_position {c.max_position_embeddings}",
+              file=out)
+        print(f"  sparse_config {c.sparse_config}; sparse_attention {c.sparse_attention}", file=out)
+    return 0
+
+
+def run_plan(cfg: PlanConfig, out: TextIO | None = None) -> int:
+    """Print the memory plan; exit status 1 when it does not fit the budget."""
+    out = out or sys.stdout
+    from sala.engine.loader import load_config
+    from sala.engine.planner import format_bytes, max_context, parse_tokens, plan_memory
+
+    config = load_config(cfg.model)
+    context = parse_tokens(cfg.context)
+    budget = cfg.gpu_mem
+    if budget is None:
+        import torch
+
+        if torch.cuda.is_available():
+            budget = torch.cuda.get_device_properties(0).total_memory / 2**30
+    plan = plan_memory(config, batch=cfg.batch, context=context, chunk=cfg.chunk, dtype=cfg.dtype, budget_gib=budget)
+    print(f"memory plan: {cfg.model}, batch {cfg.batch} x context {context:,} tokens, {cfg.dtype}", file=out)
+    print(plan.format(), file=out)
+    if context > config.max_position_embeddings:
+        print(f"note: context exceeds max_position_embeddings ({config.max_position_embeddings}); the engine raises it "
+              "at load time (RoPE is analytic)", file=out)
+    if budget is None:
+        print("no budget: pass --gpu-mem GiB to check whether it fits", file=out)
+        return 0
+    best = max_context(config, batch=cfg.batch, budget_gib=budget, chunk=cfg.chunk, dtype=cfg.dtype)
+    print(f"largest context at batch {cfg.batch} within {format_bytes(plan.usable_bytes)}: {best:,} tokens", file=out)
+    return 0 if plan.fits else 1
+
+
+def _read_prompt(cfg: GenerateConfig) -> str:
+    if cfg.prompt is not None and cfg.prompt_file is not None:
+        raise ValueError("give --prompt or --prompt-file, not both")
+    if cfg.prompt_file is not None:
+        return sys.stdin.read() if cfg.prompt_file == "-" else Path(cfg.prompt_file).read_text()
+    if cfg.prompt is not None:
+        return cfg.prompt
+    if cfg.demo:
+        return DEMO_PROMPT
+    raise ValueError("--prompt TEXT or --prompt-file FILE is required")
+
+
+def run_generate(cfg: GenerateConfig, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Stream one completion to ``out`` (stdout); TTFT and speeds to ``err`` (stderr)."""
+    out, err = out or sys.stdout, err or sys.stderr
+    prompt = _read_prompt(cfg)
+    context = _context(cfg)
+    with _model_source(cfg) as path:
+        t0 = time.perf_counter()
+        model, tokenizer = _load(cfg, path, _rope_limit(path, context))
+        load_s = time.perf_counter() - t0
+        ids = tokenizer(prompt)["input_ids"]
+        engine = _engine(model, tokenizer, cfg, context or len(ids) + cfg.max_tokens, _PrefillBar(cfg.chunk, cfg.quiet))
+
+        def on_output(o):
+            if not cfg.no_stream and o.text:
+                out.write(o.text)
+                out.flush()
+
+        [c] = engine.generate([ids], cfg.sampling_params(), on_output=on_output)
+    if cfg.no_stream:
+        out.write(c.text)
+    out.write("\n")
+    out.flush()
+    if not cfg.quiet:
+        n_prompt, n_out = len(c.prompt_token_ids), len(c.token_ids)
+        print(f"[load {load_s:.2f} s | prompt {n_prompt} tokens, TTFT {c.ttft:.3f} s ({n_prompt / c.ttft:,.0f} tok/s prefill) | "
+              f"{n_out} tokens, decode {c.decode_tokens_per_s:,.1f} tok/s | finish: {c.finish_reason.value}]", file=err)
+    return 0
+
+
+def run_chat(cfg: ChatConfig, inp: TextIO | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Multi-turn chat on stdin/stdout; ``/exit`` or EOF ends it, ``/reset`` clears the history."""
+    inp, out, err = inp or sys.stdin, out or sys.stdout, err or sys.stderr
+    from sala.engine.chat import THINK_MODES, ThinkFilter, render_chat
+
+    if cfg.think not in THINK_MODES:
+        raise ValueError(f"--think must be one of {THINK_MODES}, got {cfg.think!r}")
+    context = _context(cfg) or 8192
+    with _model_source(cfg) as path:
+        model, tokenizer = _load(cfg, path, _rope_limit(path, context))
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(f"the tokenizer of {path} has no chat template")
+        engine = _engine(model, tokenizer, cfg, context, _PrefillBar(cfg.chunk, False))
+        history: list[dict[str, str]] = [{"role": "system", "content": cfg.system}] if cfg.system else []
+        interactive = inp.isatty()
+        while True:
+            if interactive:
+                err.write("> ")
+                err.flush()
+            line = inp.readline()
+            if not line or line.strip() == "/exit":
+                return 0
+            if line.strip() == "/reset":
+                history = history[:1] if cfg.system else []
+                continue
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line.rstrip("\n")})
+            ids = render_chat(tokenizer, history)
+            budget = context - len(ids)
+            if budget < 1:
+                print(f"[history is {len(ids)} tokens, over the {context}-token context; /reset to start over]", file=err)
+                history.pop()
+                continue
+            params = cfg.sampling_params()
+            params.max_tokens = min(params.max_tokens, budget)
+            think = ThinkFilter()
+
+            def on_output(o):
+                reasoning, answer = think.feed(o.text)
+                if o.finished:
+                    r2, a2 = think.flush()
+                    reasoning, answer = reasoning + r2, answer + a2
+                shown = (reasoning if cfg.think != "hide" else "") + answer
+                if shown:
+                    out.write(shown)
+                    out.flush()
+
+            [c] = engine.generate([ids], params, on_output=on_output)
+            out.write("\n")
+            out.flush()
+            kept = c.text if cfg.think == "show" else think.answer.strip()
+            history.append({"role": "assistant", "content": kept})
+            print(f"[{len(c.token_ids)} tokens, TTFT {c.ttft:.2f} s, {c.decode_tokens_per_s:,.1f} tok/s]", file=err)
+
+
+def run_serve(cfg: ServeConfig) -> int:
+    from sala.engine.server import AsyncEngine, ServerConfig, serve
+
+    context = _context(cfg)
+    with _model_source(cfg) as path:
+        model, tokenizer = _load(cfg, path, _rope_limit(path, context))
+        max_len = context or min(model.config.max_position_embeddings, 32768)
+        engine = _engine(model, tokenizer, cfg, max_len)
+        name = cfg.served_model_name or ("sala-demo" if cfg.demo else Path(cfg.model).name)
+        server_cfg = ServerConfig(model_name=name, api_key=cfg.api_key, max_request_bytes=cfg.max_request_bytes)
+        logger.info("serving %s on http://%s:%d (batch %d, context %d)", name, cfg.host, cfg.port, cfg.batch, max_len)
+        serve(AsyncEngine(engine), tokenizer, server_cfg, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+    return 0

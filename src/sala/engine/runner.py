@@ -1,0 +1,227 @@
+"""Model execution for the engine: batch-1 chunked prefill through the model, and a lean batched decode step.
+
+**Prefill** runs ``SALAModel.forward`` on one sequence with ``past_key_values = cache.view(slot)``: the model's
+own code path, writing straight into the slot's preallocated buffers; logits are computed for the last
+position of the prompt only (never ``T x vocab``).
+
+**Decode** does not go through ``SALAModel.forward`` (whose per-sequence loops, host syncs and shared-length
+layout do not fit a batch of sequences at different lengths). It calls the model's submodules directly::
+
+    piece 0 : embed -> Lightning layers before the first sparse layer -> sparse layer's norm + q/k/v, K/V write
+    attend  : per sparse layer, eager: dense attention over the slot's K/V (rows with equal length and
+              consecutive slots share one call) or InfLLM-v2 for rows at/above ``dense_len``
+    piece j : gate + o_proj + MLP of sparse layer j-1 -> Lightning layers -> next sparse layer's q/k/v
+    piece S : ... -> final norm -> logits [N, vocab]
+
+Lightning layers run their own ``forward`` on a gathered state batch (``lightning_step`` updates it in place),
+scattered back afterwards, so every sequence keeps its slot. The pieces have static shapes for a given batch
+bucket and no host syncs; on CUDA each piece is captured once per bucket as a CUDA graph (all graphs share
+one memory pool and replay in capture order), and only the attention between pieces runs eagerly, because
+its key length changes every step. Padding rows of a bucket write K/V to the scratch column and use the
+scratch Lightning state, so they never touch a live sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from sala.engine.kv_cache import LightningStore, SparseStore, StaticCache
+from sala.model import SALAForCausalLM
+from sala.model.cache import LightningLayerCache
+from sala.model.modeling_sala import BatchLayout, rope_cos_sin
+from sala.ops import dense_causal_attention, infllm_v2_attention
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _PieceOut:
+    """Outputs of a decode piece: residual ``h`` [N, 1, hidden], the sparse layer's normed input ``x`` and
+    queries ``q`` [N, 1, H, D]; or, for the last piece, ``logits`` [N, vocab] fp32."""
+
+    h: torch.Tensor | None = None
+    x: torch.Tensor | None = None
+    q: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+class _DecodeGraphs:
+    """CUDA graphs of every decode piece for one batch bucket, with their static inputs."""
+
+    def __init__(self, runner: "ModelRunner", bucket: int) -> None:
+        dev, cfg = runner.device, runner.config
+        self.bucket = bucket
+        self.ids = torch.zeros(bucket, dtype=torch.long, device=dev)
+        self.idx = torch.as_tensor(runner.index_rows([], [], bucket), device=dev)  # all padding rows
+        width = cfg.num_attention_heads * cfg.head_dim
+        self.o = [torch.zeros(bucket, 1, width, dtype=runner.dtype, device=dev) for _ in runner.sparse_layers]
+        # warm up outside capture (Triton autotuning, cuBLAS handles, cached slopes); only scratch rows are touched
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                runner.run_pieces(self.ids, self.idx, self.o, attend=None)
+        torch.cuda.current_stream().wait_stream(side)
+        if runner.graph_pool is None:
+            runner.graph_pool = torch.cuda.graph_pool_handle()
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.outs: list[_PieceOut] = []
+        prev = _PieceOut()
+        for j in range(len(runner.sparse_layers) + 1):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=runner.graph_pool):
+                prev = runner.piece(j, self.ids, self.idx, prev, self.o[j - 1] if j else None)
+            self.graphs.append(graph)
+            self.outs.append(prev)
+
+    def replay(self, runner: "ModelRunner", tokens: torch.Tensor, idx_host: list[list[int]], slots: list[int],
+               lengths: list[int]) -> torch.Tensor:
+        n = tokens.shape[0]
+        self.ids[:n].copy_(tokens)
+        self.ids[n:].zero_()
+        self.idx.copy_(torch.as_tensor(idx_host))
+        for j, graph in enumerate(self.graphs):
+            graph.replay()
+            if j < len(runner.sparse_layers):
+                runner.attend(runner.sparse_layers[j], self.outs[j].q, slots, lengths, self.idx[0], self.o[j])
+        return self.outs[-1].logits[:n].clone()
+
+
+class ModelRunner:
+    """Runs prefill chunks and decode steps of a :class:`SALAForCausalLM` against a :class:`StaticCache`."""
+
+    def __init__(self, model: SALAForCausalLM, cache: StaticCache, *, cuda_graphs: bool = True,
+                 graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)) -> None:
+        self.model, self.net, self.config = model, model.model, model.config
+        self.cache = cache
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.sparse_layers = [i for i, layer in enumerate(self.net.layers) if layer.is_sparse]
+        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.buckets = sorted(set(graph_batch_sizes))
+        self.graph_pool = None
+        self._graphs: dict[int, _DecodeGraphs] = {}
+        logger.info("decode: %s (%d sparse layers -> %d graph pieces per step)",
+                    "CUDA graphs" if self.use_graphs else "eager", len(self.sparse_layers), len(self.sparse_layers) + 1)
+
+    # ---- prefill ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, slot: int, ids: torch.Tensor, want_logits: bool) -> torch.Tensor | None:
+        """Append prompt tokens ``ids`` [T] to ``slot``; returns fp32 logits [vocab] of the last one if asked."""
+        out = self.net(input_ids=ids[None], past_key_values=self.cache.view(slot), use_cache=True)
+        if not want_logits:
+            return None
+        return self.model.logits(out.last_hidden_state[0, -1])
+
+    # ---- decode -------------------------------------------------------------------------------------------------
+    def index_rows(self, slots: list[int], positions: list[int], rows: int) -> list[list[int]]:
+        """Host index table [4, rows]: RoPE position, K/V slot, K/V position, Lightning state row; padded."""
+        pad = rows - len(slots)
+        return [
+            list(positions) + [0] * pad,
+            list(slots) + [0] * pad,
+            list(positions) + [self.cache.scratch_position] * pad,
+            list(slots) + [self.cache.scratch_state] * pad,
+        ]
+
+    @torch.no_grad()
+    def decode(self, slots: list[int], positions: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        """One token for each sequence: ``tokens`` [N] written at ``positions`` of ``slots`` -> logits [N, vocab]."""
+        n = len(slots)
+        for s, p in zip(slots, positions):
+            if self.cache.lengths[s] != p:
+                raise RuntimeError(f"slot {s} holds {self.cache.lengths[s]} tokens, decode asked to write position {p}")
+            if p >= self.cache.max_seq_len:
+                raise RuntimeError(f"slot {s} is full ({self.cache.max_seq_len} tokens)")
+        lengths = [p + 1 for p in positions]
+        bucket = next((b for b in self.buckets if b >= n), None)
+        if self.use_graphs and bucket is not None:
+            graphs = self._graphs.get(bucket)
+            if graphs is None:
+                logger.info("capturing decode CUDA graphs for batch bucket %d", bucket)
+                graphs = self._graphs[bucket] = _DecodeGraphs(self, bucket)
+            logits = graphs.replay(self, tokens, self.index_rows(slots, positions, bucket), slots, lengths)
+        else:
+            idx = torch.as_tensor(self.index_rows(slots, positions, n), device=self.device)
+            width = self.config.num_attention_heads * self.config.head_dim
+            o = [torch.empty(n, 1, width, dtype=self.dtype, device=self.device) for _ in self.sparse_layers]
+            logits = self.run_pieces(tokens, idx, o, attend=(slots, lengths)).logits
+        for s in slots:
+            self.cache.lengths[s] += 1
+        return logits
+
+    def run_pieces(self, ids: torch.Tensor, idx: torch.Tensor, o: list[torch.Tensor],
+                   attend: tuple[list[int], list[int]] | None) -> _PieceOut:
+        """All pieces eagerly; ``attend`` = (slots, lengths) of the real rows (None: warm-up, no real rows)."""
+        out = _PieceOut()
+        for j in range(len(self.sparse_layers) + 1):
+            out = self.piece(j, ids, idx, out, o[j - 1] if j else None)
+            if j < len(self.sparse_layers) and attend is not None:
+                self.attend(self.sparse_layers[j], out.q, attend[0], attend[1], idx[0], o[j])
+        return out
+
+    def piece(self, j: int, ids: torch.Tensor, idx: torch.Tensor, prev: _PieceOut, o: torch.Tensor | None) -> _PieceOut:
+        """Decode piece ``j`` (see module docstring). ids: [N]; idx: [4, N]; o: [N, 1, H*D] attention output of
+        sparse layer j-1. Static shapes, no host sync: safe to capture in a CUDA graph."""
+        net, cfg = self.net, self.config
+        pos, kv_slot, kv_pos, state_row = idx[0], idx[1], idx[2], idx[3]
+        n = ids.shape[0]
+        rope = rope_cos_sin(pos[:, None], cfg.head_dim, cfg.rope_theta, self.dtype)  # [N, 1, 1, D]
+        if j == 0:
+            h = net.embed_tokens(ids)[:, None] * cfg.scale_emb  # [N, 1, hidden]
+            start = 0
+        else:
+            li = self.sparse_layers[j - 1]
+            layer = net.layers[li]
+            attn = layer.self_attn
+            if attn.use_output_gate:
+                o = o * torch.sigmoid(attn.o_gate(prev.x))
+            h = prev.h + attn.o_proj(o) * layer.residual_scale
+            h = h + layer.mlp(layer.post_attention_layernorm(h)) * layer.residual_scale
+            start = li + 1
+        end = self.sparse_layers[j] if j < len(self.sparse_layers) else len(net.layers)
+        layout = BatchLayout(pos[:, None], None, None, [0] * n, 0)  # Lightning reads only new_valid (None)
+        for li in range(start, end):
+            store: LightningStore = self.cache.stores[li]
+            tmp = LightningLayerCache()
+            tmp.state = store.state.index_select(0, state_row)  # [N, H, K, V] gathered copy
+            h = net.layers[li](h, layout, rope, tmp)  # lightning_step updates tmp.state in place
+            store.state.index_copy_(0, state_row, tmp.state)
+        if j == len(self.sparse_layers):
+            return _PieceOut(logits=self.model.logits(net.norm(h)[:, 0]))
+        layer = net.layers[end]
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)
+        q, k, v = attn.qkv(x, rope if attn.use_rope else None)  # [N, 1, H|Hkv, D]
+        store: SparseStore = self.cache.stores[end]
+        store.keys[kv_slot, kv_pos] = k[:, 0]
+        store.values[kv_slot, kv_pos] = v[:, 0]
+        return _PieceOut(h=h, x=x, q=q)
+
+    def attend(self, li: int, q: torch.Tensor, slots: list[int], lengths: list[int], q_pos: torch.Tensor,
+               out: torch.Tensor) -> None:
+        """Attention of sparse layer ``li`` for the real rows. q: [Bb, 1, H, D]; q_pos: [Bb] (position = length - 1);
+        writes out[:N] = o [N, 1, H*D]. Dense rows with equal length in consecutive slots share one call."""
+        attn = self.net.layers[li].self_attn
+        store: SparseStore = self.cache.stores[li]
+        n, i = len(slots), 0
+        while i < n:
+            L = lengths[i]
+            if attn.uses_sparse(L):  # spec §5.2: the call's total length decides, per sequence
+                s = slots[i]
+                kb, vb = store.keys[s, :L], store.values[s, :L]
+                ck1, ck2 = store.compressed(s, kb, attn.params.kernel_size, attn.params.kernel_stride)
+                o = infllm_v2_attention(q[i], kb, vb, ck1, ck2, q_pos[i : i + 1], attn.params, attn.scale)  # [1, H, D]
+                out[i] = o.reshape(1, -1)
+                i += 1
+                continue
+            j = i + 1
+            while j < n and lengths[j] == L and slots[j] == slots[j - 1] + 1:
+                j += 1
+            s0 = slots[i]
+            o = dense_causal_attention(q[i:j], store.keys[s0 : s0 + j - i, :L], store.values[s0 : s0 + j - i, :L], None, attn.scale)
+            out[i:j] = o.reshape(j - i, 1, -1)
+            i = j

@@ -1,0 +1,128 @@
+"""Drive an :class:`~sala.engine.engine.Engine` from one background thread for asyncio callers.
+
+Commands (add, abort) go through a thread-safe queue and are applied between engine steps; outputs come
+back to each request's own ``asyncio.Queue`` via ``loop.call_soon_threadsafe``. While requests are running the
+thread steps the engine continuously, so every active stream decodes in the same batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import uuid
+from typing import AsyncIterator
+
+from sala.engine.engine import Engine
+from sala.engine.types import EngineError, RequestError, RequestOutput, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    """Thread-owned engine with ``async generate(...)`` streams; call :meth:`start` before use."""
+
+    def __init__(self, engine: Engine, max_waiting: int = 256) -> None:
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self._commands: queue.Queue = queue.Queue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._sinks: dict[str, callable] = {}
+        self._thread = threading.Thread(target=self._loop, name="sala-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def stats(self) -> dict[str, int]:
+        return self.engine.stats()  # plain ints, read without locking
+
+    # ---- engine thread -----------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._apply_commands()
+            if not self.engine.has_unfinished():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                self.engine.step()
+            except Exception as e:  # a failed step fails every request it touched; the server keeps running
+                logger.exception("engine step failed")
+                for rid in list(self._sinks):
+                    self.engine.abort(rid)
+                    self._deliver(rid, EngineError(f"engine step failed: {e}"))
+        for rid in list(self._sinks):
+            self.engine.abort(rid)
+            self._deliver(rid, EngineError("server is shutting down"))
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                _, prompt, params, rid, sink, fut = cmd
+                try:
+                    if self.engine.scheduler.num_waiting >= self.max_waiting:
+                        raise RequestError(f"server busy: {self.max_waiting} requests already waiting", "server_busy")
+                    self._sinks[rid] = sink
+                    self.engine.add_request(prompt, params, rid, on_output=lambda out, r=rid: self._deliver(r, out))
+                    fut.set_result(rid)
+                except Exception as e:
+                    self._sinks.pop(rid, None)
+                    fut.set_exception(e)
+            elif cmd[0] == "abort":
+                if self.engine.abort(cmd[1]) is not None:
+                    logger.info("aborted request %s", cmd[1])
+                self._sinks.pop(cmd[1], None)
+
+    def _deliver(self, rid: str, item: RequestOutput | Exception) -> None:
+        sink = self._sinks.get(rid)
+        if sink is None:
+            return
+        if isinstance(item, Exception) or item.finished:
+            del self._sinks[rid]
+        sink(item)
+
+    # ---- asyncio side ------------------------------------------------------------------------------------------
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; leaving the iteration early (client gone) aborts it and frees its slot.
+        Raises :class:`RequestError` (before the first output) if the engine refuses the request."""
+        if not self._thread.is_alive():
+            raise EngineError("engine thread is not running")
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        rid = request_id or uuid.uuid4().hex
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("add", prompt, params, rid, lambda item: loop.call_soon_threadsafe(q.put_nowait, item), fut))
+        self._wake.set()
+        await asyncio.wrap_future(fut)
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, Exception):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+        self._wake.set()
