@@ -150,6 +150,91 @@ def _bench_e2e(args):
     return 0
 
 
+def _select_option_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of HALO layer selection, shared by ``select-layers`` and ``convert --select auto``."""
+    g = p.add_argument_group("layer selection (HALO)")
+    g.add_argument("--text", dest="text_files", action="append", default=[], help="text file for the LM probe (repeatable; default: built-in text)")
+    g.add_argument("--tokenizer", help="tokenizer directory (default: the source's)")
+    g.add_argument("--sparse-fraction", type=float, default=0.25, help="fraction of layers kept as softmax (default 0.25)")
+    g.add_argument("--num-sparse", type=int, help="exact number of softmax layers (overrides --sparse-fraction)")
+    g.add_argument("--no-force-first-last", dest="force_first_last", action="store_false", help="do not force the first and last layers")
+    g.add_argument("--steps", type=int, default=200, help="alignment steps per student (default 200)")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--seq-len", type=int, default=512)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--min-lr", type=float, default=1e-5)
+    g.add_argument("--warmup-steps", type=int, default=20)
+    g.add_argument("--probe-len", type=int, default=512)
+    g.add_argument("--recall-samples", type=int, default=32)
+    g.add_argument("--recall-queries", type=int, default=4)
+    g.add_argument("--lm-windows", type=int, default=16)
+    g.add_argument("--eval-fraction", type=float, default=0.2)
+    g.add_argument("--probe-batch-size", type=int, default=4)
+    g.add_argument("--recall-metric", default="logprob", choices=("logprob", "accuracy"))
+    g.add_argument("--eps", type=float, default=1e-10)
+    g.add_argument("--score-cap", type=float, default=50.0)
+    g.add_argument("--compute-dtype", default="auto", help="dtype of the teacher during selection (default auto)")
+    g.add_argument("--save-students", action="store_true", help="also write aligned_students.safetensors")
+
+
+def _select_layers_flags(p):
+    p.add_argument("--from", dest="source", required=True, help="dense HF checkpoint directory")
+    p.add_argument("--out", help="directory for layer_selection.json / .png")
+    _select_option_flags(p)
+    p.add_argument("--z-proj-init", default="random", choices=("random", "zeros"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _select_layers(args):
+    from sala.convert import SelectConfig, run_select_layers
+
+    args.text_files = tuple(args.text_files)
+    print(run_select_layers(_fill(SelectConfig, args)).summary())
+    return 0
+
+
+def _convert_flags(p):
+    from sala.convert import parse_layers
+
+    p.add_argument("--from", dest="source", required=True, help="dense HF checkpoint directory (Llama, Mistral, Qwen2, Qwen3, MiniCPM)")
+    p.add_argument("--out", required=True, help="output directory (official SALA format)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--sparse-layers", type=parse_layers, help="layers kept as softmax, e.g. 0,9,16,17,22,29,30,31")
+    which.add_argument("--select", choices=("auto",), help="auto: run HALO layer selection first")
+    p.add_argument("--students", help="aligned_students.safetensors from select-layers --save-students")
+    p.add_argument("--no-aligned-students", dest="use_aligned_students", action="store_false",
+                   help="with --select auto, plain inheritance instead of the aligned students")
+    p.add_argument("--verify", action="store_true", help="identity check against the source, then load and run the result")
+    p.add_argument("--verify-tolerance", type=float, default=1e-4)
+    p.add_argument("--z-proj-init", default="random", choices=("random", "zeros"))
+    p.add_argument("--o-gate-init", default="compensated", choices=("compensated", "random"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="output dtype (default: the source's)")
+    p.add_argument("--untie-embeddings", action="store_true")
+    p.add_argument("--max-shard-size", default="4GB")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    _select_option_flags(p)
+
+
+def _convert(args):
+    from pathlib import Path
+
+    from sala.convert import ConvertConfig, SelectConfig, run_convert
+
+    args.text_files = tuple(args.text_files)
+    selection = None
+    if args.select == "auto":
+        selection = _fill(SelectConfig, args)
+        selection.out = str(Path(args.out) / "selection")
+    cfg = _fill(ConvertConfig, args)
+    cfg.selection = selection
+    print(run_convert(cfg).summary())
+    return 0
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 BENCH_COMMANDS: dict[str, Command] = {
@@ -171,6 +256,8 @@ COMMANDS: dict[str, Command] = {
     "generate": ("generate from a prompt, streaming, with TTFT and tokens/s", _generate_flags, _generate),
     "chat": ("multi-turn chat with the tokenizer's chat template", _chat_flags, _chat),
     "serve": ("OpenAI-compatible HTTP server (completions, chat, SSE streaming)", _serve_flags, _serve),
+    "convert": ("dense Transformer checkpoint -> SALA hybrid (weight inheritance, HyPE, optional HALO selection)", _convert_flags, _convert),
+    "select-layers": ("HALO layer selection: which layers stay softmax", _select_layers_flags, _select_layers),
     "bench": ("benchmarks", _bench_flags, None),
 }
 
