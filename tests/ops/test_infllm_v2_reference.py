@@ -200,3 +200,15 @@ def test_dense_routing_of_easy_queries_equals_full_sparse_path(L, T):
     idx = select_blocks(stage1_block_scores(q, ck1, ck2, pos, P, 0.3), pos, L, P)
     ref = block_sparse_attention(q, k, v, idx, pos, 16, 0.3)
     assert_close(infllm_v2_attention(q, k, v, ck1, ck2, pos, P, 0.3), ref, 1e-12)
+
+
+def test_first_pos_hint_gives_same_result_and_is_checked():
+    L, T = 150, 40
+    q, k, v = _rand(T, 4, 8, seed=15), _rand(L, 2, 8, seed=16), _rand(L, 2, 8, seed=17)
+    pos = L - T + torch.arange(T)
+    ck1, ck2 = compress_keys(k, 8, 4), compress_keys(k, 32, 16)
+    a = infllm_v2_attention(q, k, v, ck1, ck2, pos, P, 0.3)
+    b = infllm_v2_attention(q, k, v, ck1, ck2, pos, P, 0.3, first_pos=L - T)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="query position 150 has no key: only 150 keys given"):
+        infllm_v2_attention(q, k, v, ck1, ck2, pos, P, 0.3, first_pos=L - T + 1)

@@ -214,7 +214,8 @@ class ModelRunner:
                 s = slots[i]
                 kb, vb = store.keys[s, :L], store.values[s, :L]
                 ck1, ck2 = store.compressed(s, kb, attn.params.kernel_size, attn.params.kernel_stride)
-                o = infllm_v2_attention(q[i], kb, vb, ck1, ck2, q_pos[i : i + 1], attn.params, attn.scale)  # [1, H, D]
+                o = infllm_v2_attention(q[i], kb, vb, ck1, ck2, q_pos[i : i + 1], attn.params, attn.scale,
+                                         first_pos=L - 1)  # [1, H, D]; no host sync
                 out[i] = o.reshape(1, -1)
                 i += 1
                 continue

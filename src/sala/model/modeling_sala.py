@@ -217,7 +217,8 @@ class SparseAttention(_Projections):
             else:
                 ck1, ck2 = SparseLayerCache().compressed(0, kb, self.params.kernel_size, self.params.kernel_stride)
             q_pos = torch.arange(n - t, n, device=x.device)
-            o[b, T - t:] = infllm_v2_attention(q[b, T - t:], kb, vb, ck1, ck2, q_pos, self.params, self.scale)
+            o[b, T - t:] = infllm_v2_attention(q[b, T - t:], kb, vb, ck1, ck2, q_pos, self.params, self.scale,
+                                                first_pos=n - t)
         o = o.reshape(B, T, -1)
         if self.use_output_gate:
             o = o * torch.sigmoid(self.o_gate(x))

@@ -32,7 +32,9 @@ __all__ = [
 ]
 
 
-def _check_seq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor) -> None:
+def _check_seq(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, first_pos: int | None = None
+) -> None:
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(f"sparse ops take one sequence: q [T, H, D], k/v [L, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape or q.shape[2] != k.shape[2]:
@@ -41,8 +43,10 @@ def _check_seq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.T
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
     if q_pos.shape != (q.shape[0],):
         raise ValueError(f"q_pos must be [T={q.shape[0]}], got {tuple(q_pos.shape)}")
-    if q.shape[0] and int(q_pos.max()) >= k.shape[0]:
-        raise ValueError(f"query position {int(q_pos.max())} has no key: only {k.shape[0]} keys given")
+    # with the caller's ``first_pos`` (positions first_pos .. first_pos + T - 1) the check needs no host sync
+    last = (first_pos + q.shape[0] - 1) if first_pos is not None else (int(q_pos.max()) if q.shape[0] else -1)
+    if last >= k.shape[0]:
+        raise ValueError(f"query position {last} has no key: only {k.shape[0]} keys given")
 
 
 def compress_keys(
@@ -95,9 +99,11 @@ def block_sparse_attention(
     block_size: int,
     scale: float,
     backend: str = "auto",
+    first_pos: int | None = None,
 ) -> torch.Tensor:
-    """Stage 2. q: [T, H, D]; k, v: [L, Hkv, D]; topk_idx: [Hkv, T, K] -> o: [T, H, D] (q dtype)."""
-    _check_seq(q, k, v, q_pos)
+    """Stage 2. q: [T, H, D]; k, v: [L, Hkv, D]; topk_idx: [Hkv, T, K] -> o: [T, H, D] (q dtype).
+    ``first_pos``: optional promise that q_pos = first_pos + arange(T) (skips a host sync)."""
+    _check_seq(q, k, v, q_pos, first_pos)
     if resolve_backend(backend, q.device) == "triton":
         from sala.ops.infllm_v2.sparse_attn import triton_block_sparse_attention
 
@@ -115,26 +121,32 @@ def infllm_v2_attention(
     params: InfLLMv2Params,
     scale: float,
     backend: str = "auto",
+    first_pos: int | None = None,
 ) -> torch.Tensor:
     """Full InfLLM-v2 path for one sequence: score, select, attend.
 
     q: [T, H, D]; k, v: [L, Hkv, D] (all keys so far); ck1/ck2: compressions of k (see ``compress_keys``);
-    q_pos: [T] -> o: [T, H, D] in q's dtype.
+    q_pos: [T] -> o: [T, H, D] in q's dtype. ``first_pos``: optional promise that q_pos = first_pos + arange(T),
+    which lets the call run without any host sync (decode under an eager loop or between CUDA-graph pieces).
     """
-    _check_seq(q, k, v, q_pos)
+    _check_seq(q, k, v, q_pos, first_pos)
     T = q.shape[0]
     if T == 0:
         return torch.empty_like(q)
+    if first_pos is None:
+        first, last = q_pos[[0, -1]].tolist()
+        consecutive = last - first == T - 1
+    else:
+        first, consecutive = first_pos, True
     # A query whose own block index is below topk + local_blocks selects every past block (spec §5.5.5), so
     # plain causal attention gives the same result for that prefix of the (consecutive) query positions.
-    first, last = q_pos[[0, -1]].tolist()
     easy = min(max(0, (params.topk + params.local_blocks) * params.block_size - first), T)
-    if easy and last - first == T - 1:
+    if easy and consecutive:
         head = dense_causal_attention(q[None, :easy], k[None, : first + easy], v[None, : first + easy], None, scale,
                                       backend)[0]
         if easy == T:
             return head
-        tail = infllm_v2_attention(q[easy:], k, v, ck1, ck2, q_pos[easy:], params, scale, backend)
+        tail = infllm_v2_attention(q[easy:], k, v, ck1, ck2, q_pos[easy:], params, scale, backend, first + easy)
         return torch.cat([head, tail], dim=0)
     if resolve_backend(backend, q.device) == "triton":
         from sala.ops.infllm_v2.topk import triton_select_from_queries
@@ -143,7 +155,8 @@ def infllm_v2_attention(
     else:
         topk_idx = select_blocks(stage1_block_scores(q, ck1, ck2, q_pos, params, scale, backend), q_pos, k.shape[0],
                                  params, backend)
-    return block_sparse_attention(q, k, v, topk_idx, q_pos, params.block_size, scale, backend)
+    return block_sparse_attention(q, k, v, topk_idx, q_pos, params.block_size, scale, backend,
+                                  first if consecutive else None)
 
 
 def dense_causal_attention(

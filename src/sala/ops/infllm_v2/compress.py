@@ -15,7 +15,8 @@ from sala.ops.infllm_v2.topk import interp_rne, rne_bf16
 from sala.utils.env import triton_interpret
 
 
-@triton.jit
+# lengths change every decode step: no per-value specialisation, so no recompiles mid-decode
+@triton.jit(do_not_specialize=["n_out", "start"])
 def _compress_kernel(
     k_ptr,
     o_ptr,

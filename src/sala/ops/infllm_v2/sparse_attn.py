@@ -81,7 +81,8 @@ def _rank(keep, o_k):
     return tl.sum(((o_k[None, :] < o_k[:, None]) & keep[None, :]).to(tl.int32), axis=1)
 
 
-@triton.jit
+# lengths change every decode step: no per-value specialisation, so no recompiles mid-decode
+@triton.jit(do_not_specialize=["T", "K"])
 def _split_lists_kernel(
     idx_ptr, sh_ptr, shc_ptr, pr_ptr, prc_ptr, T, K,
     s_ih, s_it, s_sh, s_st, s_ch, s_ph, s_pt, s_qh,
@@ -114,7 +115,8 @@ def _split_lists_kernel(
         tl.store(prc_ptr + i_h * s_qh + tj, tl.sum(keep.to(tl.int32), axis=0), mask=tj < T)
 
 
-@triton.jit
+# lengths change every decode step: no per-value specialisation, so no recompiles mid-decode
+@triton.jit(do_not_specialize=["T", "L"])
 def _sparse_tile_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, list_ptr, cnt_ptr, o_ptr, lse_ptr, T, L,
     s_qt, s_qh, s_kl, s_kh, s_vl, s_vh, s_lh, s_lt, s_ch, s_ot, s_oh, s_et, scale_log2,
@@ -142,7 +144,8 @@ def _sparse_tile_kernel(
     tl.store(lse_ptr + tok64 * s_et + head, tl.where(has, b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0)), float("-inf")), mask=m_r)
 
 
-@triton.jit
+# lengths change every decode step: no per-value specialisation, so no recompiles mid-decode
+@triton.jit(do_not_specialize=["T", "L", "K", "per_split"])
 def _sparse_token_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, list_ptr, cnt_ptr, pa_ptr, pl_ptr, o_ptr, lse_ptr, T, L, K, per_split,
     s_qt, s_qh, s_kl, s_kh, s_vl, s_vh, s_lh, s_lt, s_ch, s_ct, s_pt, s_ph, s_ps, s_ot, s_oh, s_es, s_et, scale_log2,

@@ -102,7 +102,8 @@ def load_group_rows(q_ptr, pos_ptr, i_t, i_h, T, s_qt, s_qh, G: tl.constexpr, GP
     return b_q, pos, m_r, head, tok
 
 
-@triton.jit
+# lengths change every decode step: no per-value specialisation, so no recompiles mid-decode
+@triton.jit(do_not_specialize=["T", "n2", "per_split"])
 def _stage1_lse_kernel(
     q_ptr, c_ptr, pos_ptr, lse_ptr, T, n2, per_split,
     s_qt, s_qh, s_cn, s_ch, s_ls, s_lt, scale_log2,
@@ -135,7 +136,8 @@ def _stage1_lse_kernel(
     tl.store(lse_ptr + i_s * s_ls + tok.to(tl.int64) * s_lt + head, lse, mask=m_r)
 
 
-@triton.jit
+# lengths change every decode step: no per-value specialisation, so no recompiles mid-decode
+@triton.jit(do_not_specialize=["T", "n1", "n_cols", "n_blk"])
 def _stage1_score_kernel(
     q_ptr, c_ptr, pos_ptr, lse_ptr, o_ptr, t_ptr, T, n1, n_cols, n_blk,
     s_qt, s_qh, s_cn, s_ch, s_lt, s_oh, s_ot, scale_log2,
@@ -189,7 +191,8 @@ def _stage1_score_kernel(
             tl.store(p_o + o_w[None, :], b_ps.to(o_ptr.dtype.element_ty), mask=m_t[:, None] & (o_w < n1)[None, :])
 
 
-@triton.jit
+# lengths change every decode step: no per-value specialisation, so no recompiles mid-decode
+@triton.jit(do_not_specialize=["T", "n_src", "n_blk", "k_sel"])
 def _select_kernel(
     s_ptr, t_ptr, pos_ptr, o_ptr, T, n_src, n_blk, k_sel,
     s_sh, s_st, s_oh, s_ot,
