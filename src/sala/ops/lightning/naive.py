@@ -43,6 +43,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _start_state(initial_state: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """A private working copy of the incoming state (zeros when there is none)."""
+    if initial_state is None:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return initial_state.to(dtype).clone()
+
+
 def naive_parallel_lightning(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -78,11 +85,7 @@ def naive_recurrent_lightning(
     dt = compute_dtype(q.dtype)
     B, T, H, K = q.shape
     V = v.shape[-1]
-    state = (
-        torch.zeros(B, H, K, V, dtype=dt, device=q.device)
-        if initial_state is None
-        else initial_state.to(dt).clone()
-    )
+    state = _start_state(initial_state, (B, H, K, V), dt, q.device)
     gamma = torch.exp(-slopes.to(device=q.device, dtype=dt))[None, :, None, None]  # [1, H, 1, 1]
     out = torch.empty(B, T, H, V, dtype=dt, device=q.device)
     for t in range(T):
@@ -114,11 +117,7 @@ def naive_chunk_lightning(
     dt = compute_dtype(q.dtype)
     B, T, H, K = q.shape
     V = v.shape[-1]
-    state = (
-        torch.zeros(B, H, K, V, dtype=dt, device=q.device)
-        if initial_state is None
-        else initial_state.to(dt).clone()
-    )
+    state = _start_state(initial_state, (B, H, K, V), dt, q.device)
     g = -slopes.to(device=q.device, dtype=dt)  # [H]
     out = torch.empty(B, T, H, V, dtype=dt, device=q.device)
     for start in range(0, T, chunk_size):
