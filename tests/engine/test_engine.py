@@ -210,6 +210,20 @@ def test_request_errors(sparse_model):
     assert not eng.has_unfinished()
 
 
+def test_refused_requests_leave_the_engine_usable(sparse_model):
+    """A refusal must leave nothing behind in the scheduler, and no request may fail another's step."""
+    eng = engine(sparse_model)
+    with pytest.raises(RequestError, match="seed") as e:
+        eng.add_request(random_prompt(10, 0), SamplingParams(max_tokens=4, seed=2**64))
+    assert e.value.code == "invalid_seed"
+    with pytest.raises(RequestError, match="stop token id 512 is out of range") as e:
+        eng.add_request(random_prompt(10, 0), SamplingParams(max_tokens=4, stop_token_ids=[512], min_tokens=2))
+    assert e.value.param == "stop_token_ids"
+    assert not eng.has_unfinished() and eng.stats()["waiting"] == 0
+    [c] = eng.generate([random_prompt(10, 1)], SamplingParams(max_tokens=3, **GREEDY))
+    assert len(c.token_ids) == 3
+
+
 def test_abort_frees_slot(sparse_model):
     eng = engine(sparse_model, max_batch=1)
     rid = eng.add_request(random_prompt(30, 0), SamplingParams(max_tokens=50, **GREEDY))

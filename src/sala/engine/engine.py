@@ -134,16 +134,22 @@ class Engine:
             raise RequestError(f"token id {bad[0]} is out of range for vocab_size {vocab}", "invalid_token_id", "prompt")
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer; use stop_token_ids", "no_tokenizer", "stop")
+        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad:  # they index the logits when banned before min_tokens: out of range would fail the whole step
+            raise RequestError(f"stop token id {bad[0]} is out of range for vocab_size {vocab}", "invalid_stop", "stop_token_ids")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        self.scheduler.add(rid, len(ids), params.max_tokens)  # validates the context limit
+        # everything that can fail comes before scheduler.add: a request known to the scheduler but not in
+        # self._live would make every later step fail
         stream = TextStream(self.tokenizer, ids, params.stop) if self.tokenizer is not None else None
         seen = None
         if params.repetition_penalty != 1.0:
             seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)
             seen[torch.tensor(ids, device=self.device)] = True
         stops = set() if params.ignore_eos else set(self.eos_ids)
-        self._live[rid] = _Live(rid, ids, torch.tensor(ids, dtype=torch.long, device=self.device), params,
-                                make_generator(params.seed), stops | set(params.stop_token_ids), stream, seen, on_output)
+        live = _Live(rid, ids, torch.tensor(ids, dtype=torch.long, device=self.device), params,
+                     make_generator(params.seed), stops | set(params.stop_token_ids), stream, seen, on_output)
+        self.scheduler.add(rid, len(ids), params.max_tokens)  # validates the context limit
+        self._live[rid] = live
         return rid
 
     def abort(self, request_id: str) -> RequestOutput | None:

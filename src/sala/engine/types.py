@@ -72,6 +72,8 @@ class SamplingParams:
             raise RequestError(f"stop strings must be non-empty strings, got {self.stop!r}", "invalid_stop", "stop")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise RequestError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}", "invalid_stop", "stop_token_ids")
+        if self.seed is not None and (not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**64):
+            raise RequestError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}", "invalid_seed", "seed")
         if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
             raise RequestError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}", "invalid_min_tokens", "min_tokens")
 

@@ -57,12 +57,16 @@ class AsyncEngine:
                 self.engine.step()
             except Exception as e:  # a failed step fails every request it touched; the server keeps running
                 logger.exception("engine step failed")
-                for rid in list(self._sinks):
-                    self.engine.abort(rid)
-                    self._deliver(rid, EngineError(f"engine step failed: {e}"))
-        for rid in list(self._sinks):
+                self._fail_all(EngineError(f"engine step failed: {e}"))
+        self._fail_all(EngineError("server is shutting down"))
+
+    def _fail_all(self, error: EngineError) -> None:
+        # detach each sink before aborting: the abort's own final output must not reach the caller as a
+        # normal finish, the caller gets the error instead
+        for rid, sink in list(self._sinks.items()):
+            del self._sinks[rid]
             self.engine.abort(rid)
-            self._deliver(rid, EngineError("server is shutting down"))
+            sink(error)
 
     def _apply_commands(self) -> None:
         while True:
@@ -73,18 +77,29 @@ class AsyncEngine:
             if cmd[0] == "add":
                 _, prompt, params, rid, sink, fut = cmd
                 try:
+                    if fut.cancelled():  # the caller went away before the request was added
+                        continue
                     if self.engine.scheduler.num_waiting >= self.max_waiting:
                         raise RequestError(f"server busy: {self.max_waiting} requests already waiting", "server_busy")
-                    self._sinks[rid] = sink
+                    if rid in self._sinks:  # checked here so a refused duplicate never replaces the live sink
+                        raise RequestError(f"request id {rid!r} is already in use", "duplicate_request_id")
                     self.engine.add_request(prompt, params, rid, on_output=lambda out, r=rid: self._deliver(r, out))
+                    self._sinks[rid] = sink
+                    if not fut.set_running_or_notify_cancel():  # cancelled while add_request ran
+                        self._sinks.pop(rid, None)
+                        self.engine.abort(rid)
+                        continue
                     fut.set_result(rid)
                 except Exception as e:
-                    self._sinks.pop(rid, None)
-                    fut.set_exception(e)
+                    if fut.set_running_or_notify_cancel():
+                        fut.set_exception(e)
             elif cmd[0] == "abort":
-                if self.engine.abort(cmd[1]) is not None:
-                    logger.info("aborted request %s", cmd[1])
-                self._sinks.pop(cmd[1], None)
+                _, rid, owner = cmd
+                if owner is not None and self._sinks.get(rid) is not owner:
+                    continue  # that stream never started or already ended; the id may now be someone else's
+                self._sinks.pop(rid, None)
+                if self.engine.abort(rid) is not None:
+                    logger.info("aborted request %s", rid)
 
     def _deliver(self, rid: str, item: RequestOutput | Exception) -> None:
         sink = self._sinks.get(rid)
@@ -105,11 +120,15 @@ class AsyncEngine:
         q: asyncio.Queue = asyncio.Queue()
         rid = request_id or uuid.uuid4().hex
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(("add", prompt, params, rid, lambda item: loop.call_soon_threadsafe(q.put_nowait, item), fut))
+
+        def sink(item: RequestOutput | Exception) -> None:
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+        self._commands.put(("add", prompt, params, rid, sink, fut))
         self._wake.set()
-        await asyncio.wrap_future(fut)
         finished = False
         try:
+            await asyncio.wrap_future(fut)  # cancelling this wait cancels fut, so the add is skipped or undone
             while True:
                 item = await q.get()
                 if isinstance(item, Exception):
@@ -119,10 +138,15 @@ class AsyncEngine:
                 yield item
                 if finished:
                     return
+        except RequestError:
+            finished = True  # refused: nothing to abort, and the id may belong to another live request
+            raise
         finally:
             if not finished:
-                self.abort(rid)
+                self._commands.put(("abort", rid, sink))
+                self._wake.set()
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
+        """Abort a request by id, whoever is streaming it."""
+        self._commands.put(("abort", request_id, None))
         self._wake.set()

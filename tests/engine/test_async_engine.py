@@ -1,0 +1,111 @@
+"""AsyncEngine without HTTP: failures reach the caller as errors, cancellation and refusals leave the engine usable."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from sala.engine import Engine, EngineConfig, RequestError, SamplingParams
+from sala.engine.server import AsyncEngine
+from sala.engine.types import EngineError, FinishReason
+
+from .conftest import random_prompt
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture
+def aengine(sparse_model):
+    eng = AsyncEngine(Engine(sparse_model, None, EngineConfig(max_batch=2, max_seq_len=128, prefill_chunk=64)))
+    eng.start()
+    yield eng
+    eng.shutdown()
+    assert not eng._thread.is_alive()
+
+
+async def _collect(aeng, prompt, params, request_id=None):
+    return [out async for out in aeng.generate(prompt, params, request_id)]
+
+
+def _wait_idle(aeng, timeout=10.0):
+    deadline = time.time() + timeout
+    while aeng.engine.has_unfinished() or not aeng._commands.empty():
+        assert time.time() < deadline, aeng.stats()
+        time.sleep(0.01)
+
+
+def test_failed_step_raises_instead_of_finishing(aengine):
+    def boom(*args):
+        raise RuntimeError("boom")
+
+    aengine.engine.runner.decode = boom
+    with pytest.raises(EngineError, match="engine step failed: boom"):
+        asyncio.run(_collect(aengine, random_prompt(8, 0), SamplingParams(max_tokens=4, **GREEDY)))
+    del aengine.engine.runner.decode
+    _wait_idle(aengine)
+    outs = asyncio.run(_collect(aengine, random_prompt(8, 0), SamplingParams(max_tokens=3, **GREEDY)))
+    assert outs[-1].finish_reason is FinishReason.LENGTH and len(outs) == 3
+
+
+def test_cancel_before_add_runs(aengine):
+    decode = aengine.engine.runner.decode
+
+    def slow(*args):
+        time.sleep(0.3)  # commands wait for the step to end
+        return decode(*args)
+
+    aengine.engine.runner.decode = slow
+
+    async def main():
+        busy = asyncio.create_task(_collect(aengine, random_prompt(8, 1), SamplingParams(max_tokens=3, **GREEDY)))
+        await asyncio.sleep(0.1)
+        it = aengine.generate(random_prompt(8, 0), SamplingParams(max_tokens=100, **GREEDY))
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(it.__anext__(), 0.05)
+        return await busy
+
+    assert len(asyncio.run(main())) == 3
+    del aengine.engine.runner.decode
+    assert aengine._thread.is_alive()
+    _wait_idle(aengine)
+    assert aengine.stats()["free_slots"] == 2
+    outs = asyncio.run(_collect(aengine, random_prompt(8, 0), SamplingParams(max_tokens=2, **GREEDY)))
+    assert len(outs) == 2
+
+
+def test_cancel_while_add_is_pending(aengine):
+    add = aengine.engine.add_request
+
+    def slow_add(*args, **kw):
+        time.sleep(0.2)  # the caller gives up before the engine thread has added the request
+        return add(*args, **kw)
+
+    aengine.engine.add_request = slow_add
+
+    async def main():
+        it = aengine.generate(random_prompt(8, 0), SamplingParams(max_tokens=100, **GREEDY))
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(it.__anext__(), 0.05)
+
+    asyncio.run(main())
+    time.sleep(0.3)
+    aengine.engine.add_request = add
+    assert aengine._thread.is_alive()
+    _wait_idle(aengine)
+    assert aengine.stats()["free_slots"] == 2
+    outs = asyncio.run(_collect(aengine, random_prompt(8, 0), SamplingParams(max_tokens=2, **GREEDY)))
+    assert len(outs) == 2
+
+
+def test_duplicate_request_id_does_not_hijack_the_live_one(aengine):
+    async def main():
+        first = asyncio.create_task(_collect(aengine, random_prompt(8, 0), SamplingParams(max_tokens=30, **GREEDY), "same"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(RequestError, match="already in use"):
+            await _collect(aengine, random_prompt(8, 1), SamplingParams(max_tokens=2, **GREEDY), "same")
+        return await asyncio.wait_for(first, 30)
+
+    outs = asyncio.run(main())
+    assert len(outs) == 30 and outs[-1].finish_reason is FinishReason.LENGTH
