@@ -100,7 +100,8 @@ class Engine:
         self.plan.check()  # before any cache is allocated
         self.cache = StaticCache(mc, self.config.max_batch, self.config.max_seq_len, self.dtype, self.device)
         self.runner = ModelRunner(model, self.cache, cuda_graphs=self.config.cuda_graphs,
-                                  graph_batch_sizes=self.config.graph_batch_sizes)
+                                  graph_batch_sizes=self.config.graph_batch_sizes,
+                                  fused_attention=self.config.fused_attention)
         self.scheduler = Scheduler(self.config.max_batch, self.config.max_seq_len, self.config.prefill_chunk)
         self.eos_ids = stop_token_ids(model, tokenizer)
         self.on_prefill_progress = on_prefill_progress

@@ -161,6 +161,25 @@ class StaticCache:
             if isinstance(store, SparseStore):
                 store.n1[slot] = store.n2[slot] = 0
 
+    def ensure_compressed(self, slot: int) -> None:
+        """Bring the compressed-key caches of ``slot`` up to its length (prefill below ``dense_len`` never
+        needed them); a no-op when they are current."""
+        n = self.lengths[slot]
+        for store in self.stores:
+            if isinstance(store, SparseStore) and store.compression is not None:
+                ks, st = store.compression
+                if store.n1[slot] < num_windows(n, ks, st) or store.n2[slot] < num_windows(n, 4 * ks, 4 * st):
+                    store.compressed(slot, store.keys[slot, :n], ks, st)
+
+    def mark_compressed(self, slot: int) -> None:
+        """Record that the compressed-key caches of ``slot`` hold every window of its current length (after a
+        decode step that appended them on the device)."""
+        for store in self.stores:
+            if isinstance(store, SparseStore) and store.compression is not None:
+                ks, st = store.compression
+                store.n1[slot] = num_windows(self.lengths[slot], ks, st)
+                store.n2[slot] = num_windows(self.lengths[slot], 4 * ks, 4 * st)
+
     def view(self, slot: int) -> SlotCache:
         if not 0 <= slot < self.num_slots:
             raise EngineError(f"slot {slot} out of range [0, {self.num_slots})")

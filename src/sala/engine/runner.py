@@ -5,7 +5,14 @@ own code path, writing straight into the slot's preallocated buffers; logits are
 position of the prompt only (never ``T x vocab``).
 
 **Decode** does not go through ``SALAModel.forward`` (whose per-sequence loops, host syncs and shared-length
-layout do not fit a batch of sequences at different lengths). It calls the model's submodules directly::
+layout do not fit a batch of sequences at different lengths). It calls the model's submodules directly.
+
+With the Triton backend (CUDA, or forced), the sparse layers' attention is *fused* into the step: after the
+K/V write, ``append_compressed_keys`` extends the compressed-key caches and ``decode_attention_batch`` attends
+every row over its own slot (dense below ``dense_len``, InfLLM-v2 above, chosen per row on the device), with
+shapes that depend only on the batch bucket and the cache. The whole step is then one CUDA graph per bucket.
+
+Otherwise (reference ops, e.g. on CPU) the step is split into pieces with eager attention between them::
 
     piece 0 : embed -> Lightning layers before the first sparse layer -> sparse layer's norm + q/k/v, K/V write
     attend  : per sparse layer, eager: dense attention over the slot's K/V (rows with equal length and
@@ -29,10 +36,12 @@ from dataclasses import dataclass
 import torch
 
 from sala.engine.kv_cache import LightningStore, SparseStore, StaticCache
+from sala.engine.types import EngineError
 from sala.model import SALAForCausalLM
 from sala.model.cache import LightningLayerCache
 from sala.model.modeling_sala import BatchLayout, rope_cos_sin
-from sala.ops import dense_causal_attention, infllm_v2_attention
+from sala.ops import append_compressed_keys, decode_attention_batch, dense_causal_attention, infllm_v2_attention
+from sala.ops.common.dispatch import resolve_backend
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +54,7 @@ class _PieceOut:
     h: torch.Tensor | None = None
     x: torch.Tensor | None = None
     q: torch.Tensor | None = None
+    o: torch.Tensor | None = None  # fused mode: the sparse layer's attention output [N, 1, H*D]
     logits: torch.Tensor | None = None
 
 
@@ -58,7 +68,8 @@ class _DecodeGraphs:
         self.idx = torch.as_tensor(runner.index_rows([], [], bucket), device=dev)  # all padding rows
         width = cfg.num_attention_heads * cfg.head_dim
         self.o = [torch.zeros(bucket, 1, width, dtype=runner.dtype, device=dev) for _ in runner.sparse_layers]
-        # warm up outside capture (Triton autotuning, cuBLAS handles, cached slopes); only scratch rows are touched
+        # warm up outside capture (Triton compiles, cuBLAS handles, cached slopes); padding rows write only
+        # scratch K/V and state, and complete no compressed window (position 0)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -69,6 +80,13 @@ class _DecodeGraphs:
             runner.graph_pool = torch.cuda.graph_pool_handle()
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.outs: list[_PieceOut] = []
+        if runner.fused:  # attention inside: the whole step is one graph
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=runner.graph_pool):
+                out = runner.run_pieces(self.ids, self.idx, self.o, attend=None)
+            self.graphs.append(graph)
+            self.outs.append(out)
+            return
         prev = _PieceOut()
         for j in range(len(runner.sparse_layers) + 1):
             graph = torch.cuda.CUDAGraph()
@@ -85,16 +103,21 @@ class _DecodeGraphs:
         self.idx.copy_(torch.as_tensor(idx_host))
         for j, graph in enumerate(self.graphs):
             graph.replay()
-            if j < len(runner.sparse_layers):
+            if j < len(runner.sparse_layers) and not runner.fused:
                 runner.attend(runner.sparse_layers[j], self.outs[j].q, slots, lengths, self.idx[0], self.o[j])
         return self.outs[-1].logits[:n].clone()
 
 
 class ModelRunner:
-    """Runs prefill chunks and decode steps of a :class:`SALAForCausalLM` against a :class:`StaticCache`."""
+    """Runs prefill chunks and decode steps of a :class:`SALAForCausalLM` against a :class:`StaticCache`.
+
+    ``fused_attention``: run the sparse layers' decode attention inside the (graph-captured) step; None picks
+    it when the ops resolve to Triton for the model's device.
+    """
 
     def __init__(self, model: SALAForCausalLM, cache: StaticCache, *, cuda_graphs: bool = True,
-                 graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)) -> None:
+                 graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
+                 fused_attention: bool | None = None) -> None:
         self.model, self.net, self.config = model, model.model, model.config
         self.cache = cache
         param = next(model.parameters())
@@ -104,8 +127,15 @@ class ModelRunner:
         self.buckets = sorted(set(graph_batch_sizes))
         self.graph_pool = None
         self._graphs: dict[int, _DecodeGraphs] = {}
-        logger.info("decode: %s (%d sparse layers -> %d graph pieces per step)",
-                    "CUDA graphs" if self.use_graphs else "eager", len(self.sparse_layers), len(self.sparse_layers) + 1)
+        can_fuse = all(self.net.layers[li].self_attn.dense_len is None or self.cache.stores[li].ck1 is not None
+                       for li in self.sparse_layers)
+        if fused_attention is None:
+            fused_attention = can_fuse and resolve_backend("auto", self.device) == "triton"
+        elif fused_attention and not can_fuse:
+            raise EngineError("fused decode attention needs the compressed-key caches of every InfLLM-v2 layer")
+        self.fused = fused_attention
+        logger.info("decode: %s, sparse-layer attention %s", "CUDA graphs" if self.use_graphs else "eager",
+                    "fused into the step" if self.fused else f"eager between {len(self.sparse_layers) + 1} pieces")
 
     # ---- prefill ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -137,6 +167,9 @@ class ModelRunner:
             if p >= self.cache.max_seq_len:
                 raise RuntimeError(f"slot {s} is full ({self.cache.max_seq_len} tokens)")
         lengths = [p + 1 for p in positions]
+        if self.fused:  # the fused step appends only the window its token completes
+            for s in slots:
+                self.cache.ensure_compressed(s)
         bucket = next((b for b in self.buckets if b >= n), None)
         if self.use_graphs and bucket is not None:
             graphs = self._graphs.get(bucket)
@@ -151,6 +184,8 @@ class ModelRunner:
             logits = self.run_pieces(tokens, idx, o, attend=(slots, lengths)).logits
         for s in slots:
             self.cache.lengths[s] += 1
+            if self.fused:  # the step appended the windows its token completed
+                self.cache.mark_compressed(s)
         return logits
 
     def run_pieces(self, ids: torch.Tensor, idx: torch.Tensor, o: list[torch.Tensor],
@@ -159,13 +194,14 @@ class ModelRunner:
         out = _PieceOut()
         for j in range(len(self.sparse_layers) + 1):
             out = self.piece(j, ids, idx, out, o[j - 1] if j else None)
-            if j < len(self.sparse_layers) and attend is not None:
+            if j < len(self.sparse_layers) and attend is not None and not self.fused:
                 self.attend(self.sparse_layers[j], out.q, attend[0], attend[1], idx[0], o[j])
         return out
 
     def piece(self, j: int, ids: torch.Tensor, idx: torch.Tensor, prev: _PieceOut, o: torch.Tensor | None) -> _PieceOut:
         """Decode piece ``j`` (see module docstring). ids: [N]; idx: [4, N]; o: [N, 1, H*D] attention output of
-        sparse layer j-1. Static shapes, no host sync: safe to capture in a CUDA graph."""
+        sparse layer j-1 (fused mode: written by piece j-1 itself). Static shapes, no host sync: safe to
+        capture in a CUDA graph."""
         net, cfg = self.net, self.config
         pos, kv_slot, kv_pos, state_row = idx[0], idx[1], idx[2], idx[3]
         n = ids.shape[0]
@@ -177,6 +213,7 @@ class ModelRunner:
             li = self.sparse_layers[j - 1]
             layer = net.layers[li]
             attn = layer.self_attn
+            o = prev.o if prev.o is not None else o
             if attn.use_output_gate:
                 o = o * torch.sigmoid(attn.o_gate(prev.x))
             h = prev.h + attn.o_proj(o) * layer.residual_scale
@@ -199,6 +236,13 @@ class ModelRunner:
         store: SparseStore = self.cache.stores[end]
         store.keys[kv_slot, kv_pos] = k[:, 0]
         store.values[kv_slot, kv_pos] = v[:, 0]
+        if self.fused:  # padding rows: position 0 of slot 0 completes no window and is only read
+            p = attn.params
+            if attn.dense_len is not None:
+                append_compressed_keys(store.keys, store.ck1, store.ck2, kv_slot, pos, p.kernel_size, p.kernel_stride)
+            o_j = decode_attention_batch(q[:, 0], store.keys, store.values, store.ck1, store.ck2, kv_slot, pos, p,
+                                         attn.scale, attn.dense_len)
+            return _PieceOut(h=h, x=x, q=q, o=o_j.reshape(n, 1, -1))
         return _PieceOut(h=h, x=x, q=q)
 
     def attend(self, li: int, q: torch.Tensor, slots: list[int], lengths: list[int], q_pos: torch.Tensor,

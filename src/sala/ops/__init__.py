@@ -5,8 +5,10 @@ Public entries validate their inputs once, then pick a backend (``naive`` or ``t
 """
 
 from sala.ops.infllm_v2 import (
+    append_compressed_keys,
     block_sparse_attention,
     compress_keys,
+    decode_attention_batch,
     dense_causal_attention,
     infllm_v2_attention,
     select_blocks,
@@ -15,9 +17,11 @@ from sala.ops.infllm_v2 import (
 from sala.ops.lightning import chunk_lightning, lightning_decay_slopes, lightning_step
 
 __all__ = [
+    "append_compressed_keys",
     "block_sparse_attention",
     "chunk_lightning",
     "compress_keys",
+    "decode_attention_batch",
     "dense_causal_attention",
     "infllm_v2_attention",
     "lightning_decay_slopes",

@@ -22,6 +22,8 @@ from sala.ops.infllm_v2.naive import (
 
 __all__ = [
     "InfLLMv2Params",
+    "append_compressed_keys",
+    "decode_attention_batch",
     "block_sparse_attention",
     "compress_keys",
     "dense_causal_attention",
@@ -183,3 +185,87 @@ def dense_causal_attention(
 
         return sdpa_dense_causal_attention(q, k, v, key_valid, scale)
     return naive_dense_causal_attention(q, k, v, key_valid, scale)
+
+
+def append_compressed_keys(
+    keys: torch.Tensor,
+    ck1: torch.Tensor,
+    ck2: torch.Tensor,
+    slot: torch.Tensor,
+    pos: torch.Tensor,
+    kernel_size: int,
+    kernel_stride: int,
+    backend: str = "auto",
+) -> None:
+    """Decode-time compressed-key maintenance, in place: after row t's key was written at keys[slot[t], pos[t]],
+    store the fine (ks, st) and coarse (4 ks, 4 st) windows that token completed, if any.
+
+    keys: [S, C, Hkv, D]; ck1: [S, n1, Hkv, D]; ck2: [S, n2, Hkv, D]; slot, pos: [N] int. The Triton path is
+    graph-safe (no host sync); the reference loops over rows on the host.
+    """
+    if resolve_backend(backend, keys.device) == "triton":
+        from sala.ops.infllm_v2.compress import triton_append_compressed_keys
+
+        return triton_append_compressed_keys(keys, ck1, ck2, slot, pos, kernel_size, kernel_stride)
+    for s, p in zip(slot.tolist(), pos.tolist()):
+        for buf, ks, st in ((ck1, kernel_size, kernel_stride), (ck2, 4 * kernel_size, 4 * kernel_stride)):
+            n = num_windows(p + 1, ks, st)
+            if n > num_windows(p, ks, st) and n <= buf.shape[1]:
+                buf[s, n - 1] = naive_compress_keys(keys[s, : p + 1], ks, st, start=n - 1)[0]
+
+
+def decode_attention_batch(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    ck1: torch.Tensor | None,
+    ck2: torch.Tensor | None,
+    slot: torch.Tensor,
+    pos: torch.Tensor,
+    params: InfLLMv2Params,
+    scale: float,
+    dense_len: int | None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention of one decode token per row over its own cache slot: dense causal below ``dense_len`` (or
+    always, when ``dense_len`` is None), InfLLM-v2 at or above it, decided per row (spec §5.2).
+
+    q: [N, H, D]; keys, values: [S, C, Hkv, D] (row t's keys at positions <= pos[t] of slot[t]); ck1/ck2:
+    [S, n1|n2, Hkv, D] compressed-key caches holding every window complete by pos[t] (None when
+    ``dense_len`` is None); slot, pos: [N] -> o: [N, H, D] in q's dtype.
+
+    The Triton path's shapes depend only on N and the cache shapes and it never syncs with the host, so a
+    whole decode step can be captured in one CUDA graph; rows below ``dense_len`` run through the same
+    block-sparse kernel with every block selected. The reference loops over rows.
+    """
+    if q.dim() != 3 or keys.dim() != 4 or keys.shape != values.shape or slot.shape != (q.shape[0],) or pos.shape != slot.shape:
+        raise ValueError(f"decode batch wants q [N, H, D], keys/values [S, C, Hkv, D], slot/pos [N]; got "
+                         f"{tuple(q.shape)}, {tuple(keys.shape)}, {tuple(values.shape)}, {tuple(slot.shape)}, {tuple(pos.shape)}")
+    if dense_len is not None and (ck1 is None or ck2 is None):
+        raise ValueError("sparse decode (dense_len set) needs the compressed-key caches ck1 and ck2")
+    if resolve_backend(backend, q.device) == "triton":
+        return _triton_decode_batch(q, keys, values, ck1, ck2, slot, pos, params, scale, dense_len)
+    out = torch.empty_like(q)
+    for t, (s, p) in enumerate(zip(slot.tolist(), pos.tolist())):
+        kb, vb, L = keys[s, : p + 1], values[s, : p + 1], p + 1
+        if dense_len is None or L < dense_len:
+            out[t] = naive_dense_causal_attention(q[None, t : t + 1], kb[None], vb[None], None, scale)[0, 0]
+        else:
+            c1 = ck1[s, : num_windows(L, params.kernel_size, params.kernel_stride)]
+            c2 = ck2[s, : num_windows(L, params.coarse_kernel_size, params.coarse_kernel_stride)]
+            out[t] = infllm_v2_attention(q[t : t + 1], kb, vb, c1, c2, pos[t : t + 1], params, scale, "naive")[0]
+    return out
+
+
+def _triton_decode_batch(q, keys, values, ck1, ck2, slot, pos, params, scale, dense_len):
+    from sala.ops.infllm_v2.sparse_attn import triton_sparse_decode_batch
+    from sala.ops.infllm_v2.topk import triton_select_decode_batch
+
+    N, Hkv, capacity, bs = q.shape[0], keys.shape[2], keys.shape[1], params.block_size
+    if dense_len is None:  # every block up to the row's own: a flash-decoding pass over the whole cache
+        n_blk = -(-capacity // bs)
+        topk_idx = torch.arange(n_blk, dtype=torch.int32, device=q.device).expand(Hkv, N, n_blk)
+        counts = (pos // bs + 1).to(torch.int32).expand(Hkv, N)
+    else:
+        topk_idx, counts = triton_select_decode_batch(q, ck1, ck2, slot, pos, capacity, params, scale, dense_len)
+    return triton_sparse_decode_batch(q, keys, values, topk_idx, counts, slot, pos, bs, scale)

@@ -71,3 +71,63 @@ def triton_compress_keys(k: torch.Tensor, kernel_size: int, kernel_stride: int, 
         D=D, BD=BD, KS=kernel_size, ST=kernel_stride, BW=BW, RNE=interp_rne(k.dtype), num_warps=4,
     )
     return out
+
+
+@triton.jit
+def _window_mean(base, end, s_kl, o_d, m_d, KS: tl.constexpr):
+    """Mean of the KS keys ending at position ``end`` (exclusive), summed in order like ``_compress_kernel``."""
+    b_acc = tl.zeros(o_d.shape, dtype=tl.float32)
+    for j in tl.static_range(KS):  # unrolled: every load in flight at once, additions still in order
+        b_acc += tl.load(base + (end - KS + j).to(tl.int64) * s_kl + o_d, mask=m_d, other=0.0).to(tl.float32)
+    return b_acc / KS
+
+
+@triton.jit
+def _append_windows_kernel(
+    k_ptr, c1_ptr, c2_ptr, slot_ptr, pos_ptr, n1, n2,
+    s_ks, s_kl, s_kh, s_1s, s_1n, s_1h, s_2s, s_2n, s_2h,
+    D: tl.constexpr, BD: tl.constexpr, KS1: tl.constexpr, ST1: tl.constexpr, KS2: tl.constexpr, ST2: tl.constexpr,
+    RNE: tl.constexpr,
+):
+    i_r, i_h = tl.program_id(0), tl.program_id(1)
+    i_slot = tl.load(slot_ptr + i_r).to(tl.int64)
+    length = tl.load(pos_ptr + i_r).to(tl.int32) + 1
+    base = k_ptr + i_slot * s_ks + i_h * s_kh
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    w1 = (length - KS1) // ST1
+    if (length >= KS1) & ((length - KS1) % ST1 == 0) & (w1 < n1):  # the token completed a fine window
+        b_o = _window_mean(base, length, s_kl, o_d, m_d, KS1)
+        if RNE:
+            b_o = rne_bf16(b_o)
+        tl.store(c1_ptr + i_slot * s_1s + w1.to(tl.int64) * s_1n + i_h * s_1h + o_d, b_o.to(c1_ptr.dtype.element_ty), mask=m_d)
+    w2 = (length - KS2) // ST2
+    if (length >= KS2) & ((length - KS2) % ST2 == 0) & (w2 < n2):  # ... and a coarse one
+        b_o = _window_mean(base, length, s_kl, o_d, m_d, KS2)
+        if RNE:
+            b_o = rne_bf16(b_o)
+        tl.store(c2_ptr + i_slot * s_2s + w2.to(tl.int64) * s_2n + i_h * s_2h + o_d, b_o.to(c2_ptr.dtype.element_ty), mask=m_d)
+
+
+def triton_append_compressed_keys(
+    keys: torch.Tensor, ck1: torch.Tensor, ck2: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor,
+    kernel_size: int, kernel_stride: int,
+) -> None:
+    """After a decode token was written at ``keys[slot[t], pos[t]]``: store the fine / coarse window it
+    completed, if any, into ck1 / ck2 (in place; graph-safe, no host sync).
+
+    keys: [S, C, Hkv, D]; ck1: [S, n1, Hkv, D]; ck2: [S, n2, Hkv, D]; slot, pos: [N]. Windows as
+    :func:`triton_compress_keys` (coarse tier: 4x window and stride), bit-identical to it.
+    """
+    N = slot.shape[0]
+    S, C, Hkv, D = keys.shape
+    if N == 0:
+        return
+    if keys.stride(-1) != 1 or ck1.stride(-1) != 1 or ck2.stride(-1) != 1:
+        raise ValueError("append_compressed_keys needs caches contiguous in the head dim")
+    _append_windows_kernel[(N, Hkv)](
+        keys, ck1, ck2, slot, pos, ck1.shape[1], ck2.shape[1],
+        keys.stride(0), keys.stride(1), keys.stride(2), *ck1.stride()[:3], *ck2.stride()[:3],
+        D=D, BD=triton.next_power_of_2(D), KS1=kernel_size, ST1=kernel_stride, KS2=4 * kernel_size,
+        ST2=4 * kernel_stride, RNE=interp_rne(keys.dtype), num_warps=1,
+    )

@@ -147,13 +147,18 @@ def _sparse_tile_kernel(
 # lengths change every decode step: no per-value specialisation, so no recompiles mid-decode
 @triton.jit(do_not_specialize=["T", "L", "K", "per_split"])
 def _sparse_token_kernel(
-    q_ptr, k_ptr, v_ptr, pos_ptr, list_ptr, cnt_ptr, pa_ptr, pl_ptr, o_ptr, lse_ptr, T, L, K, per_split,
-    s_qt, s_qh, s_kl, s_kh, s_vl, s_vh, s_lh, s_lt, s_ch, s_ct, s_pt, s_ph, s_ps, s_ot, s_oh, s_es, s_et, scale_log2,
+    q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, list_ptr, cnt_ptr, pa_ptr, pl_ptr, o_ptr, lse_ptr, T, L, K, per_split,
+    s_qt, s_qh, s_ks, s_kl, s_kh, s_vs, s_vl, s_vh, s_lh, s_lt, s_ch, s_ct, s_pt, s_ph, s_ps, s_ot, s_oh, s_es, s_et,
+    scale_log2,
     G: tl.constexpr, MB: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, NBI: tl.constexpr,
     HAS_CNT: tl.constexpr, HAS_PRIOR: tl.constexpr, PARTIAL: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr,
-    RNE: tl.constexpr,
+    RNE: tl.constexpr, BATCHED: tl.constexpr,
 ):
     i_t, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if BATCHED:  # decode batch: each token reads its own cache slot
+        i_slot = tl.load(slot_ptr + i_t).to(tl.int64)
+        k_ptr += i_slot * s_ks
+        v_ptr += i_slot * s_vs
     b_q, pos, m_r, head, tok = load_group_rows(q_ptr, pos_ptr, i_t, i_h, T, s_qt, s_qh, G, MB, 1, D, BD, CAST)
     if HAS_CNT:
         n = tl.load(cnt_ptr + i_h * s_ch + i_t * s_ct)
@@ -204,13 +209,14 @@ def _cfg() -> dict:
     return _INTERP_CONFIG if triton_interpret() else GPU_CONFIG
 
 
-def _sparse_forward(q, k, v, topk_idx, q_pos, block_size: int, scale: float) -> torch.Tensor:
+def _launch(q: torch.Tensor, k: torch.Tensor, topk_idx: torch.Tensor, block_size: int, scale: float) -> dict:
+    """Tile sizes and shared kernel arguments; k: [L, Hkv, D]."""
     T, H, D = q.shape
     Hkv = k.shape[1]
     G = H // Hkv
     cfg = _cfg()
     wide = 2 if q.dtype == torch.float32 else 1  # fp32 tiles take twice the shared memory per key
-    a = dict(
+    return dict(
         T=T, L=k.shape[0], Hkv=Hkv, G=G, K=topk_idx.shape[-1], GP=triton.next_power_of_2(G),
         MB=max(16, triton.next_power_of_2(G)), nbi_tile=max(1, cfg["tile_keys"] // wide // block_size),
         nbi_tok=max(1, cfg["tok_keys"] // wide // block_size), scale_log2=scale * _LOG2E, cfg=cfg,
@@ -218,6 +224,12 @@ def _sparse_forward(q, k, v, topk_idx, q_pos, block_size: int, scale: float) -> 
         common=dict(D=D, BD=triton.next_power_of_2(D), BS=block_size, CAST=triton_interpret(),
                     PREC=dot_precision(q.dtype), RNE=interp_rne(q.dtype)),
     )
+
+
+def _sparse_forward(q, k, v, topk_idx, q_pos, block_size: int, scale: float) -> torch.Tensor:
+    T, Hkv = q.shape[0], k.shape[1]
+    a = _launch(q, k, topk_idx, block_size, scale)
+    cfg = a["cfg"]
     o = torch.empty_like(q)
     if T == 0:
         return o
@@ -230,20 +242,27 @@ def _sparse_forward(q, k, v, topk_idx, q_pos, block_size: int, scale: float) -> 
     return _shared_forward(q, k, v, topk_idx, q_pos, o, a)
 
 
-def _decode_forward(q, k, v, topk_idx, q_pos, o, n_sm: int, a: dict) -> torch.Tensor:
-    """Each list split over S programs writing (o, lse) partials, combined here (flash-decoding)."""
+def _decode_forward(q, k, v, topk_idx, q_pos, o, n_sm: int, a: dict, slot=None, counts=None) -> torch.Tensor:
+    """Each list split over S programs writing (o, lse) partials, combined here (flash-decoding).
+    With ``slot`` [T]: k, v are [S, L, Hkv, D] slot caches and row t reads k[slot[t]]; ``counts`` [Hkv, T]:
+    valid list entries per row (the rest are not read)."""
     T, H, D, K, nbi = a["T"], q.shape[1], q.shape[2], a["K"], a["nbi_tok"]
     S = max(1, min(triton.cdiv(2 * n_sm, T * a["Hkv"]), triton.cdiv(K, 2 * nbi)))
     per = triton.cdiv(triton.cdiv(max(K, 1), S), nbi) * nbi
     S = triton.cdiv(max(K, 1), per)
     po = torch.empty(S, T, H, D, dtype=torch.float32, device=q.device)
     pl = torch.empty(S, T, H, dtype=torch.float32, device=q.device)
+    s_ks, s_vs = (0, 0) if slot is None else (k.stride(0), v.stride(0))
+    if slot is not None:
+        k, v = k[0], v[0]
     _sparse_token_kernel[(T, a["Hkv"], S)](
-        q, k, v, q_pos, topk_idx, topk_idx, po, pl, o, pl, T, a["L"], K, per,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        topk_idx.stride(0), topk_idx.stride(1), 0, 0, po.stride(1), po.stride(2), po.stride(0),
-        o.stride(0), o.stride(1), pl.stride(0), pl.stride(1), a["scale_log2"],
-        G=a["G"], MB=a["MB"], NBI=nbi, HAS_CNT=False, HAS_PRIOR=False, PARTIAL=True, **a["tok_launch"], **a["common"],
+        q, k, v, q_pos, q_pos if slot is None else slot, topk_idx, topk_idx if counts is None else counts,
+        po, pl, o, pl, T, a["L"], K, per,
+        q.stride(0), q.stride(1), s_ks, k.stride(0), k.stride(1), s_vs, v.stride(0), v.stride(1),
+        topk_idx.stride(0), topk_idx.stride(1), *((0, 0) if counts is None else counts.stride()),
+        po.stride(1), po.stride(2), po.stride(0), o.stride(0), o.stride(1), pl.stride(0), pl.stride(1), a["scale_log2"],
+        G=a["G"], MB=a["MB"], NBI=nbi, HAS_CNT=counts is not None, HAS_PRIOR=False, PARTIAL=True,
+        BATCHED=slot is not None, **a["tok_launch"], **a["common"],
     )
     m = pl.amax(0)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
@@ -256,10 +275,10 @@ def _token_forward(q, k, v, topk_idx, q_pos, o, a: dict) -> torch.Tensor:
     """Every block through the token kernel (the official kernel's scheme; ``share=False``)."""
     K = a["K"]
     _sparse_token_kernel[(a["T"], a["Hkv"], 1)](
-        q, k, v, q_pos, topk_idx, topk_idx, o, o, o, o, a["T"], a["L"], K, K,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        q, k, v, q_pos, q_pos, topk_idx, topk_idx, o, o, o, o, a["T"], a["L"], K, K,
+        q.stride(0), q.stride(1), 0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1),
         topk_idx.stride(0), topk_idx.stride(1), 0, 0, 0, 0, 0, o.stride(0), o.stride(1), 0, 0, a["scale_log2"],
-        G=a["G"], MB=a["MB"], NBI=a["nbi_tok"], HAS_CNT=False, HAS_PRIOR=False, PARTIAL=False,
+        G=a["G"], MB=a["MB"], NBI=a["nbi_tok"], HAS_CNT=False, HAS_PRIOR=False, PARTIAL=False, BATCHED=False,
         **a["tok_launch"], **a["common"],
     )
     return o
@@ -291,11 +310,11 @@ def _shared_forward(q, k, v, topk_idx, q_pos, o, a: dict) -> torch.Tensor:
         num_stages=cfg["tile_stages"], **a["common"],
     )
     _sparse_token_kernel[(T, Hkv, 1)](
-        q, k, v, q_pos, private, private_n, o_a, lse_a, o, lse_a, T, a["L"], KP, KP,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        q, k, v, q_pos, q_pos, private, private_n, o_a, lse_a, o, lse_a, T, a["L"], KP, KP,
+        q.stride(0), q.stride(1), 0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1),
         private.stride(0), private.stride(1), private_n.stride(0), private_n.stride(1), o_a.stride(0), o_a.stride(1), 0,
         o.stride(0), o.stride(1), 0, lse_a.stride(0), a["scale_log2"],
-        G=a["G"], MB=a["MB"], NBI=a["nbi_tok"], HAS_CNT=True, HAS_PRIOR=True, PARTIAL=False,
+        G=a["G"], MB=a["MB"], NBI=a["nbi_tok"], HAS_CNT=True, HAS_PRIOR=True, PARTIAL=False, BATCHED=False,
         **a["tok_launch"], **a["common"],
     )
     return o
@@ -384,3 +403,31 @@ def triton_block_sparse_attention(
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _BlockSparseAttention.apply(q, k, v, topk_idx, q_pos, block_size, scale)
     return _sparse_forward(q, k, v, topk_idx, q_pos, block_size, scale)
+
+
+def triton_sparse_decode_batch(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    topk_idx: torch.Tensor,
+    counts: torch.Tensor,
+    slot: torch.Tensor,
+    q_pos: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """Block-sparse attention of one decode token per row, each row in its own cache slot; graph-safe.
+
+    q: [N, H, D]; keys, values: [S, C, Hkv, D] slot caches (row t reads slot[t], keys at positions <= q_pos[t]);
+    topk_idx: [Hkv, N, K] int32 ascending; counts: [Hkv, N] valid entries per row -> o: [N, H, D] (q dtype).
+    Shapes depend only on N and the cache shapes, and nothing syncs with the host.
+    """
+    check_dtype(q, keys, values)
+    if keys.dim() != 4 or keys.shape != values.shape or topk_idx.shape[:2] != (keys.shape[2], q.shape[0]):
+        raise ValueError(f"decode batch wants keys/values [S, C, Hkv, D] and topk_idx [Hkv, N, K]; got "
+                         f"{tuple(keys.shape)}, {tuple(values.shape)}, {tuple(topk_idx.shape)}")
+    a = _launch(q, keys[0], topk_idx, block_size, scale)
+    o = torch.empty_like(q)
+    if q.shape[0] == 0:
+        return o
+    return _decode_forward(q, keys, values, topk_idx, q_pos, o, num_sms(q.device), a, slot=slot, counts=counts)

@@ -105,12 +105,14 @@ def load_group_rows(q_ptr, pos_ptr, i_t, i_h, T, s_qt, s_qh, G: tl.constexpr, GP
 # lengths change every decode step: no per-value specialisation, so no recompiles mid-decode
 @triton.jit(do_not_specialize=["T", "n2", "per_split"])
 def _stage1_lse_kernel(
-    q_ptr, c_ptr, pos_ptr, lse_ptr, T, n2, per_split,
-    s_qt, s_qh, s_cn, s_ch, s_ls, s_lt, scale_log2,
+    q_ptr, c_ptr, pos_ptr, slot_ptr, lse_ptr, T, n2, per_split,
+    s_qt, s_qh, s_cs, s_cn, s_ch, s_ls, s_lt, scale_log2,
     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
-    KS: tl.constexpr, ST: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr,
+    KS: tl.constexpr, ST: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr, BATCHED: tl.constexpr,
 ):
     i_t, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if BATCHED:  # decode batch: one token per tile (BT = 1), each row reads its own cache slot
+        c_ptr += tl.load(slot_ptr + i_t).to(tl.int64) * s_cs
     b_q, pos, m_r, head, tok = load_group_rows(q_ptr, pos_ptr, i_t, i_h, T, s_qt, s_qh, G, GP, BT, D, BD, CAST)
     max_pos = tl.max(pos, axis=0)
     n_vis = tl.where(max_pos >= KS - 1, (max_pos - KS + 1) // ST + 1, 0)  # windows complete by the last row
@@ -139,13 +141,15 @@ def _stage1_lse_kernel(
 # lengths change every decode step: no per-value specialisation, so no recompiles mid-decode
 @triton.jit(do_not_specialize=["T", "n1", "n_cols", "n_blk"])
 def _stage1_score_kernel(
-    q_ptr, c_ptr, pos_ptr, lse_ptr, o_ptr, t_ptr, T, n1, n_cols, n_blk,
-    s_qt, s_qh, s_cn, s_ch, s_lt, s_oh, s_ot, scale_log2,
+    q_ptr, c_ptr, pos_ptr, slot_ptr, lse_ptr, o_ptr, t_ptr, T, n1, n_cols, n_blk,
+    s_qt, s_qh, s_cs, s_cn, s_ch, s_lt, s_oh, s_ot, scale_log2,
     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
     CW: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, R: tl.constexpr, LEFT: tl.constexpr,
-    POOL: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr, RNE: tl.constexpr,
+    POOL: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr, RNE: tl.constexpr, BATCHED: tl.constexpr,
 ):
     i_t, i_h, i_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if BATCHED:  # decode batch: one token per tile (BT = 1), each row reads its own cache slot
+        c_ptr += tl.load(slot_ptr + i_t).to(tl.int64) * s_cs
     b_q, pos, m_r, head, tok = load_group_rows(q_ptr, pos_ptr, i_t, i_h, T, s_qt, s_qh, G, GP, BT, D, BD, CAST)
     lse = tl.load(lse_ptr + tok.to(tl.int64) * s_lt + head, mask=m_r, other=float("-inf"))
     # no visible coarse window (spec §5.4 edge case) or a padding row: lse = +inf makes every score exp2(-inf) = 0
@@ -192,18 +196,19 @@ def _stage1_score_kernel(
 
 
 # lengths change every decode step: no per-value specialisation, so no recompiles mid-decode
-@triton.jit(do_not_specialize=["T", "n_src", "n_blk", "k_sel"])
+@triton.jit(do_not_specialize=["T", "n_src", "n_blk", "k_sel", "k_width", "dense_len", "k_dense"])
 def _select_kernel(
-    s_ptr, t_ptr, pos_ptr, o_ptr, T, n_src, n_blk, k_sel,
-    s_sh, s_st, s_oh, s_ot,
+    s_ptr, t_ptr, pos_ptr, o_ptr, cnt_ptr, T, n_src, n_blk, k_sel, k_width, dense_len, k_dense,
+    s_sh, s_st, s_oh, s_ot, s_ch,
     BR: tl.constexpr, NBP: tl.constexpr, KP: tl.constexpr, R: tl.constexpr, LEFT: tl.constexpr,
     BS: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, POOLED: tl.constexpr,
-    KEY64: tl.constexpr, NBITS: tl.constexpr,
+    KEY64: tl.constexpr, NBITS: tl.constexpr, PER_ROW: tl.constexpr,
 ):
     i_r, i_h = tl.program_id(0), tl.program_id(1)
     o_r = i_r * BR + tl.arange(0, BR)
     m_r = o_r < T
-    qb = tl.load(pos_ptr + o_r, mask=m_r, other=0).to(tl.int32) // BS  # query's own block
+    pos = tl.load(pos_ptr + o_r, mask=m_r, other=0).to(tl.int32)
+    qb = pos // BS  # query's own block
     o_b = tl.arange(0, NBP)
     m_b = o_b < n_blk
     row_off = i_h * s_sh + o_r.to(tl.int64)[:, None] * s_st
@@ -220,6 +225,12 @@ def _select_kernel(
             b_w = tl.load(s_ptr + row_off + i[None, :], mask=m_r[:, None] & ok[None, :], other=0.0)
             b_sc = tl.maximum(b_sc, b_w.to(tl.float32))
     forced = (o_b[None, :] < INIT) | ((o_b[None, :] >= qb[:, None] - LOCAL) & (o_b[None, :] <= qb[:, None]))
+    if PER_ROW:  # decode batch: a row below dense_len attends to all its blocks (k_dense of them at most)
+        dense = pos + 1 < dense_len
+        forced = forced | dense[:, None]
+        k_row = tl.where(dense, k_dense, k_sel)
+    else:
+        k_row = qb * 0 + k_sel
     b_sc = tl.where(forced, float("inf"), b_sc)
     bits = b_sc.to(tl.int32, bitcast=True)  # monotone in the value for non-negative floats
     if KEY64:
@@ -231,15 +242,17 @@ def _select_kernel(
     for it in range(NBITS):  # largest threshold with >= k_sel keys at or above it = the k_sel-th key
         cand = ans | ((ans * 0 + 1) << (NBITS - 1 - it))
         cnt = tl.sum((key >= cand[:, None]).to(tl.int32), axis=1)
-        ans = tl.where(cnt >= k_sel, cand, ans)
+        ans = tl.where(cnt >= k_row, cand, ans)
     sel = (key >= ans[:, None]) & (o_b[None, :] <= qb[:, None])  # future blocks become -1
     rank = tl.cumsum(sel.to(tl.int32), axis=1) - 1  # ascending block order
     out_off = i_h * s_oh + o_r.to(tl.int64)[:, None] * s_ot
     tl.store(o_ptr + out_off + rank, (o_b[None, :] + rank * 0).to(tl.int32), mask=sel & m_r[:, None])
     n_sel = tl.sum(sel.to(tl.int32), axis=1)
     o_k = tl.arange(0, KP)
-    m_fill = (o_k[None, :] >= n_sel[:, None]) & (o_k < k_sel)[None, :] & m_r[:, None]
+    m_fill = (o_k[None, :] >= n_sel[:, None]) & (o_k < k_width)[None, :] & m_r[:, None]
     tl.store(o_ptr + out_off + o_k[None, :], tl.full([BR, KP], -1, dtype=tl.int32), mask=m_fill)
+    if PER_ROW:
+        tl.store(cnt_ptr + i_h * s_ch + o_r, n_sel, mask=m_r)
 
 
 # GPU launch configuration (tuned on H200 with triton 3.6 at T=32K; the interpreter uses small tiles). Keys: rows = tokens x heads per
@@ -252,20 +265,30 @@ def _cfg() -> dict:
     return _INTERP_CONFIG if triton_interpret() else GPU_CONFIG
 
 
-def _stage1_tiles(G: int) -> tuple[int, int, int]:
-    """(GP, BT, BN): rows = BT tokens x GP heads."""
+def _stage1_tiles(G: int, batched: bool = False) -> tuple[int, int, int]:
+    """(GP, BT, BN): rows = BT tokens x GP heads (one token when each row has its own cache slot)."""
     GP = triton.next_power_of_2(G)
     cfg = _cfg()
-    return GP, max(1, cfg["rows"] // GP), cfg["bn"]
+    return GP, 1 if batched else max(1, cfg["rows"] // GP), cfg["bn"]
 
 
-def _stage1_lse(q: torch.Tensor, ck2: torch.Tensor, q_pos: torch.Tensor, params: InfLLMv2Params, scale: float) -> torch.Tensor:
-    """Coarse LSE in log2 units, [T, H] fp32 (-inf where no ck2 window is visible)."""
+def _slot_args(ck: torch.Tensor, slot: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(per-slot view [n, Hkv, D], slot tensor, slot stride): ``ck`` is [n, Hkv, D] or, with ``slot``, [S, n, Hkv, D]."""
+    if slot is None:
+        return ck, ck, 0
+    return ck[0], slot, ck.stride(0)
+
+
+def _stage1_lse(q: torch.Tensor, ck2: torch.Tensor, q_pos: torch.Tensor, params: InfLLMv2Params, scale: float,
+                slot: torch.Tensor | None = None) -> torch.Tensor:
+    """Coarse LSE in log2 units, [T, H] fp32 (-inf where no ck2 window is visible).
+    With ``slot`` [T]: ck2 is [S, n2, Hkv, D] and row t reads ck2[slot[t]]."""
     T, H, D = q.shape
+    ck2, slot_t, s_cs = _slot_args(ck2, slot)
     n2, Hkv = ck2.shape[0], ck2.shape[1]
     G = H // Hkv
     interp = triton_interpret()
-    GP, BT, BN = _stage1_tiles(G)
+    GP, BT, BN = _stage1_tiles(G, slot is not None)
     n_qt = triton.cdiv(T, BT)
     target = 4 * num_sms(q.device)
     S = max(1, min(target // max(1, n_qt * Hkv), triton.cdiv(n2, 4 * BN)))  # split ck2 only when T is short
@@ -275,11 +298,11 @@ def _stage1_lse(q: torch.Tensor, ck2: torch.Tensor, q_pos: torch.Tensor, params:
         logger.debug("stage-1 LSE split over %d programs per query tile (T=%d too short to fill the GPU)", S, T)
     lse = torch.empty(S, T, H, dtype=torch.float32, device=q.device)
     _stage1_lse_kernel[(n_qt, Hkv, S)](
-        q, ck2, q_pos, lse, T, n2, per,
-        q.stride(0), q.stride(1), ck2.stride(0), ck2.stride(1), lse.stride(0), lse.stride(1), scale * _LOG2E,
+        q, ck2, q_pos, slot_t, lse, T, n2, per,
+        q.stride(0), q.stride(1), s_cs, ck2.stride(0), ck2.stride(1), lse.stride(0), lse.stride(1), scale * _LOG2E,
         G=G, GP=GP, BT=BT, D=D, BD=triton.next_power_of_2(D), BN=BN,
         KS=params.coarse_kernel_size, ST=params.coarse_kernel_stride, CAST=interp, PREC=dot_precision(q.dtype),
-        num_warps=_cfg()["lse_warps"], num_stages=_cfg()["lse_stages"],
+        BATCHED=slot is not None, num_warps=_cfg()["lse_warps"], num_stages=_cfg()["lse_stages"],
     )
     if S == 1:
         return lse[0]
@@ -288,12 +311,13 @@ def _stage1_lse(q: torch.Tensor, ck2: torch.Tensor, q_pos: torch.Tensor, params:
     return m_safe + torch.log2(torch.exp2(lse - m_safe).sum(0))  # log2(0) = -inf where nothing visible
 
 
-def _run_scores(q, ck1, q_pos, lse, params, scale, out, tail, n_cols, n_blk, pool: bool) -> None:
+def _run_scores(q, ck1, q_pos, lse, params, scale, out, tail, n_cols, n_blk, pool: bool, slot=None) -> None:
     T, H, D = q.shape
+    ck1, slot_t, s_cs = _slot_args(ck1, slot)
     n1, Hkv = ck1.shape[0], ck1.shape[1]
     G = H // Hkv
     interp = triton_interpret()
-    GP, BT, BN = _stage1_tiles(G)
+    GP, BT, BN = _stage1_tiles(G, slot is not None)
     r, left = _geometry(params) if pool else (1, 0)
     BN = max(BN, r)  # a tile holds whole blocks when pooling
     n_qt = triton.cdiv(T, BT)
@@ -302,12 +326,12 @@ def _run_scores(q, ck1, q_pos, lse, params, scale, out, tail, n_cols, n_blk, poo
     CW = per * BN
     grid = (n_qt, Hkv, triton.cdiv(n_cols, CW))
     _stage1_score_kernel[grid](
-        q, ck1, q_pos, lse, out, tail, T, n1, n_cols, n_blk,
-        q.stride(0), q.stride(1), ck1.stride(0), ck1.stride(1), lse.stride(0), out.stride(0), out.stride(1),
+        q, ck1, q_pos, slot_t, lse, out, tail, T, n1, n_cols, n_blk,
+        q.stride(0), q.stride(1), s_cs, ck1.stride(0), ck1.stride(1), lse.stride(0), out.stride(0), out.stride(1),
         scale * _LOG2E,
         G=G, GP=GP, BT=BT, D=D, BD=triton.next_power_of_2(D), BN=BN, CW=CW,
         KS=params.kernel_size, ST=params.kernel_stride, R=max(r, 1), LEFT=left,
-        POOL=pool, CAST=interp, PREC=dot_precision(q.dtype), RNE=interp_rne(out.dtype),
+        POOL=pool, CAST=interp, PREC=dot_precision(q.dtype), RNE=interp_rne(out.dtype), BATCHED=slot is not None,
         num_warps=_cfg()["score_warps"], num_stages=_cfg()["score_stages"],
     )
 
@@ -348,14 +372,20 @@ def triton_stage1_block_scores(
     return out
 
 
-def _run_select(src, tail, q_pos, num_keys, params, pooled: bool) -> torch.Tensor:
+def _run_select(src, tail, q_pos, num_keys, params, pooled: bool, dense_len: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """-> (topk_idx [Hkv, T, K], counts [Hkv, T] or None). ``dense_len`` (decode batches): rows whose length
+    pos + 1 is below it select every block up to their own (K widens to hold them) and counts are written."""
     Hkv, T, n_src = src.shape
     bs = params.block_size
     n_blk = math.ceil(num_keys / bs)
     k_sel = params.num_selected(num_keys)
-    out = torch.empty(Hkv, T, k_sel, dtype=torch.int32, device=src.device)
-    if T == 0 or k_sel == 0:
-        return out
+    k_dense = min(n_blk, math.ceil((dense_len - 1) / bs)) if dense_len else 0
+    k_width = max(k_sel, k_dense)
+    out = torch.empty(Hkv, T, k_width, dtype=torch.int32, device=src.device)
+    counts = torch.zeros(Hkv, T, dtype=torch.int32, device=src.device) if dense_len is not None else None
+    if T == 0 or k_width == 0:
+        return out, counts
     if n_blk > 65535:
         raise ValueError(f"Triton selection supports up to 65535 blocks ({65535 * bs} keys), got {n_blk}")
     r, left = _geometry(params)
@@ -364,13 +394,14 @@ def _run_select(src, tail, q_pos, num_keys, params, pooled: bool) -> torch.Tenso
     key64 = src.dtype != torch.bfloat16
     warps = 4 if NBP <= 2048 else min(16, NBP // 512)
     _select_kernel[(triton.cdiv(T, BR), Hkv)](
-        src, tail, q_pos, out, T, n_src, n_blk, k_sel,
-        src.stride(0), src.stride(1), out.stride(0), out.stride(1),
-        BR=BR, NBP=NBP, KP=triton.next_power_of_2(k_sel), R=r, LEFT=left, BS=bs,
+        src, tail, q_pos, out, out if counts is None else counts, T, n_src, n_blk, k_sel, k_width,
+        dense_len or 0, k_dense,
+        src.stride(0), src.stride(1), out.stride(0), out.stride(1), 0 if counts is None else counts.stride(0),
+        BR=BR, NBP=NBP, KP=triton.next_power_of_2(k_width), R=r, LEFT=left, BS=bs,
         INIT=params.init_blocks, LOCAL=params.local_blocks, POOLED=pooled,
-        KEY64=key64, NBITS=47 if key64 else 31, num_warps=warps,
+        KEY64=key64, NBITS=47 if key64 else 31, PER_ROW=counts is not None, num_warps=warps,
     )
-    return out
+    return out, counts
 
 
 def triton_select_blocks(scores: torch.Tensor, q_pos: torch.Tensor, num_keys: int, params: InfLLMv2Params) -> torch.Tensor:
@@ -383,7 +414,7 @@ def triton_select_blocks(scores: torch.Tensor, q_pos: torch.Tensor, num_keys: in
     if scores.dim() != 3:
         raise ValueError(f"scores must be [Hkv, T, n1], got {tuple(scores.shape)}")
     (scores,) = _contig(scores)
-    return _run_select(scores, scores, q_pos, num_keys, params, pooled=False)
+    return _run_select(scores, scores, q_pos, num_keys, params, pooled=False)[0]
 
 
 def triton_select_from_queries(
@@ -416,4 +447,35 @@ def triton_select_from_queries(
             q, ck1, ck2 = _contig(q, ck1, ck2)
             lse = _stage1_lse(q, ck2, q_pos, params, scale)
             _run_scores(q, ck1, q_pos, lse, params, scale, own, tail, n_blk * r, n_blk, pool=True)
-    return _run_select(own, tail, q_pos, num_keys, params, pooled=True)
+    return _run_select(own, tail, q_pos, num_keys, params, pooled=True)[0]
+
+
+def triton_select_decode_batch(
+    q: torch.Tensor,
+    ck1: torch.Tensor,
+    ck2: torch.Tensor,
+    slot: torch.Tensor,
+    q_pos: torch.Tensor,
+    num_keys: int,
+    params: InfLLMv2Params,
+    scale: float,
+    dense_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1 + selection for one decode token per row, each row in its own cache slot; graph-safe.
+
+    q: [N, H, D]; ck1/ck2: [S, n1|n2, Hkv, D] (slot caches; windows complete by q_pos[t] must be present);
+    slot, q_pos: [N]; num_keys: the slot capacity (positions beyond q_pos are never selected). Rows with
+    q_pos + 1 < dense_len select all their blocks. -> (topk_idx [Hkv, N, K] int32 ascending, counts [Hkv, N]).
+    Shapes depend only on N and the cache shapes, and nothing syncs with the host.
+    """
+    _check_stage1(q, ck1[0], ck2[0])
+    N, H, _ = q.shape
+    Hkv = ck1.shape[2]
+    r, _ = _geometry(params)
+    n_blk = math.ceil(num_keys / params.block_size)
+    own = torch.empty(Hkv, N, n_blk, dtype=_score_dtype(q.dtype), device=q.device)
+    tail = torch.empty_like(own)
+    (q,) = _contig(q)
+    lse = _stage1_lse(q, ck2, q_pos, params, scale, slot)
+    _run_scores(q, ck1, q_pos, lse, params, scale, own, tail, n_blk * r, n_blk, pool=True, slot=slot)
+    return _run_select(own, tail, q_pos, num_keys, params, pooled=True, dense_len=dense_len)

@@ -1,0 +1,111 @@
+"""Fused decode (sparse-layer attention inside the step, the path CUDA graphs capture whole) == plain model.
+
+Forced on here (``fused_attention=True``), so the Triton kernels run in the CPU interpreter: batched rows at
+both sides of ``dense_len``, compressed keys appended on the device, padding rows, and the hand-over from a
+prefill that never built compressed keys.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sala.engine import Engine, EngineConfig, EngineError, SamplingParams
+from sala.engine.kv_cache import LightningStore, SparseStore, StaticCache
+from sala.engine.runner import ModelRunner
+from sala.ops import compress_keys
+
+from .conftest import make_model, random_prompt
+from .test_engine import GREEDY, model_greedy
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.triton
+
+LENGTHS = (20, 50, 90)  # dense only, crossing dense_len = 64 during decode, sparse from the start
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def references(sparse_model):
+    return {n: model_greedy(sparse_model, random_prompt(n, seed=n), STEPS) for n in LENGTHS}
+
+
+@pytest.fixture(params=["naive", "triton"])
+def ops_backend(request, monkeypatch):
+    """Fused decode with the reference loop, then with the Triton kernels (the interpreter on CPU)."""
+    monkeypatch.setenv("SALA_BACKEND", request.param)
+    return request.param
+
+
+def test_fused_decode_logits_match_model(sparse_model, references, ops_backend):
+    """Three sequences decoding together through the fused step give the model's logits token by token, and
+    the device-appended compressed keys equal compressing the whole K cache."""
+    cache = StaticCache(sparse_model.config, 3, 128, torch.float32, "cpu")
+    runner = ModelRunner(sparse_model, cache, fused_attention=True)
+    assert runner.fused
+    slots = [2, 0, 1]  # out of order on purpose
+    for s, n in zip(slots, LENGTHS):
+        runner.prefill(s, torch.tensor(random_prompt(n, seed=n)), want_logits=False)
+    for i in range(STEPS - 1):
+        tokens = torch.tensor([references[n][0][i] for n in LENGTHS])
+        logits = runner.decode(slots, [n + i for n in LENGTHS], tokens)
+        for r, n in enumerate(LENGTHS):
+            torch.testing.assert_close(logits[r], references[n][1][i + 1], rtol=1e-4, atol=1e-4,
+                                       msg=lambda m: f"prompt {n}, step {i}: {m}")
+    for store in cache.stores:
+        if isinstance(store, SparseStore):
+            for s, n in zip(slots, LENGTHS):
+                L = n + STEPS - 1
+                assert cache.lengths[s] == L
+                ks, st = store.compression
+                want = compress_keys(store.keys[s, :L], ks, st)
+                assert store.n1[s] == want.shape[0]
+                torch.testing.assert_close(store.ck1[s, : store.n1[s]], want, rtol=0, atol=0)
+
+
+def test_fused_engine_batched_greedy(references):
+    model = make_model()
+    eng = Engine(model, None, EngineConfig(max_batch=3, max_seq_len=160, prefill_chunk=40, fused_attention=True))
+    out = eng.generate([random_prompt(n, seed=n) for n in LENGTHS], SamplingParams(max_tokens=STEPS, **GREEDY))
+    assert [c.token_ids for c in out] == [references[n][0] for n in LENGTHS]
+
+
+def test_fused_padding_rows_touch_nothing(sparse_model, ops_backend):
+    """A batch padded to a larger bucket: same logits, and a bystander slot's K/V, compressed keys and states
+    are untouched."""
+    prompts = [random_prompt(n, seed=10 + n) for n in (30, 70)]
+    results = []
+    for bucket in (2, 4):
+        cache = StaticCache(sparse_model.config, 3, 128, torch.float32, "cpu")
+        runner = ModelRunner(sparse_model, cache, fused_attention=True)
+        for slot, p in zip((1, 2), prompts):
+            runner.prefill(slot, torch.tensor(p), want_logits=False)
+            cache.ensure_compressed(slot)
+        runner.prefill(0, torch.tensor(random_prompt(100, seed=5)), want_logits=False)  # bystander in slot 0
+        before = [s.state[0].clone() if isinstance(s, LightningStore) else (s.keys[0, :100].clone(), s.ck1[0].clone())
+                  for s in cache.stores]
+        idx = torch.tensor(runner.index_rows([1, 2], [30, 70], bucket))
+        ids = torch.tensor([7, 9] + [0] * (bucket - 2))
+        width = sparse_model.config.num_attention_heads * sparse_model.config.head_dim
+        o = [torch.zeros(bucket, 1, width) for _ in runner.sparse_layers]
+        with torch.no_grad():
+            logits = runner.run_pieces(ids, idx, o, attend=None).logits[:2]
+        for b, s in zip(before, cache.stores):
+            if isinstance(s, LightningStore):
+                assert torch.equal(b, s.state[0])
+            else:
+                assert torch.equal(b[0], s.keys[0, :100]) and torch.equal(b[1], s.ck1[0], )
+        results.append(logits)
+    assert not results[0].isnan().any()
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_needs_compressed_caches():
+    model = make_model()
+    cache = StaticCache(model.config, 1, 64, torch.float32, "cpu")
+    for store in cache.stores:
+        if isinstance(store, SparseStore):
+            store.compression = store.ck1 = store.ck2 = None
+    with pytest.raises(EngineError, match="compressed-key caches"):
+        ModelRunner(model, cache, fused_attention=True)
+    assert not ModelRunner(model, cache).fused  # auto mode falls back to eager attention
