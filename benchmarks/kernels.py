@@ -382,9 +382,67 @@ def bench_sparse(Ts=(8192, 32768, 131072), H: int = 32, Hkv: int = 2, D: int = 1
     return out
 
 
+def bench_sparse_decode(Ls=(32768, 131072, 262144, 1048576), batches=(1, 8), H: int = 32, Hkv: int = 2,
+                        D: int = 128) -> list[dict]:
+    """One sparse layer's decode attention (compressed-key append + stage 1 + select + attend) for a batch of
+    sequences of length L: the fused batched path in a CUDA graph vs the per-sequence path (eager, as the
+    pieces-mode runner calls it). Checks the fused output against the per-sequence one first."""
+    from sala.ops import append_compressed_keys, decode_attention_batch, infllm_v2_attention
+    from sala.ops.infllm_v2 import InfLLMv2Params, num_windows
+    from sala.ops.infllm_v2.compress import triton_compress_keys
+    from sala.utils.testing import rel_l2
+
+    params = InfLLMv2Params()
+    rows = []
+    for L in Ls:
+        for N in batches:
+            if N * L * Hkv * D * 2 * 2 > 24 * 2**30:
+                continue
+            g = torch.Generator(device="cuda").manual_seed(L + N)
+            keys = torch.randn(N, L + 1, Hkv, D, device="cuda", generator=g).bfloat16()
+            values = torch.randn(N, L + 1, Hkv, D, device="cuda", generator=g).bfloat16()
+            n1, n2 = num_windows(L + 1, 32, 16), num_windows(L + 1, 128, 64)
+            ck1 = torch.empty(N, n1, Hkv, D, device="cuda", dtype=torch.bfloat16)
+            ck2 = torch.empty(N, n2, Hkv, D, device="cuda", dtype=torch.bfloat16)
+            for s in range(N):
+                c1, c2 = triton_compress_keys(keys[s, :L], 32, 16), triton_compress_keys(keys[s, :L], 128, 64)
+                ck1[s, : c1.shape[0]], ck2[s, : c2.shape[0]] = c1, c2
+            q = torch.randn(N, H, D, device="cuda", generator=g).bfloat16()
+            slot = torch.arange(N, device="cuda")
+            pos = torch.full((N,), L - 1, device="cuda")
+
+            def fused():
+                append_compressed_keys(keys, ck1, ck2, slot, pos, 32, 16)
+                return decode_attention_batch(q, keys, values, ck1, ck2, slot, pos, params, SCALE, 8192)
+
+            def per_sequence():
+                outs = []
+                for s in range(N):
+                    c1 = ck1[s, : num_windows(L, 32, 16)]
+                    c2 = ck2[s, : num_windows(L, 128, 64)]
+                    outs.append(infllm_v2_attention(q[s : s + 1], keys[s, :L], values[s, :L], c1, c2, pos[s : s + 1],
+                                                    params, SCALE, first_pos=L - 1))
+                return torch.cat(outs)
+
+            err = rel_l2(fused().float(), per_sequence().float())
+            if not err < 1e-2:
+                raise AssertionError(f"fused decode differs from the per-sequence path at L={L} N={N}: rel_l2 {err:.2e}")
+            row = {"L": L, "batch": N, "rel_l2": err, "fused_graph_us": 1e3 * _graph_ms(fused),
+                   "per_seq_eager_us": 1e3 * _time_ms(per_sequence)}
+            row["speedup"] = row["per_seq_eager_us"] / row["fused_graph_us"]
+            kv_read = N * Hkv * (96 * 64 * D * 2 * 2 + (n1 + n2) * D * 2)  # selected K/V + both compressed tiers
+            row["fused_TBps"] = kv_read / row["fused_graph_us"] / 1e6
+            rows.append(row)
+            del keys, values, ck1, ck2
+    _print_table(f"InfLLM-v2 decode attention per layer, H={H} Hkv={Hkv} D={D} bf16 (us; TB/s = selected K/V + "
+                 "compressed keys read)", rows,
+                 ["L", "batch", "fused_graph_us", "per_seq_eager_us", "speedup", "fused_TBps", "rel_l2"])
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="sala kernel benchmarks vs baselines measured in the same run")
-    parser.add_argument("--only", choices=("lightning", "sparse", "all"), default="all", help="which sections to run")
+    parser.add_argument("--only", choices=("lightning", "sparse", "decode", "all"), default="all", help="which sections to run")
     parser.add_argument("--out", type=Path, default=Path("out/bench"), help="folder for the JSON results")
     parser.add_argument("--prefill-T", default="8192,32768,131072,262144", help="comma-separated prefill lengths")
     parser.add_argument("--decode-batch", default="1,16,64", help="comma-separated decode batch sizes")
@@ -405,6 +463,8 @@ def main(argv: list[str] | None = None) -> None:
             results["lightning_train"] = bench_lightning_train()
     if args.only in ("sparse", "all"):
         results["sparse"] = bench_sparse()
+    if args.only in ("decode", "all"):
+        results["sparse_decode"] = bench_sparse_decode()
     path = args.out / f"kernels_{args.only}.json"
     path.write_text(json.dumps(results, indent=2, default=str))
     print(f"\nwrote {path}")

@@ -28,10 +28,10 @@ def prompts(vocab: int) -> list[torch.Tensor]:
     return [torch.randint(5, vocab, (n,), generator=g).cuda() for n in LENGTHS]
 
 
-def decode_run(model, graphs: bool, tokens: list[list[int]] | None):
+def decode_run(model, graphs: bool, tokens: list[list[int]] | None, fused: bool = False):
     """Prefill each prompt in its own slot, then decode STEPS tokens for all together (teacher-forced if given)."""
     cache = StaticCache(model.config, 4, 1024, next(model.parameters()).dtype, "cuda")
-    runner = ModelRunner(model, cache, cuda_graphs=graphs)
+    runner = ModelRunner(model, cache, cuda_graphs=graphs, fused_attention=fused)
     slots = [0, 2, 3]  # non-contiguous slots, bucket 4 pads one row
     cur = []
     for s, p in zip(slots, prompts(model.config.vocab_size)):
@@ -56,11 +56,14 @@ def model_logits(model, prompt: torch.Tensor, feed: list[int]) -> torch.Tensor:
     return torch.stack(out)
 
 
-def test_graph_decode_matches_eager_and_model(model):
+@pytest.mark.parametrize("fused", [False, True], ids=["pieces", "fused"])
+def test_graph_decode_matches_eager_and_model(model, fused):
     tol = 5e-3 if next(model.parameters()).dtype == torch.float32 else 3e-2
-    eager_logits, eager_tokens, _ = decode_run(model, graphs=False, tokens=None)
-    graph_logits, _, runner = decode_run(model, graphs=True, tokens=eager_tokens)
-    assert runner.use_graphs and 4 in runner._graphs
+    # eager pieces with per-sequence attention vs graphs: pieces with eager attention, or one fused graph
+    eager_logits, eager_tokens, _ = decode_run(model, graphs=False, tokens=None, fused=False)
+    graph_logits, _, runner = decode_run(model, graphs=True, tokens=eager_tokens, fused=fused)
+    assert runner.use_graphs and runner.fused == fused and 4 in runner._graphs
+    assert len(runner._graphs[4].graphs) == (1 if fused else len(runner.sparse_layers) + 1)
     err = rel_l2(graph_logits, eager_logits)
     print(f"graph vs eager rel_l2 {err:.2e}")
     assert err < tol

@@ -108,4 +108,4 @@ def test_fused_needs_compressed_caches():
             store.compression = store.ck1 = store.ck2 = None
     with pytest.raises(EngineError, match="compressed-key caches"):
         ModelRunner(model, cache, fused_attention=True)
-    assert not ModelRunner(model, cache).fused  # auto mode falls back to eager attention
+    assert not ModelRunner(model, cache).fused  # the default: eager attention between pieces

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from sala.engine.kv_cache import StaticCache
+from sala.engine.kv_cache import LightningStore, StaticCache
 from sala.engine.loader import dtype_name, random_model, resolve_device, resolve_dtype
 from sala.engine.planner import num_parameters, parse_tokens, plan_memory
 from sala.engine.runner import ModelRunner
@@ -59,6 +59,12 @@ class E2EConfig:
     gpu_mem: float | None = None
     """Memory budget in GiB for the engines' plans (default: the device's memory)."""
     no_cuda_graphs: bool = False
+    fused_decode: bool = False
+    """Experimental fused decode attention (``EngineConfig.fused_attention``)."""
+    decode_only: bool = False
+    """Skip the prefill: fill the caches with random keys, values and states of the context's length, then
+    time decode only (no TTFT). Decode cost does not depend on the cache's values, so this measures decode at
+    long contexts without paying for the prefill (e.g. the dense baseline at 256K)."""
     seed: int = 0
     out: str = "out/e2e"
 
@@ -68,6 +74,8 @@ class E2EConfig:
         bad = set(self.system_list) - set(SYSTEMS)
         if bad:
             raise ValueError(f"unknown systems {sorted(bad)}; choose from {SYSTEMS}")
+        if self.decode_only and "hf" in self.system_list:
+            raise ValueError("--decode-only times the engine systems (sala, dense); drop hf from --systems")
         if self.layers is not None and self.layers < 1:
             raise ValueError(f"--layers must be >= 1, got {self.layers}")
 
@@ -208,14 +216,18 @@ def bench_engine(model, ctx: int, cfg: E2EConfig, device: torch.device, row: Row
         row.note = f"batch {cfg.decode_batch} does not fit"
     plan.check()
     cache = StaticCache(model.config, batch, max_len, next(model.parameters()).dtype, device)
-    runner = ModelRunner(model, cache, cuda_graphs=not cfg.no_cuda_graphs)
+    runner = ModelRunner(model, cache, cuda_graphs=not cfg.no_cuda_graphs, fused_attention=cfg.fused_decode)
     gen = torch.Generator().manual_seed(cfg.seed)
-    prompt = torch.randint(0, model.config.vocab_size, (ctx,), generator=gen).to(device)
-    t0 = _now(device)
-    for a in range(0, ctx, cfg.chunk):
-        logits = runner.prefill(0, prompt[a : a + cfg.chunk], want_logits=a + cfg.chunk >= ctx)
-    token = logits.argmax()[None]
-    row.ttft_s = _now(device) - t0
+    if cfg.decode_only:
+        _random_fill(cache, ctx, cfg.seed)
+        token = torch.randint(0, model.config.vocab_size, (1,), generator=gen).to(device)
+    else:
+        prompt = torch.randint(0, model.config.vocab_size, (ctx,), generator=gen).to(device)
+        t0 = _now(device)
+        for a in range(0, ctx, cfg.chunk):
+            logits = runner.prefill(0, prompt[a : a + cfg.chunk], want_logits=a + cfg.chunk >= ctx)
+        token = logits.argmax()[None]
+        row.ttft_s = _now(device) - t0
 
     def timed_decode(slots: list[int], token: torch.Tensor) -> tuple[float, torch.Tensor]:
         tokens = token.expand(len(slots)).contiguous()
@@ -233,6 +245,20 @@ def bench_engine(model, ctx: int, cfg: E2EConfig, device: torch.device, row: Row
         row.decode_ms_bn, _ = timed_decode(list(range(batch)), token)
         row.batch_n = batch
     row.peak_gib = _peak_gib(device)
+
+
+def _random_fill(cache: StaticCache, ctx: int, seed: int) -> None:
+    """Slot 0 holds ``ctx`` tokens of random K/V (unit normal, like normed projections) and small random
+    Lightning states; compressed keys are built from the keys."""
+    torch.manual_seed(seed)
+    for store in cache.stores:
+        if isinstance(store, LightningStore):
+            store.state[0].normal_(std=0.1)
+        else:
+            store.keys[0, :ctx].normal_()
+            store.values[0, :ctx].normal_()
+    cache.lengths[0] = ctx
+    cache.ensure_compressed(0)
 
 
 def bench_hf(model, ctx: int, cfg: E2EConfig, device: torch.device, row: Row) -> None:

@@ -47,6 +47,8 @@ class EngineOptions:
     """Memory budget in GiB (default: the CUDA device's memory; unchecked on CPU)."""
     no_cuda_graphs: bool = False
     """Decode eagerly on CUDA."""
+    fused_decode: bool = False
+    """Experimental: sparse-layer decode attention fused into the (graph-captured) step."""
 
 
 @dataclass(kw_only=True)
@@ -144,7 +146,8 @@ def _engine(model, tokenizer, opts: EngineOptions, max_seq_len: int, progress=No
     from sala.engine.types import EngineConfig
 
     cfg = EngineConfig(max_batch=opts.batch, max_seq_len=max_seq_len, prefill_chunk=opts.chunk,
-                       memory_budget_gib=opts.gpu_mem, cuda_graphs=not opts.no_cuda_graphs)
+                       memory_budget_gib=opts.gpu_mem, cuda_graphs=not opts.no_cuda_graphs,
+                       fused_attention=opts.fused_decode)
     return Engine(model, tokenizer, cfg, on_prefill_progress=progress)
 
 

@@ -7,7 +7,7 @@ position of the prompt only (never ``T x vocab``).
 **Decode** does not go through ``SALAModel.forward`` (whose per-sequence loops, host syncs and shared-length
 layout do not fit a batch of sequences at different lengths). It calls the model's submodules directly.
 
-With the Triton backend (CUDA, or forced), the sparse layers' attention is *fused* into the step: after the
+With ``fused_attention`` (opt-in), the sparse layers' attention is *fused* into the step: after the
 K/V write, ``append_compressed_keys`` extends the compressed-key caches and ``decode_attention_batch`` attends
 every row over its own slot (dense below ``dense_len``, InfLLM-v2 above, chosen per row on the device), with
 shapes that depend only on the batch bucket and the cache. The whole step is then one CUDA graph per bucket.
@@ -41,7 +41,6 @@ from sala.model import SALAForCausalLM
 from sala.model.cache import LightningLayerCache
 from sala.model.modeling_sala import BatchLayout, rope_cos_sin
 from sala.ops import append_compressed_keys, decode_attention_batch, dense_causal_attention, infllm_v2_attention
-from sala.ops.common.dispatch import resolve_backend
 
 logger = logging.getLogger(__name__)
 
@@ -111,13 +110,13 @@ class _DecodeGraphs:
 class ModelRunner:
     """Runs prefill chunks and decode steps of a :class:`SALAForCausalLM` against a :class:`StaticCache`.
 
-    ``fused_attention``: run the sparse layers' decode attention inside the (graph-captured) step; None picks
-    it when the ops resolve to Triton for the model's device.
+    ``fused_attention``: run the sparse layers' decode attention inside the (graph-captured) step. Opt-in
+    until it has been verified and timed on a GPU (its kernels are tested on CPU in the Triton interpreter).
     """
 
     def __init__(self, model: SALAForCausalLM, cache: StaticCache, *, cuda_graphs: bool = True,
                  graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
-                 fused_attention: bool | None = None) -> None:
+                 fused_attention: bool = False) -> None:
         self.model, self.net, self.config = model, model.model, model.config
         self.cache = cache
         param = next(model.parameters())
@@ -129,9 +128,7 @@ class ModelRunner:
         self._graphs: dict[int, _DecodeGraphs] = {}
         can_fuse = all(self.net.layers[li].self_attn.dense_len is None or self.cache.stores[li].ck1 is not None
                        for li in self.sparse_layers)
-        if fused_attention is None:
-            fused_attention = can_fuse and resolve_backend("auto", self.device) == "triton"
-        elif fused_attention and not can_fuse:
+        if fused_attention and not can_fuse:
             raise EngineError("fused decode attention needs the compressed-key caches of every InfLLM-v2 layer")
         self.fused = fused_attention
         logger.info("decode: %s, sparse-layer attention %s", "CUDA graphs" if self.use_graphs else "eager",
