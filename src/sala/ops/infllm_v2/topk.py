@@ -433,21 +433,28 @@ def triton_select_from_queries(
     q_pos: [T]; num_keys: L -> topk_idx [Hkv, T, K_sel] int32.
     """
     _check_stage1(q, ck1, ck2)
-    T, H, _ = q.shape
-    Hkv = ck1.shape[1]
+    own, tail = _pooled_scores(q, ck1, ck2, q_pos, num_keys, params, scale)
+    return _run_select(own, tail, q_pos, num_keys, params, pooled=True)[0]
+
+
+def _pooled_scores(q, ck1, ck2, q_pos, num_keys: int, params: InfLLMv2Params, scale: float, slot=None):
+    """Stage 1 pooled inside the score kernel -> (own, tail) [Hkv, T, n_blocks] (see ``_stage1_score_kernel``).
+    With ``slot``: ck1/ck2 are [S, n, Hkv, D] slot caches and row t reads slot[t]."""
+    T = q.shape[0]
+    Hkv = ck1.shape[-2]
     r, _ = _geometry(params)
     n_blk = math.ceil(num_keys / params.block_size)
     own = torch.empty(Hkv, T, n_blk, dtype=_score_dtype(q.dtype), device=q.device)
     tail = torch.empty_like(own)
     if T and n_blk:
-        if ck1.shape[0] == 0:
+        if ck1.shape[-3] == 0:
             own.zero_()
             tail.zero_()
         else:
             q, ck1, ck2 = _contig(q, ck1, ck2)
-            lse = _stage1_lse(q, ck2, q_pos, params, scale)
-            _run_scores(q, ck1, q_pos, lse, params, scale, own, tail, n_blk * r, n_blk, pool=True)
-    return _run_select(own, tail, q_pos, num_keys, params, pooled=True)[0]
+            lse = _stage1_lse(q, ck2, q_pos, params, scale, slot)
+            _run_scores(q, ck1, q_pos, lse, params, scale, own, tail, n_blk * r, n_blk, pool=True, slot=slot)
+    return own, tail
 
 
 def triton_select_decode_batch(
@@ -468,14 +475,9 @@ def triton_select_decode_batch(
     q_pos + 1 < dense_len select all their blocks. -> (topk_idx [Hkv, N, K] int32 ascending, counts [Hkv, N]).
     Shapes depend only on N and the cache shapes, and nothing syncs with the host.
     """
+    if ck1.dim() != 4 or ck2.dim() != 4 or slot.shape != (q.shape[0],):
+        raise ValueError(f"decode batch wants ck1/ck2 [S, n, Hkv, D] and slot [N]; got {tuple(ck1.shape)}, "
+                         f"{tuple(ck2.shape)}, {tuple(slot.shape)}")
     _check_stage1(q, ck1[0], ck2[0])
-    N, H, _ = q.shape
-    Hkv = ck1.shape[2]
-    r, _ = _geometry(params)
-    n_blk = math.ceil(num_keys / params.block_size)
-    own = torch.empty(Hkv, N, n_blk, dtype=_score_dtype(q.dtype), device=q.device)
-    tail = torch.empty_like(own)
-    (q,) = _contig(q)
-    lse = _stage1_lse(q, ck2, q_pos, params, scale, slot)
-    _run_scores(q, ck1, q_pos, lse, params, scale, own, tail, n_blk * r, n_blk, pool=True, slot=slot)
+    own, tail = _pooled_scores(q, ck1, ck2, q_pos, num_keys, params, scale, slot)
     return _run_select(own, tail, q_pos, num_keys, params, pooled=True, dense_len=dense_len)
