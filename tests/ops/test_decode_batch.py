@@ -103,3 +103,53 @@ def test_append_compressed_keys_builds_the_full_compression(backend, dtype):
             want = compress_keys(keys[s, :L], ks, st, backend=backend)
             torch.testing.assert_close(buf[s, :n], want, rtol=0, atol=0)
             assert buf[s, n:].isnan().all(), f"slot {s}: a window past length {L} was written"
+
+
+@pytest.mark.parametrize("dense_len", [DENSE_LEN, None], ids=["sparse-model", "dense-model"])
+def test_decode_batch_never_reads_past_the_row(dense_len):
+    """Cache memory after a row's position may be anything (never written, or a freed buffer): NaN there must
+    not reach the output, although the row's own block and the capacity extend past it."""
+    S, C, H, Hkv, D = 2, 320, 8, 2, 16
+    keys, values = _slots(S, C, Hkv, D, torch.float32, seed=7)
+    slot = torch.tensor([1, 0], device=DEV)
+    pos = torch.tensor([200, 90], device=DEV)
+    ck1, ck2 = None, None
+    if dense_len is not None:
+        ck1, ck2 = _full_compression(keys, C)
+    for s, p in zip(slot.tolist(), pos.tolist()):
+        keys[s, p + 1 :] = float("nan")
+        values[s, p + 1 :] = float("nan")
+    q = torch.randn(2, H, D, generator=torch.Generator().manual_seed(8)).to(DEV)
+    got = decode_attention_batch(q, keys, values, ck1, ck2, slot, pos, P, 0.25, dense_len, backend="triton")
+    ref = decode_attention_batch(q, keys, values, ck1, ck2, slot, pos, P, 0.25, dense_len, backend="naive")
+    assert not got.isnan().any()
+    assert_close(got, ref, 1e-5, "NaN past the position")
+
+
+def test_decode_batch_selection_reads_each_rows_slot():
+    """Stage 1 + selection of the batch equal the per-row reference selection, with slots whose compressed keys
+    differ in scale (a row scored against another slot's ck1 or ck2 would pick other blocks)."""
+    from sala.ops.infllm_v2.naive import naive_select_blocks, naive_stage1_block_scores
+    from sala.ops.infllm_v2.topk import triton_select_decode_batch
+
+    S, C, H, Hkv, D = 3, 640, 8, 2, 16
+    keys, _ = _slots(S, C, Hkv, D, torch.float32, seed=9)
+    keys *= torch.tensor([0.5, 1.0, 3.0], device=DEV).view(S, 1, 1, 1)  # distinct score scales per slot
+    ck1, ck2 = _full_compression(keys, C)
+    slot = torch.tensor([2, 0, 1, 2], device=DEV)
+    pos = torch.tensor([639, 500, 333, 94], device=DEV)  # the last row is below dense_len
+    q = torch.randn(4, H, D, generator=torch.Generator().manual_seed(10)).to(DEV)
+    idx, counts = triton_select_decode_batch(q, ck1, ck2, slot, pos, C, P, 0.25, DENSE_LEN)
+    for t in range(4):
+        s, L = int(slot[t]), int(pos[t]) + 1
+        if L < DENSE_LEN:
+            want = torch.arange(-(-L // P.block_size), device=DEV)
+        else:
+            c1, c2 = ck1[s, : num_windows(L, 8, 4)], ck2[s, : num_windows(L, 32, 16)]
+            scores = naive_stage1_block_scores(q[t : t + 1], c1, c2, pos[t : t + 1], P, 0.25)
+            sel = naive_select_blocks(scores, pos[t : t + 1], L, P)  # [Hkv, 1, K_sel]
+        for h in range(Hkv):
+            ref = want if L < DENSE_LEN else sel[h, 0][sel[h, 0] >= 0].sort().values
+            n = int(counts[h, t])
+            assert n == ref.numel(), f"row {t} head {h}: {n} blocks, want {ref.numel()}"
+            assert torch.equal(idx[h, t, :n].long(), ref.long()), f"row {t} head {h}"

@@ -234,10 +234,11 @@ class ModelRunner:
         store.keys[kv_slot, kv_pos] = k[:, 0]
         store.values[kv_slot, kv_pos] = v[:, 0]
         if self.fused:  # padding rows: position 0 of slot 0 completes no window and is only read
-            p = attn.params
+            p, cap = attn.params, self.cache.max_seq_len  # views without the scratch column
+            keys, values = store.keys[:, :cap], store.values[:, :cap]
             if attn.dense_len is not None:
-                append_compressed_keys(store.keys, store.ck1, store.ck2, kv_slot, pos, p.kernel_size, p.kernel_stride)
-            o_j = decode_attention_batch(q[:, 0], store.keys, store.values, store.ck1, store.ck2, kv_slot, pos, p,
+                append_compressed_keys(keys, store.ck1, store.ck2, kv_slot, pos, p.kernel_size, p.kernel_stride)
+            o_j = decode_attention_batch(q[:, 0], keys, values, store.ck1, store.ck2, kv_slot, pos, p,
                                          attn.scale, attn.dense_len)
             return _PieceOut(h=h, x=x, q=q, o=o_j.reshape(n, 1, -1))
         return _PieceOut(h=h, x=x, q=q)

@@ -164,6 +164,13 @@ def _sparse_token_kernel(
         n = tl.load(cnt_ptr + i_h * s_ch + i_t * s_ct)
     else:
         n = K
+    if BATCHED:
+        # L is the slot capacity here: never load past the row's own position, whose V may be unwritten
+        # memory (NaN * 0 is NaN in the PV product even though the score is masked)
+        L = tl.minimum(L, tl.max(pos, axis=0) + 1)
+        if PARTIAL:  # split this row's own list length evenly (the host sized S for the capacity)
+            n_split = tl.num_programs(2)
+            per_split = tl.cdiv(tl.cdiv(n, n_split), NBI) * NBI
     lo = i_s * per_split
     hi = tl.minimum(lo + per_split, n)
     b_m = tl.full([MB], float("-inf"), dtype=tl.float32)
