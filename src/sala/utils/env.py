@@ -15,6 +15,18 @@ def op_backend() -> str:
     return value
 
 
+SPARSE_BACKWARDS = ("torch", "triton")
+
+
+def sparse_backward() -> str:
+    """Backward of the Triton block-sparse attention, from ``SALA_SPARSE_BACKWARD``: ``torch`` (default;
+    recompute in PyTorch) or ``triton`` (Triton kernels; verified on CPU, not yet timed on a GPU)."""
+    value = os.environ.get("SALA_SPARSE_BACKWARD", "torch").strip().lower() or "torch"
+    if value not in SPARSE_BACKWARDS:
+        raise ValueError(f"SALA_SPARSE_BACKWARD must be one of {SPARSE_BACKWARDS}, got {value!r}")
+    return value
+
+
 def triton_interpret() -> bool:
     """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

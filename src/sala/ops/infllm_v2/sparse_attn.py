@@ -15,8 +15,9 @@ Two strategies, picked by the number of queries:
 * **Decode / short chunks** (flash-decoding). ``_sparse_token_kernel`` alone, its list split over S programs
   writing (o, lse) partials that a small PyTorch step combines.
 
-Backward: recompute-based **PyTorch** (not Triton) over the selected blocks, in query chunks
-(``_sparse_backward_torch``); exact softmax gradients in fp32, memory bounded per chunk.
+Backward: recompute-based PyTorch over the selected blocks, in query chunks (``_sparse_backward_torch``; exact
+softmax gradients in fp32, memory bounded per chunk), or with ``SALA_SPARSE_BACKWARD=triton`` the Triton
+kernels of ``sparse_attn_bwd`` (dq per token; dk/dv over inverted selection lists).
 
 Contract: block indices in a row must be unique (``select_blocks`` guarantees it); -1 marks an unused slot.
 """
@@ -30,7 +31,7 @@ import triton
 import triton.language as tl
 
 from sala.ops.infllm_v2.topk import load_group_rows, check_dtype, dot_precision, interp_rne, num_sms, rne_bf16
-from sala.utils.env import triton_interpret
+from sala.utils.env import sparse_backward, triton_interpret
 
 logger = logging.getLogger(__name__)
 
@@ -372,14 +373,20 @@ def _sparse_backward_torch(q, k, v, topk_idx, q_pos, block_size: int, scale: flo
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, topk_idx, q_pos, block_size, scale):
-        ctx.save_for_backward(q, k, v, topk_idx, q_pos)
+        o = _sparse_forward(q, k, v, topk_idx, q_pos, block_size, scale)
+        ctx.save_for_backward(q, k, v, topk_idx, q_pos, o)
         ctx.block_size, ctx.scale = block_size, scale
-        return _sparse_forward(q, k, v, topk_idx, q_pos, block_size, scale)
+        return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, topk_idx, q_pos = ctx.saved_tensors
-        dq, dk, dv = _sparse_backward_torch(q, k, v, topk_idx, q_pos, ctx.block_size, ctx.scale, do)
+        q, k, v, topk_idx, q_pos, o = ctx.saved_tensors
+        if sparse_backward() == "triton" and ctx.block_size >= 16:  # tl.dot needs 16-wide tiles
+            from sala.ops.infllm_v2.sparse_attn_bwd import triton_sparse_attention_backward
+
+            dq, dk, dv = triton_sparse_attention_backward(q, k, v, o, do, topk_idx, q_pos, ctx.block_size, ctx.scale)
+        else:
+            dq, dk, dv = _sparse_backward_torch(q, k, v, topk_idx, q_pos, ctx.block_size, ctx.scale, do)
         return dq, dk, dv, None, None, None, None
 
 
