@@ -382,6 +382,39 @@ def bench_sparse(Ts=(8192, 32768, 131072), H: int = 32, Hkv: int = 2, D: int = 1
     return out
 
 
+def bench_sparse_backward(Ts=(8192, 16384), H: int = 32, Hkv: int = 2, D: int = 128) -> list[dict]:
+    """Block-sparse attention backward at the released geometry: Triton kernels vs the PyTorch recompute, after
+    checking that their gradients agree (bf16 inputs, selections from the real stage 1)."""
+    from sala.ops.infllm_v2 import InfLLMv2Params
+    from sala.ops.infllm_v2.compress import triton_compress_keys
+    from sala.ops.infllm_v2.sparse_attn import _sparse_backward_torch, _sparse_forward
+    from sala.ops.infllm_v2.sparse_attn_bwd import triton_sparse_attention_backward
+    from sala.ops.infllm_v2.topk import triton_select_from_queries
+    from sala.utils.testing import rel_l2
+
+    params = InfLLMv2Params()
+    rows = []
+    for T in Ts:
+        q, k, v, q_pos = _sparse_inputs(T, H, Hkv, D, clustered=True)
+        ck1 = triton_compress_keys(k, params.kernel_size, params.kernel_stride)
+        ck2 = triton_compress_keys(k, params.coarse_kernel_size, params.coarse_kernel_stride)
+        idx = triton_select_from_queries(q, ck1, ck2, q_pos, T, params, SCALE)
+        o = _sparse_forward(q, k, v, idx, q_pos, params.block_size, SCALE)
+        do = torch.randn_like(q)
+        ours = lambda: triton_sparse_attention_backward(q, k, v, o, do, idx, q_pos, params.block_size, SCALE)  # noqa: E731
+        torch_bwd = lambda: _sparse_backward_torch(q, k, v, idx, q_pos, params.block_size, SCALE, do)  # noqa: E731
+        errs = [rel_l2(a.float(), b.float()) for a, b in zip(ours(), torch_bwd())]
+        if not max(errs) < 2e-2:
+            raise AssertionError(f"sparse backward: Triton vs PyTorch rel_l2 {errs} at T={T}")
+        row = {"T": T, "triton_ms": _time_ms(ours), "torch_ms": _time_ms(torch_bwd), "max_rel_l2": max(errs)}
+        row["speedup"] = row["torch_ms"] / row["triton_ms"]
+        row["fwd_ms"] = _time_ms(lambda: _sparse_forward(q, k, v, idx, q_pos, params.block_size, SCALE))
+        rows.append(row)
+    _print_table(f"InfLLM-v2 block-sparse attention backward, H={H} Hkv={Hkv} D={D} bf16 (ms)", rows,
+                 ["T", "fwd_ms", "triton_ms", "torch_ms", "speedup", "max_rel_l2"])
+    return rows
+
+
 def bench_sparse_decode(Ls=(32768, 131072, 262144, 1048576), batches=(1, 8), H: int = 32, Hkv: int = 2,
                         D: int = 128) -> list[dict]:
     """One sparse layer's decode attention (compressed-key append + stage 1 + select + attend) for a batch of
@@ -446,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("out/bench"), help="folder for the JSON results")
     parser.add_argument("--prefill-T", default="8192,32768,131072,262144", help="comma-separated prefill lengths")
     parser.add_argument("--decode-batch", default="1,16,64", help="comma-separated decode batch sizes")
-    parser.add_argument("--train", action="store_true", help="also time Lightning forward+backward (T<=32K)")
+    parser.add_argument("--train", action="store_true", help="also time Lightning forward+backward and the sparse backward (T<=32K)")
     parser.add_argument("--verify-T", type=int, default=8192, help="length of the Lightning verify step")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -463,6 +496,8 @@ def main(argv: list[str] | None = None) -> None:
             results["lightning_train"] = bench_lightning_train()
     if args.only in ("sparse", "all"):
         results["sparse"] = bench_sparse()
+        if args.train:
+            results["sparse_backward"] = bench_sparse_backward()
     if args.only in ("decode", "all"):
         results["sparse_decode"] = bench_sparse_decode()
     path = args.out / f"kernels_{args.only}.json"
