@@ -153,3 +153,21 @@ def test_decode_batch_selection_reads_each_rows_slot():
             n = int(counts[h, t])
             assert n == ref.numel(), f"row {t} head {h}: {n} blocks, want {ref.numel()}"
             assert torch.equal(idx[h, t, :n].long(), ref.long()), f"row {t} head {h}"
+
+
+@pytest.mark.parametrize("dense_len", [DENSE_LEN, None], ids=["sparse-model", "dense-model"])
+def test_decode_batch_single_row_splits_by_its_own_length(dense_len):
+    """Batch 1 in a large cache: the LSE and attention work is split over several programs sized for the
+    capacity, and each program re-splits the row's own (shorter) lists; the merge must equal the reference."""
+    from sala.ops.infllm_v2.topk import num_sms
+
+    S, C, H, Hkv, D = 2, 1600, 4, 2, 16
+    keys, values = _slots(S, C, Hkv, D, torch.float32, seed=13)
+    ck1, ck2 = _full_compression(keys, C) if dense_len else (None, None)
+    q = torch.randn(1, H, D, generator=torch.Generator().manual_seed(14)).to(DEV)
+    for p in (1000, 150, 40):
+        slot, pos = torch.tensor([1], device=DEV), torch.tensor([p], device=DEV)
+        got = decode_attention_batch(q, keys, values, ck1, ck2, slot, pos, P, 0.25, dense_len, backend="triton")
+        ref = decode_attention_batch(q, keys, values, ck1, ck2, slot, pos, P, 0.25, dense_len, backend="naive")
+        assert_close(got, ref, 1e-5, f"position {p}")
+    assert 4 * num_sms(q.device) // Hkv > 1  # the capacity-sized split is really > 1 program here

@@ -272,11 +272,42 @@ def _decode_forward(q, k, v, topk_idx, q_pos, o, n_sm: int, a: dict, slot=None, 
         G=a["G"], MB=a["MB"], NBI=nbi, HAS_CNT=counts is not None, HAS_PRIOR=False, PARTIAL=True,
         BATCHED=slot is not None, **a["tok_launch"], **a["common"],
     )
-    m = pl.amax(0)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    w = torch.exp2(pl - m)  # [S, T, H]; 0 for empty splits
-    den = w.sum(0)
-    return o.copy_((po * w[..., None]).sum(0) / torch.where(den > 0, den, torch.ones_like(den))[..., None])
+    BR = 16
+    _merge_partials_kernel[(triton.cdiv(T * H, BR),)](
+        po, pl, o, S, T * H, H, o.stride(0), o.stride(1),
+        D=D, BD=triton.next_power_of_2(D), BR=BR, RNE=a["common"]["RNE"], num_warps=4,
+    )
+    return o
+
+
+@triton.jit(do_not_specialize=["S", "R"])
+def _merge_partials_kernel(po_ptr, pl_ptr, o_ptr, S, R, H, s_ot, s_oh,
+                           D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, RNE: tl.constexpr):
+    """Flash-decoding merge: rows r = t * H + h of the S normalised partials po [S, R, D] with their log2-sum-exp
+    pl [S, R] (both contiguous) -> o[t, h] (0 where every split was empty)."""
+    o_r = tl.program_id(0) * BR + tl.arange(0, BR)
+    m_r = o_r < R
+    o_d = tl.arange(0, BD)
+    m_rd = m_r[:, None] & (o_d < D)[None, :]
+    b_m = tl.full([BR], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BR], dtype=tl.float32)
+    b_acc = tl.zeros([BR, BD], dtype=tl.float32)
+    for s in range(S):
+        x = tl.load(pl_ptr + s * R + o_r, mask=m_r, other=float("-inf"))
+        b_o = tl.load(po_ptr + (s * R + o_r).to(tl.int64)[:, None] * D + o_d[None, :], mask=m_rd, other=0.0)
+        m_new = tl.maximum(b_m, x)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(b_m - m_safe)
+        w = tl.exp2(x - m_safe)
+        b_l = b_l * alpha + w
+        b_acc = b_acc * alpha[:, None] + b_o * w[:, None]
+        b_m = m_new
+    out = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]
+    if RNE:
+        out = rne_bf16(out)
+    t = (o_r // H).to(tl.int64)
+    h = o_r % H
+    tl.store(o_ptr + t[:, None] * s_ot + h[:, None] * s_oh + o_d[None, :], out.to(o_ptr.dtype.element_ty), mask=m_rd)
 
 
 def _token_forward(q, k, v, topk_idx, q_pos, o, a: dict) -> torch.Tensor:

@@ -116,6 +116,8 @@ def _stage1_lse_kernel(
     b_q, pos, m_r, head, tok = load_group_rows(q_ptr, pos_ptr, i_t, i_h, T, s_qt, s_qh, G, GP, BT, D, BD, CAST)
     max_pos = tl.max(pos, axis=0)
     n_vis = tl.where(max_pos >= KS - 1, (max_pos - KS + 1) // ST + 1, 0)  # windows complete by the last row
+    if BATCHED:  # the host sized the split for the capacity: split this row's own visible windows evenly
+        per_split = tl.cdiv(tl.cdiv(n_vis, tl.num_programs(2)), BN) * BN
     j_lo = i_s * per_split
     j_hi = tl.minimum(tl.minimum(j_lo + per_split, n2), n_vis)
     o_d = tl.arange(0, BD)
@@ -306,9 +308,27 @@ def _stage1_lse(q: torch.Tensor, ck2: torch.Tensor, q_pos: torch.Tensor, params:
     )
     if S == 1:
         return lse[0]
-    m = lse.amax(0)
-    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    return m_safe + torch.log2(torch.exp2(lse - m_safe).sum(0))  # log2(0) = -inf where nothing visible
+    out = torch.empty(T, H, dtype=torch.float32, device=q.device)
+    BR = 128
+    _merge_lse_kernel[(triton.cdiv(T * H, BR),)](lse, out, S, T * H, BR=BR, num_warps=4)
+    return out
+
+
+@triton.jit(do_not_specialize=["S", "R"])
+def _merge_lse_kernel(lse_ptr, out_ptr, S, R, BR: tl.constexpr):
+    """log2-sum-exp2 over the S split partials of [S, R] (contiguous) -> [R]; -inf where every part is -inf."""
+    o_r = tl.program_id(0) * BR + tl.arange(0, BR)
+    m_r = o_r < R
+    b_m = tl.full([BR], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BR], dtype=tl.float32)
+    for s in range(S):
+        x = tl.load(lse_ptr + s * R + o_r, mask=m_r, other=float("-inf"))
+        m_new = tl.maximum(b_m, x)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        b_l = b_l * tl.exp2(b_m - m_safe) + tl.exp2(x - m_safe)
+        b_m = m_new
+    out = tl.where(b_l > 0, b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0)), float("-inf"))
+    tl.store(out_ptr + o_r, out, mask=m_r)
 
 
 def _run_scores(q, ck1, q_pos, lse, params, scale, out, tail, n_cols, n_blk, pool: bool, slot=None) -> None:
