@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from sala.engine.bench import E2EConfig, _sparse_positions, dense_config, run_e2e, sala_config
 
 
@@ -34,3 +36,13 @@ def test_bench_shapes():
     assert d.residual_scale == 1.0 and d.logit_divisor == 1.0 and not d.sparse_attention and d.attn_use_rope
     assert _sparse_positions(8) == [0, 7] and _sparse_positions(32)[0] == 0 and _sparse_positions(32)[-1] == 31
     assert sala_config("released", 4, 4096).num_hidden_layers == 4 and dense_config("released", 4, 4096).num_hidden_layers == 4
+
+
+def test_bench_decode_only(tmp_path):
+    """--decode-only: random caches of the context's length, decode timed, no TTFT; hf is refused."""
+    cfg = E2EConfig(shape="tiny", contexts="100", decode_steps=2, decode_batch=2, systems="sala,dense", device="cpu",
+                    decode_only=True, fused_decode=True, out=str(tmp_path))
+    rows = run_e2e(cfg, out=open(tmp_path / "log.txt", "w"))["rows"]
+    assert all(r["status"] == "ok" and r["ttft_s"] is None and r["decode_ms_b1"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="decode-only"):
+        E2EConfig(shape="tiny", decode_only=True)  # default systems include hf
