@@ -58,6 +58,7 @@ def test_fused_decode_logits_match_model(sparse_model, references, ops_backend):
                 L = n + STEPS - 1
                 assert cache.lengths[s] == L
                 ks, st = store.compression
+                cache.sync_compressed(s)  # host counts are synced lazily
                 want = compress_keys(store.keys[s, :L], ks, st)
                 assert store.n1[s] == want.shape[0]
                 torch.testing.assert_close(store.ck1[s, : store.n1[s]], want, rtol=0, atol=0)
@@ -111,3 +112,27 @@ def test_fused_needs_compressed_caches():
     with pytest.raises(EngineError, match="compressed-key caches"):
         ModelRunner(model, cache, fused_attention=True)
     assert not ModelRunner(model, cache).fused  # the default: eager attention between pieces
+
+
+def test_prefill_after_fused_decode(sparse_model, ops_backend):
+    """Prefill -> fused decode -> more prefill into the same slot (host takes the compressed keys back) ->
+    fused decode: same logits as the eager runner doing the same, and a copied slot decodes the same."""
+    prompt, extra = random_prompt(40, seed=1), random_prompt(30, seed=2)
+    fed = random_prompt(12, seed=3)
+    results = []
+    for fused in (False, True):
+        cache = StaticCache(sparse_model.config, 2, 160, torch.float32, "cpu")
+        runner = ModelRunner(sparse_model, cache, fused_attention=fused)
+        logits = [runner.prefill(0, torch.tensor(prompt), want_logits=True)]
+        for i, tok in enumerate(fed[:6]):  # 40 -> 46
+            logits.append(runner.decode([0], [40 + i], torch.tensor([tok]))[0])
+        logits.append(runner.prefill(0, torch.tensor(extra), want_logits=True))  # 46 -> 76: crosses dense_len
+        for i, tok in enumerate(fed[6:]):
+            logits.append(runner.decode([0], [76 + i], torch.tensor([tok]))[0])
+        cache.copy_slot(0, 1)
+        logits.append(runner.decode([0, 1], [82, 82], torch.tensor([5, 5])))
+        results.append(torch.stack(logits[:-1]))
+        torch.testing.assert_close(logits[-1][0], logits[-1][1], rtol=0, atol=0)
+        results.append(logits[-1][0])
+    torch.testing.assert_close(results[2], results[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(results[3], results[1], rtol=1e-4, atol=1e-4)

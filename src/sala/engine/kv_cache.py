@@ -134,6 +134,9 @@ class StaticCache:
         device = torch.device(device)
         self.num_slots, self.max_seq_len = num_slots, max_seq_len
         self.lengths = [0] * num_slots
+        # slots whose compressed keys the device keeps current (fused decode appends each completed window);
+        # their host counts n1/n2 are synced lazily, so a decode step costs no per-layer host work
+        self._device_compressed = [False] * num_slots
         sc = config.sparse_config
         compression = (sc["kernel_size"], sc["kernel_stride"]) if config.sparse_attention else None
         state_dtype = torch.promote_types(dtype, torch.float32)  # spec §7: fp32 Lightning state
@@ -157,23 +160,31 @@ class StaticCache:
     def reset(self, slot: int) -> None:
         """Forget slot ``slot``'s sequence (buffers are overwritten, not cleared)."""
         self.lengths[slot] = 0
+        self._device_compressed[slot] = False
         for store in self.stores:
             if isinstance(store, SparseStore):
                 store.n1[slot] = store.n2[slot] = 0
 
     def ensure_compressed(self, slot: int) -> None:
         """Bring the compressed-key caches of ``slot`` up to its length (prefill below ``dense_len`` never
-        needed them); a no-op when they are current."""
+        needed them) and hand them to the device: from now on each fused decode step appends the window its
+        token completes. O(1) while the device keeps them current."""
+        if self._device_compressed[slot]:
+            return
         n = self.lengths[slot]
         for store in self.stores:
             if isinstance(store, SparseStore) and store.compression is not None:
                 ks, st = store.compression
                 if store.n1[slot] < num_windows(n, ks, st) or store.n2[slot] < num_windows(n, 4 * ks, 4 * st):
                     store.compressed(slot, store.keys[slot, :n], ks, st)
+        self._device_compressed[slot] = True
 
-    def mark_compressed(self, slot: int) -> None:
-        """Record that the compressed-key caches of ``slot`` hold every window of its current length (after a
-        decode step that appended them on the device)."""
+    def sync_compressed(self, slot: int) -> None:
+        """Before host code reads or extends ``slot``'s compressed keys again (prefill, copies): set the host
+        counts to what the device appended, every window of the slot's current length."""
+        if not self._device_compressed[slot]:
+            return
+        self._device_compressed[slot] = False
         for store in self.stores:
             if isinstance(store, SparseStore) and store.compression is not None:
                 ks, st = store.compression
@@ -183,10 +194,13 @@ class StaticCache:
     def view(self, slot: int) -> SlotCache:
         if not 0 <= slot < self.num_slots:
             raise EngineError(f"slot {slot} out of range [0, {self.num_slots})")
+        self.sync_compressed(slot)
         return SlotCache(self, slot)
 
     def copy_slot(self, src: int, dst: int) -> None:
         """Duplicate a sequence into another slot (benchmarks: one prefill, many decoding copies)."""
+        self.sync_compressed(src)
+        self.reset(dst)
         n = self.lengths[src]
         for store in self.stores:
             if isinstance(store, LightningStore):

@@ -180,9 +180,7 @@ class ModelRunner:
             o = [torch.empty(n, 1, width, dtype=self.dtype, device=self.device) for _ in self.sparse_layers]
             logits = self.run_pieces(tokens, idx, o, attend=(slots, lengths)).logits
         for s in slots:
-            self.cache.lengths[s] += 1
-            if self.fused:  # the step appended the windows its token completed
-                self.cache.mark_compressed(s)
+            self.cache.lengths[s] += 1  # fused: the step also appended the window its token completed
         return logits
 
     def run_pieces(self, ids: torch.Tensor, idx: torch.Tensor, o: list[torch.Tensor],
