@@ -25,5 +25,7 @@ step e2e_sala python -m sala.cli bench e2e --systems sala --contexts 32K,256K,1M
     --decode-batch 8 --out "$OUT/e2e_decode"
 step e2e_sala_fused python -m sala.cli bench e2e --systems sala --contexts 32K,256K,1M --decode-only --decode-steps 16 \
     --decode-batch 8 --fused-decode --out "$OUT/e2e_decode_fused"
+step e2e_dense python -m sala.cli bench e2e --systems dense --contexts 32K,256K --decode-only --decode-steps 16 \
+    --decode-batch 8 --out "$OUT/e2e_decode_dense_pieces"
 step e2e_dense_fused python -m sala.cli bench e2e --systems dense --contexts 32K,256K --decode-only --decode-steps 16 \
     --decode-batch 8 --fused-decode --out "$OUT/e2e_decode_dense"

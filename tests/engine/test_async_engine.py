@@ -57,17 +57,21 @@ def test_cancel_before_add_runs(aengine):
         return decode(*args)
 
     aengine.engine.runner.decode = slow
+    added = []
+    add = aengine.engine.add_request
+    aengine.engine.add_request = lambda *a, **kw: added.append(a[2]) or add(*a, **kw)
 
     async def main():
-        busy = asyncio.create_task(_collect(aengine, random_prompt(8, 1), SamplingParams(max_tokens=3, **GREEDY)))
+        busy = asyncio.create_task(_collect(aengine, random_prompt(8, 1), SamplingParams(max_tokens=3, **GREEDY), "busy"))
         await asyncio.sleep(0.1)
-        it = aengine.generate(random_prompt(8, 0), SamplingParams(max_tokens=100, **GREEDY))
+        it = aengine.generate(random_prompt(8, 0), SamplingParams(max_tokens=100, **GREEDY), "gone")
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(it.__anext__(), 0.05)
         return await busy
 
     assert len(asyncio.run(main())) == 3
-    del aengine.engine.runner.decode
+    assert added == ["busy"]  # the cancelled add was skipped, not added and aborted
+    del aengine.engine.runner.decode, aengine.engine.add_request
     assert aengine._thread.is_alive()
     _wait_idle(aengine)
     assert aengine.stats()["free_slots"] == 2
@@ -100,6 +104,14 @@ def test_cancel_while_add_is_pending(aengine):
 
 
 def test_duplicate_request_id_does_not_hijack_the_live_one(aengine):
+    decode = aengine.engine.runner.decode
+
+    def slow(*args):
+        time.sleep(0.02)  # the first request must still be running when the duplicate arrives
+        return decode(*args)
+
+    aengine.engine.runner.decode = slow
+
     async def main():
         first = asyncio.create_task(_collect(aengine, random_prompt(8, 0), SamplingParams(max_tokens=30, **GREEDY), "same"))
         await asyncio.sleep(0.05)
@@ -109,3 +121,51 @@ def test_duplicate_request_id_does_not_hijack_the_live_one(aengine):
 
     outs = asyncio.run(main())
     assert len(outs) == 30 and outs[-1].finish_reason is FinishReason.LENGTH
+
+
+def test_public_abort_ends_the_stream_with_abort(aengine):
+    decode = aengine.engine.runner.decode
+
+    def slow(*args):
+        time.sleep(0.02)
+        return decode(*args)
+
+    aengine.engine.runner.decode = slow
+
+    async def main():
+        outs = []
+        async for out in aengine.generate(random_prompt(8, 0), SamplingParams(max_tokens=100, **GREEDY), "victim"):
+            outs.append(out)
+            if len(outs) == 3:
+                aengine.abort("victim")
+        return outs
+
+    outs = asyncio.run(asyncio.wait_for(main(), 30))
+    assert outs[-1].finish_reason is FinishReason.ABORT and 3 <= len(outs) < 100
+    _wait_idle(aengine)
+    assert aengine.stats()["free_slots"] == 2
+
+
+def test_shutdown_fails_pending_adds(sparse_model):
+    eng = AsyncEngine(Engine(sparse_model, None, EngineConfig(max_batch=1, max_seq_len=64, prefill_chunk=64)))
+    eng.start()
+    add = eng.engine.add_request
+
+    def slow_add(*args, **kw):
+        time.sleep(0.3)  # shutdown is requested while this add runs; the next add is still queued
+        return add(*args, **kw)
+
+    eng.engine.add_request = slow_add
+
+    async def main():
+        first = asyncio.create_task(_collect(eng, random_prompt(8, 0), SamplingParams(max_tokens=50, **GREEDY)))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(_collect(eng, random_prompt(8, 1), SamplingParams(max_tokens=5, **GREEDY)))
+        await asyncio.sleep(0.05)
+        await asyncio.to_thread(eng.shutdown)
+        return await asyncio.wait_for(asyncio.gather(first, second, return_exceptions=True), 10)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, EngineError) and "shutting down" in str(r) for r in results), results
+    with pytest.raises(EngineError, match="not running"):
+        asyncio.run(_collect(eng, random_prompt(8, 0), SamplingParams(max_tokens=1, **GREEDY)))

@@ -171,3 +171,19 @@ def test_decode_batch_single_row_splits_by_its_own_length(dense_len):
         ref = decode_attention_batch(q, keys, values, ck1, ck2, slot, pos, P, 0.25, dense_len, backend="naive")
         assert_close(got, ref, 1e-5, f"position {p}")
     assert 4 * num_sms(q.device) // Hkv > 1  # the capacity-sized split is really > 1 program here
+
+
+def test_decode_batch_errors():
+    S, C, H, Hkv, D = 2, 64, 4, 2, 16
+    keys, values = _slots(S, C, Hkv, D, torch.float32, seed=15)
+    ck1, ck2 = _full_compression(keys, C)
+    q = torch.randn(1, H, D, device=DEV)
+    slot, pos = torch.tensor([0], device=DEV), torch.tensor([10], device=DEV)
+    with pytest.raises(ValueError, match="share D"):
+        decode_attention_batch(q[..., :8], keys, values, ck1, ck2, slot, pos, P, 0.3, DENSE_LEN)
+    with pytest.raises(ValueError, match="ck1 must be"):
+        decode_attention_batch(q, keys, values, ck1[:1], ck2, slot, pos, P, 0.3, DENSE_LEN)
+    with pytest.raises(TypeError, match="integer"):
+        decode_attention_batch(q, keys, values, ck1, ck2, slot.float(), pos, P, 0.3, DENSE_LEN)
+    with pytest.raises(ValueError, match="keys/values"):
+        append_compressed_keys(keys[0], ck1, ck2, slot, pos, 8, 4)

@@ -257,8 +257,9 @@ def _random_fill(cache: StaticCache, ctx: int, seed: int) -> None:
         else:
             store.keys[0, :ctx].normal_()
             store.values[0, :ctx].normal_()
+            if store.compression is not None:
+                store.compressed(0, store.keys[0, :ctx], *store.compression)
     cache.lengths[0] = ctx
-    cache.ensure_compressed(0)
 
 
 def bench_hf(model, ctx: int, cfg: E2EConfig, device: torch.device, row: Row) -> None:

@@ -199,6 +199,8 @@ class StaticCache:
 
     def copy_slot(self, src: int, dst: int) -> None:
         """Duplicate a sequence into another slot (benchmarks: one prefill, many decoding copies)."""
+        if src == dst:
+            return
         self.sync_compressed(src)
         self.reset(dst)
         n = self.lengths[src]

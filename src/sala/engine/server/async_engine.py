@@ -58,15 +58,38 @@ class AsyncEngine:
             except Exception as e:  # a failed step fails every request it touched; the server keeps running
                 logger.exception("engine step failed")
                 self._fail_all(EngineError(f"engine step failed: {e}"))
-        self._fail_all(EngineError("server is shutting down"))
+        closing = EngineError("server is shutting down")
+        self._fail_all(closing)
+        while True:  # adds that arrived too late: their callers get the error instead of waiting forever
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if cmd[0] == "add" and cmd[-1].set_running_or_notify_cancel():
+                cmd[-1].set_exception(closing)
 
     def _fail_all(self, error: EngineError) -> None:
         # detach each sink before aborting: the abort's own final output must not reach the caller as a
         # normal finish, the caller gets the error instead
         for rid, sink in list(self._sinks.items()):
             del self._sinks[rid]
-            self.engine.abort(rid)
-            sink(error)
+            self._safe_abort(rid)
+            self._safe_call(sink, error)
+
+    def _safe_abort(self, rid: str) -> RequestOutput | None:
+        """engine.abort that never kills the engine thread (it may raise after a failed step)."""
+        try:
+            return self.engine.abort(rid)
+        except Exception:
+            logger.exception("aborting request %s failed", rid)
+            return None
+
+    @staticmethod
+    def _safe_call(sink, item) -> None:
+        try:
+            sink(item)
+        except Exception:  # e.g. the caller's event loop is closed: nobody is left to tell
+            logger.exception("delivering to a request's stream failed")
 
     def _apply_commands(self) -> None:
         while True:
@@ -76,29 +99,35 @@ class AsyncEngine:
                 return
             if cmd[0] == "add":
                 _, prompt, params, rid, sink, fut = cmd
+                if fut.cancelled():  # the caller went away before the request was added
+                    continue
                 try:
-                    if fut.cancelled():  # the caller went away before the request was added
-                        continue
                     if self.engine.scheduler.num_waiting >= self.max_waiting:
                         raise RequestError(f"server busy: {self.max_waiting} requests already waiting", "server_busy")
                     if rid in self._sinks:  # checked here so a refused duplicate never replaces the live sink
                         raise RequestError(f"request id {rid!r} is already in use", "duplicate_request_id")
                     self.engine.add_request(prompt, params, rid, on_output=lambda out, r=rid: self._deliver(r, out))
-                    self._sinks[rid] = sink
-                    if not fut.set_running_or_notify_cancel():  # cancelled while add_request ran
-                        self._sinks.pop(rid, None)
-                        self.engine.abort(rid)
-                        continue
-                    fut.set_result(rid)
                 except Exception as e:
                     if fut.set_running_or_notify_cancel():
                         fut.set_exception(e)
+                    continue
+                self._sinks[rid] = sink
+                if fut.set_running_or_notify_cancel():
+                    fut.set_result(rid)
+                else:  # cancelled while add_request ran
+                    self._sinks.pop(rid, None)
+                    self._safe_abort(rid)
             elif cmd[0] == "abort":
                 _, rid, owner = cmd
-                if owner is not None and self._sinks.get(rid) is not owner:
+                if owner is None:  # public abort: the stream gets the ABORT output and ends normally
+                    out = self._safe_abort(rid)
+                    self._sinks.pop(rid, None)
+                elif self._sinks.get(rid) is owner:  # the stream's own caller left: nobody to tell
+                    del self._sinks[rid]
+                    out = self._safe_abort(rid)
+                else:
                     continue  # that stream never started or already ended; the id may now be someone else's
-                self._sinks.pop(rid, None)
-                if self.engine.abort(rid) is not None:
+                if out is not None:
                     logger.info("aborted request %s", rid)
 
     def _deliver(self, rid: str, item: RequestOutput | Exception) -> None:
@@ -107,14 +136,14 @@ class AsyncEngine:
             return
         if isinstance(item, Exception) or item.finished:
             del self._sinks[rid]
-        sink(item)
+        self._safe_call(sink, item)
 
     # ---- asyncio side ------------------------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
                        ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; leaving the iteration early (client gone) aborts it and frees its slot.
         Raises :class:`RequestError` (before the first output) if the engine refuses the request."""
-        if not self._thread.is_alive():
+        if not self._thread.is_alive() or self._stop.is_set():
             raise EngineError("engine thread is not running")
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()

@@ -203,6 +203,7 @@ def append_compressed_keys(
     keys: [S, C, Hkv, D]; ck1: [S, n1, Hkv, D]; ck2: [S, n2, Hkv, D]; slot, pos: [N] int. The Triton path is
     graph-safe (no host sync); the reference loops over rows on the host.
     """
+    _check_slot_caches(keys, None, ck1, ck2, slot, pos)
     if resolve_backend(backend, keys.device) == "triton":
         from sala.ops.infllm_v2.compress import triton_append_compressed_keys
 
@@ -238,11 +239,14 @@ def decode_attention_batch(
     whole decode step can be captured in one CUDA graph; rows below ``dense_len`` run through the same
     block-sparse kernel with every block selected. The reference loops over rows.
     """
-    if q.dim() != 3 or keys.dim() != 4 or keys.shape != values.shape or slot.shape != (q.shape[0],) or pos.shape != slot.shape:
-        raise ValueError(f"decode batch wants q [N, H, D], keys/values [S, C, Hkv, D], slot/pos [N]; got "
-                         f"{tuple(q.shape)}, {tuple(keys.shape)}, {tuple(values.shape)}, {tuple(slot.shape)}, {tuple(pos.shape)}")
+    if q.dim() != 3 or slot.shape != (q.shape[0],):
+        raise ValueError(f"decode batch wants q [N, H, D] and slot/pos [N]; got q {tuple(q.shape)}, slot {tuple(slot.shape)}")
     if dense_len is not None and (ck1 is None or ck2 is None):
         raise ValueError("sparse decode (dense_len set) needs the compressed-key caches ck1 and ck2")
+    _check_slot_caches(keys, values, ck1, ck2, slot, pos)
+    if q.shape[2] != keys.shape[3] or q.shape[1] % keys.shape[2]:
+        raise ValueError(f"q [N, H, D] must share D with the keys and H must be a multiple of their {keys.shape[2]} "
+                         f"KV heads; got q {tuple(q.shape)}, keys {tuple(keys.shape)}")
     if resolve_backend(backend, q.device) == "triton":
         return _triton_decode_batch(q, keys, values, ck1, ck2, slot, pos, params, scale, dense_len)
     out = torch.empty_like(q)
@@ -255,6 +259,21 @@ def decode_attention_batch(
             c2 = ck2[s, : num_windows(L, params.coarse_kernel_size, params.coarse_kernel_stride)]
             out[t] = infllm_v2_attention(q[t : t + 1], kb, vb, c1, c2, pos[t : t + 1], params, scale, "naive")[0]
     return out
+
+
+def _check_slot_caches(keys, values, ck1, ck2, slot, pos) -> None:
+    """Shapes and index dtypes of slot caches (no host sync)."""
+    if keys.dim() != 4 or (values is not None and values.shape != keys.shape):
+        raise ValueError(f"keys/values must be [S, C, Hkv, D] slot caches; got {tuple(keys.shape)}"
+                         + ("" if values is None else f", {tuple(values.shape)}"))
+    S, _, Hkv, D = keys.shape
+    for name, ck in (("ck1", ck1), ("ck2", ck2)):
+        if ck is not None and (ck.dim() != 4 or ck.shape[0] != S or ck.shape[2:] != (Hkv, D)):
+            raise ValueError(f"{name} must be [S={S}, n, Hkv={Hkv}, D={D}]; got {tuple(ck.shape)}")
+    if slot.dim() != 1 or pos.shape != slot.shape:
+        raise ValueError(f"slot and pos must both be [N]; got {tuple(slot.shape)}, {tuple(pos.shape)}")
+    if slot.dtype.is_floating_point or pos.dtype.is_floating_point or slot.dtype == torch.bool or pos.dtype == torch.bool:
+        raise TypeError(f"slot and pos must be integer tensors; got {slot.dtype}, {pos.dtype}")
 
 
 def _triton_decode_batch(q, keys, values, ck1, ck2, slot, pos, params, scale, dense_len):
