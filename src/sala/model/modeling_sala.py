@@ -29,7 +29,14 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from sala.model.cache import HybridCache, LightningLayerCache, SparseLayerCache
 from sala.model.checkpoint_io import verify_checkpoint, write_official_config
 from sala.model.configuration_sala import SALAConfig
-from sala.ops import chunk_lightning, dense_causal_attention, infllm_v2_attention, lightning_decay_slopes, lightning_step
+from sala.ops import (
+    chunk_lightning,
+    dense_causal_attention,
+    infllm_v2_attention,
+    lightning_decay_slopes,
+    lightning_step,
+    rms_norm,
+)
 from sala.ops.infllm_v2 import InfLLMv2Params
 
 logger = logging.getLogger(__name__)
@@ -47,9 +54,7 @@ class SALARMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.to(x.dtype) * self.weight
+        return rms_norm(x, self.weight, self.eps)  # one fused kernel on CUDA
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ from sala.ops.infllm_v2 import (
     stage1_block_scores,
 )
 from sala.ops.lightning import chunk_lightning, lightning_decay_slopes, lightning_step
+from sala.ops.norm import rms_norm
 
 __all__ = [
     "append_compressed_keys",
@@ -26,6 +27,7 @@ __all__ = [
     "infllm_v2_attention",
     "lightning_decay_slopes",
     "lightning_step",
+    "rms_norm",
     "select_blocks",
     "stage1_block_scores",
 ]

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sala.ops.common.triton_utils import interp_rne, rne_bf16  # noqa: F401 (re-exported to the other kernels)
 from sala.ops.infllm_v2.naive import InfLLMv2Params
 from sala.utils.env import triton_interpret
 
@@ -58,19 +59,6 @@ def check_dtype(*tensors: torch.Tensor) -> None:
     for t in tensors:
         if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"Triton InfLLM-v2 kernels take fp16/bf16/fp32 tensors, got {t.dtype}; use backend='naive' for fp64")
-
-
-def interp_rne(dtype: torch.dtype) -> bool:
-    """Whether kernels must round bf16 outputs by hand (only the interpreter needs it)."""
-    return triton_interpret() and dtype == torch.bfloat16
-
-
-@triton.jit
-def rne_bf16(x):
-    """Round fp32 to the nearest-even bf16 value, kept in fp32 (the CPU interpreter's casts truncate)."""
-    bits = x.to(tl.int32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-    return bits.to(tl.float32, bitcast=True)
 
 
 def _geometry(params: InfLLMv2Params) -> tuple[int, int]:

@@ -1,0 +1,58 @@
+"""Fused Triton RMSNorm vs the reference formula (the interpreter on CPU): values, rounding, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sala.ops import rms_norm
+from sala.ops.norm import naive_rms_norm
+from sala.utils.testing import assert_close
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.triton
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(3, 5, 96), (7, 4, 16), (2, 1, 300), (0, 64)], ids=["hidden", "heads", "odd-D", "empty"])
+def test_rms_norm_matches_reference(shape, dtype):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (3 * torch.randn(*shape, generator=g)).to(dtype).to(DEV)
+    w = (1 + 0.5 * torch.randn(shape[-1], generator=g)).to(dtype).to(DEV)
+    got = rms_norm(x, w, 1e-6, backend="triton")
+    want = naive_rms_norm(x, w, 1e-6)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if x.numel():
+        assert_close(got.float(), want.float(), 1e-6 if dtype == torch.float32 else 8e-3, "rms_norm")
+        if dtype != torch.float32:  # same rounding points as the reference: almost every element bit-equal
+            assert (got == want).float().mean() > 0.97
+
+
+def test_rms_norm_strided_input_and_mixed_weight():
+    x = torch.randn(4, 6, 64, device=DEV).bfloat16()[:, ::2]  # non-contiguous rows
+    w = torch.randn(64, device=DEV)  # fp32 weight on bf16 input: fp32 result, like the reference
+    got = rms_norm(x, w, 1e-5, backend="triton")
+    want = naive_rms_norm(x, w, 1e-5)
+    assert got.dtype == torch.float32
+    assert_close(got, want, 1e-5, "mixed dtypes")
+
+
+def test_rms_norm_gradients():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 3, 48, generator=g, dtype=torch.float64)
+    w = 1 + 0.1 * torch.randn(48, generator=g, dtype=torch.float64)
+    dy = torch.randn(5, 3, 48, generator=g, dtype=torch.float64)
+    grads = []
+    for backend, dt in (("naive", torch.float64), ("triton", torch.float32)):
+        xx, ww = (t.to(dt).to(DEV).detach().clone().requires_grad_() for t in (x, w))
+        rms_norm(xx, ww, 1e-6, backend=backend).backward(dy.to(dt).to(DEV))
+        grads.append((xx.grad.double().cpu(), ww.grad.double().cpu()))
+    assert_close(grads[1][0], grads[0][0], 1e-5, "dx")
+    assert_close(grads[1][1], grads[0][1], 1e-5, "dw")
+
+
+def test_rms_norm_errors():
+    with pytest.raises(ValueError, match="weight \\[D\\]"):
+        rms_norm(torch.randn(2, 8), torch.ones(4), 1e-6)
