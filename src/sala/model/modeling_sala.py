@@ -29,7 +29,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from sala.model.cache import HybridCache, LightningLayerCache, SparseLayerCache
 from sala.model.checkpoint_io import verify_checkpoint, write_official_config
 from sala.model.configuration_sala import SALAConfig
-from sala.ops import (
+from sala.ops import (  # apply_rope, rms_norm: one fused kernel each on CUDA
+    apply_rope,
     chunk_lightning,
     dense_causal_attention,
     infllm_v2_attention,
@@ -64,13 +65,6 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
     angles = positions.to(dt)[..., None] * inv_freq  # [B, T, D/2]
     emb = torch.cat([angles, angles], dim=-1)[:, :, None, :]  # cos/sin duplicated over both halves
     return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE in fp32, result cast back to x's dtype (spec §4.1). x: [B, T, H, D]."""
-    xf = x.to(cos.dtype)
-    x1, x2 = xf.chunk(2, dim=-1)
-    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
 @functools.cache

@@ -16,9 +16,11 @@ from sala.ops.infllm_v2 import (
 )
 from sala.ops.lightning import chunk_lightning, lightning_decay_slopes, lightning_step
 from sala.ops.norm import rms_norm
+from sala.ops.rope import apply_rope
 
 __all__ = [
     "append_compressed_keys",
+    "apply_rope",
     "block_sparse_attention",
     "chunk_lightning",
     "compress_keys",
