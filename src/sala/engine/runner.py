@@ -40,7 +40,14 @@ from sala.engine.types import EngineError
 from sala.model import SALAForCausalLM
 from sala.model.cache import LightningLayerCache
 from sala.model.modeling_sala import BatchLayout, rope_cos_sin
-from sala.ops import append_compressed_keys, decode_attention_batch, dense_causal_attention, infllm_v2_attention
+from sala.ops import (
+    append_compressed_keys,
+    decode_attention_batch,
+    dense_causal_attention,
+    infllm_v2_attention,
+    scaled_residual,
+    sigmoid_gate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -210,9 +217,9 @@ class ModelRunner:
             attn = layer.self_attn
             o = prev.o if prev.o is not None else o
             if attn.use_output_gate:
-                o = o * torch.sigmoid(attn.o_gate(prev.x))
-            h = prev.h + attn.o_proj(o) * layer.residual_scale
-            h = h + layer.mlp(layer.post_attention_layernorm(h)) * layer.residual_scale
+                o = sigmoid_gate(o, attn.o_gate(prev.x))
+            h = scaled_residual(prev.h, attn.o_proj(o), layer.residual_scale)
+            h = scaled_residual(h, layer.mlp(layer.post_attention_layernorm(h)), layer.residual_scale)
             start = li + 1
         end = self.sparse_layers[j] if j < len(self.sparse_layers) else len(net.layers)
         layout = BatchLayout(pos[:, None], None, None, [0] * n, 0)  # Lightning reads only new_valid (None)

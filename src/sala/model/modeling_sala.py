@@ -29,7 +29,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from sala.model.cache import HybridCache, LightningLayerCache, SparseLayerCache
 from sala.model.checkpoint_io import verify_checkpoint, write_official_config
 from sala.model.configuration_sala import SALAConfig
-from sala.ops import (  # apply_rope, rms_norm: one fused kernel each on CUDA
+from sala.ops import (  # apply_rope, rms_norm and the elementwise glue: one fused kernel each on CUDA
     apply_rope,
     chunk_lightning,
     dense_causal_attention,
@@ -37,6 +37,9 @@ from sala.ops import (  # apply_rope, rms_norm: one fused kernel each on CUDA
     lightning_decay_slopes,
     lightning_step,
     rms_norm,
+    scaled_residual,
+    sigmoid_gate,
+    silu_mul,
 )
 from sala.ops.infllm_v2 import InfLLMv2Params
 
@@ -80,7 +83,7 @@ class SALAMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 @dataclass
@@ -171,7 +174,7 @@ class LightningAttention(_Projections):
         if self.use_output_norm:
             o = self.o_norm(o)
         if self.use_output_gate:
-            o = o * torch.sigmoid(self.z_proj(x))
+            o = sigmoid_gate(o, self.z_proj(x))
         return self.o_proj(o)
 
 
@@ -220,7 +223,7 @@ class SparseAttention(_Projections):
                                                 first_pos=n - t)
         o = o.reshape(B, T, -1)
         if self.use_output_gate:
-            o = o * torch.sigmoid(self.o_gate(x))
+            o = sigmoid_gate(o, self.o_gate(x))
         return self.o_proj(o)
 
 
@@ -235,8 +238,8 @@ class SALADecoderLayer(nn.Module):
         self.residual_scale = config.residual_scale
 
     def forward(self, h, layout: BatchLayout, rope, cache) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), layout, rope, cache) * self.residual_scale
-        return h + self.mlp(self.post_attention_layernorm(h)) * self.residual_scale
+        h = scaled_residual(h, self.self_attn(self.input_layernorm(h), layout, rope, cache), self.residual_scale)
+        return scaled_residual(h, self.mlp(self.post_attention_layernorm(h)), self.residual_scale)
 
 
 # ---------------------------------------------------------------------------------------------------------------

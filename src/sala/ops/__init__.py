@@ -14,6 +14,7 @@ from sala.ops.infllm_v2 import (
     select_blocks,
     stage1_block_scores,
 )
+from sala.ops.elementwise import scaled_residual, sigmoid_gate, silu_mul
 from sala.ops.lightning import chunk_lightning, lightning_decay_slopes, lightning_step
 from sala.ops.norm import rms_norm
 from sala.ops.rope import apply_rope
@@ -30,6 +31,9 @@ __all__ = [
     "lightning_decay_slopes",
     "lightning_step",
     "rms_norm",
+    "scaled_residual",
+    "sigmoid_gate",
+    "silu_mul",
     "select_blocks",
     "stage1_block_scores",
 ]

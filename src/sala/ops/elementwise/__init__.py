@@ -1,0 +1,46 @@
+"""Elementwise glue entries: SwiGLU product, sigmoid output gate, scaled residual add.
+
+Each takes two tensors of one shape and dtype. The Triton path (one kernel, the reference's rounding points)
+runs for contiguous fp16/bf16/fp32 CUDA tensors; anything else takes the reference formula.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sala.ops.common.dispatch import resolve_backend
+from sala.ops.elementwise.naive import naive_scaled_residual, naive_sigmoid_gate, naive_silu_mul
+
+__all__ = ["scaled_residual", "sigmoid_gate", "silu_mul"]
+
+
+def _fused(a: torch.Tensor, b: torch.Tensor, backend: str) -> bool:
+    return (resolve_backend(backend, a.device) == "triton" and a.shape == b.shape and a.dtype == b.dtype
+            and a.dtype in (torch.float16, torch.bfloat16, torch.float32) and a.is_contiguous() and b.is_contiguous())
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """SwiGLU ``silu(gate) * up``; gate, up: [..., I] -> [..., I]."""
+    if _fused(gate, up, backend):
+        from sala.ops.elementwise.fused import SILU_MUL, triton_glue
+
+        return triton_glue(SILU_MUL, gate, up)
+    return naive_silu_mul(gate, up)
+
+
+def sigmoid_gate(x: torch.Tensor, z: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Output gate ``x * sigmoid(z)``; x, z: [..., W] -> [..., W]."""
+    if _fused(x, z, backend):
+        from sala.ops.elementwise.fused import SIGMOID_GATE, triton_glue
+
+        return triton_glue(SIGMOID_GATE, x, z)
+    return naive_sigmoid_gate(x, z)
+
+
+def scaled_residual(h: torch.Tensor, y: torch.Tensor, alpha: float, backend: str = "auto") -> torch.Tensor:
+    """Residual add ``h + y * alpha`` (spec §3: alpha = scale_depth / sqrt(num_layers)); h, y: [..., hidden]."""
+    if _fused(h, y, backend):
+        from sala.ops.elementwise.fused import SCALED_RESIDUAL, triton_glue
+
+        return triton_glue(SCALED_RESIDUAL, h, y, alpha)
+    return naive_scaled_residual(h, y, alpha)

@@ -1,0 +1,81 @@
+"""One Triton kernel for each piece of elementwise glue the model runs per layer (SwiGLU product, sigmoid
+output gate, scaled residual add), each with the reference's rounding points: every intermediate PyTorch
+would round to the tensor dtype is rounded here too, so results match the reference except for the last fp32
+bit of ``exp``. Saves a launch per op at decode and a full read/write of the activations per op at prefill.
+Differentiable: the backward recomputes the reference formula under autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sala.ops.common.triton_utils import interp_rne, rne_bf16
+from sala.ops.elementwise.naive import naive_scaled_residual, naive_sigmoid_gate, naive_silu_mul
+from sala.utils.env import triton_interpret
+
+SILU_MUL, SIGMOID_GATE, SCALED_RESIDUAL = 0, 1, 2
+_NAIVE = {SILU_MUL: naive_silu_mul, SIGMOID_GATE: naive_sigmoid_gate, SCALED_RESIDUAL: naive_scaled_residual}
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr, RNE: tl.constexpr):
+    """Round fp32 ``x`` to ``dtype`` and back (what storing an intermediate tensor in that dtype does)."""
+    if RNE:
+        x = rne_bf16(x)
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["n"])
+def _glue_kernel(a_ptr, b_ptr, o_ptr, n, alpha, OP: tl.constexpr, BLOCK: tl.constexpr, RNE: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    a = tl.load(a_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    dt = o_ptr.dtype.element_ty
+    if OP == 0:  # silu(a) * b
+        out = _round(a / (1.0 + tl.exp(-a)), dt, RNE) * b
+    elif OP == 1:  # a * sigmoid(b)
+        out = a * _round(1.0 / (1.0 + tl.exp(-b)), dt, RNE)
+    else:  # a + b * alpha
+        out = a + _round(b * alpha, dt, RNE)
+    if RNE:
+        out = rne_bf16(out)
+    tl.store(o_ptr + offs, out.to(dt), mask=m)
+
+
+def _launch(op: int, a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    out = torch.empty_like(a)
+    n = a.numel()
+    if n:
+        BLOCK = 1024 if triton_interpret() else 2048
+        _glue_kernel[(triton.cdiv(n, BLOCK),)](a, b, out, n, float(alpha), OP=op, BLOCK=BLOCK,
+                                               RNE=interp_rne(a.dtype), num_warps=8 if BLOCK >= 2048 else 4)
+    return out
+
+
+class _Glue(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, op, alpha, a, b):
+        ctx.save_for_backward(a, b)
+        ctx.op, ctx.alpha = op, alpha
+        return _launch(op, a, b, alpha)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        need = ctx.needs_input_grad[2:]
+        with torch.enable_grad():
+            aa, bb = a.detach().requires_grad_(need[0]), b.detach().requires_grad_(need[1])
+            out = _NAIVE[ctx.op](aa, bb, ctx.alpha)
+            wanted = [t for t, nd in ((aa, need[0]), (bb, need[1])) if nd]
+            got = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
+        return None, None, next(got) if need[0] else None, next(got) if need[1] else None
+
+
+def triton_glue(op: int, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``op`` on same-shape, same-dtype contiguous tensors (callers check), result in their dtype."""
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return _Glue.apply(op, alpha, a, b)
+    return _launch(op, a, b, alpha)
