@@ -1,7 +1,7 @@
 """One Triton kernel for each piece of elementwise glue the model runs per layer (SwiGLU product, sigmoid
 output gate, scaled residual add), each with the reference's rounding points: every intermediate PyTorch
-would round to the tensor dtype is rounded here too, so results match the reference except for the last fp32
-bit of ``exp``. Saves a launch per op at decode and a full read/write of the activations per op at prefill.
+would round to the tensor dtype is rounded here too, ``exp`` is libdevice's ``expf`` and divisions are IEEE,
+and FMA contraction is off, so results match the reference up to ``expf``'s own ulp-level differences. Saves a launch per op at decode and a full read/write of the activations per op at prefill.
 Differentiable: the backward recomputes the reference formula under autograd.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
 from sala.ops.common.triton_utils import interp_rne, rne_bf16
 from sala.ops.elementwise.naive import naive_scaled_residual, naive_sigmoid_gate, naive_silu_mul
@@ -27,17 +28,27 @@ def _round(x, dtype: tl.constexpr, RNE: tl.constexpr):
     return x.to(dtype).to(tl.float32)
 
 
-@triton.jit(do_not_specialize=["n"])
-def _glue_kernel(a_ptr, b_ptr, o_ptr, n, alpha, OP: tl.constexpr, BLOCK: tl.constexpr, RNE: tl.constexpr):
+@triton.jit
+def _exp(x, ACCURATE: tl.constexpr):
+    """expf as torch computes it (libdevice ``__nv_expf``) on the GPU; ``tl.exp`` (ex2.approx) in the interpreter."""
+    if ACCURATE:
+        return libdevice.exp(x)
+    return tl.exp(x)
+
+
+# n is specialised on purpose (n % 16 == 0 lets the loads vectorise); the model's sizes are multiples of 16
+@triton.jit
+def _glue_kernel(a_ptr, b_ptr, o_ptr, n, alpha, OP: tl.constexpr, BLOCK: tl.constexpr, RNE: tl.constexpr,
+                 ACCURATE: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     a = tl.load(a_ptr + offs, mask=m, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32)
     dt = o_ptr.dtype.element_ty
     if OP == 0:  # silu(a) * b
-        out = _round(a / (1.0 + tl.exp(-a)), dt, RNE) * b
+        out = _round(tl.div_rn(a, 1.0 + _exp(-a, ACCURATE)), dt, RNE) * b
     elif OP == 1:  # a * sigmoid(b)
-        out = a * _round(1.0 / (1.0 + tl.exp(-b)), dt, RNE)
+        out = a * _round(tl.div_rn(1.0, 1.0 + _exp(-b, ACCURATE)), dt, RNE)
     else:  # a + b * alpha
         out = a + _round(b * alpha, dt, RNE)
     if RNE:
@@ -50,8 +61,10 @@ def _launch(op: int, a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Te
     n = a.numel()
     if n:
         BLOCK = 1024 if triton_interpret() else 2048
+        # no FMA contraction: a + b * alpha must round the product first, like the reference's two ops
         _glue_kernel[(triton.cdiv(n, BLOCK),)](a, b, out, n, float(alpha), OP=op, BLOCK=BLOCK,
-                                               RNE=interp_rne(a.dtype), num_warps=8 if BLOCK >= 2048 else 4)
+                                               RNE=interp_rne(a.dtype), ACCURATE=not triton_interpret(),
+                                               num_warps=8 if BLOCK >= 2048 else 4, enable_fp_fusion=False)
     return out
 
 
