@@ -273,3 +273,15 @@ def test_triton_sparse_backward_work_items():
         seen += [(h, b, t) for t in tokens[lo : lo + n].tolist()]
     want = [(h, int(b), t) for h in range(2) for t in range(3) for b in idx[h, t] if b >= 0]
     assert sorted(seen) == sorted(want)
+
+
+def test_tile_config_fits_small_shared_memory_cards(monkeypatch):
+    """99 KB-per-block cards (RTX 4090 / 5090) get 64-key tile steps; H100-class cards keep 128."""
+    from sala.ops.infllm_v2 import sparse_attn
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(sparse_attn, "_smem_per_block", lambda index: 101376)
+    assert sparse_attn._cfg(torch.device("cuda", 0))["tile_keys"] == 64
+    monkeypatch.setattr(sparse_attn, "_smem_per_block", lambda index: 232448)
+    assert sparse_attn._cfg(torch.device("cuda", 0)) is sparse_attn.GPU_CONFIG
+    assert sparse_attn._cfg(torch.device("cpu")) is sparse_attn.GPU_CONFIG

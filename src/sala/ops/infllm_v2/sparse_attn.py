@@ -24,6 +24,7 @@ Contract: block indices in a row must be unique (``select_blocks`` guarantees it
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -213,8 +214,26 @@ GPU_CONFIG = dict(rows=128, tile_keys=128, tile_warps=8, tile_stages=2, tok_keys
 _INTERP_CONFIG = dict(rows=16, tile_keys=16, tile_warps=4, tile_stages=1, tok_keys=16, tok_warps=4, tok_stages=1, share=True)
 
 
-def _cfg() -> dict:
-    return _INTERP_CONFIG if triton_interpret() else GPU_CONFIG
+# Cards with 99 KB of shared memory per block (RTX 4090 sm_89, RTX 5090 sm_120): the tile kernel's 128-key
+# steps need 129 KB at D=128 (ptxas, triton 3.6), so it steps one 64-key block at a time (80 KB, no spills).
+SMALL_SMEM_CONFIG = {**GPU_CONFIG, "tile_keys": 64}
+_TILE_SMEM_BYTES = 165 * 1024  # what GPU_CONFIG's tile kernel needs on sm_90, with a little margin
+
+
+@functools.cache
+def _smem_per_block(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 227 * 1024)
+
+
+def _cfg(device: torch.device | None = None) -> dict:
+    if triton_interpret():
+        return _INTERP_CONFIG
+    if device is not None and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if _smem_per_block(index) < _TILE_SMEM_BYTES:
+            return SMALL_SMEM_CONFIG
+    return GPU_CONFIG
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, topk_idx: torch.Tensor, block_size: int, scale: float) -> dict:
@@ -222,7 +241,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, topk_idx: torch.Tensor, block_size
     T, H, D = q.shape
     Hkv = k.shape[1]
     G = H // Hkv
-    cfg = _cfg()
+    cfg = _cfg(q.device)
     wide = 2 if q.dtype == torch.float32 else 1  # fp32 tiles take twice the shared memory per key
     return dict(
         T=T, L=k.shape[0], Hkv=Hkv, G=G, K=topk_idx.shape[-1], GP=triton.next_power_of_2(G),
