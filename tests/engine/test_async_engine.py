@@ -36,6 +36,17 @@ def _wait_idle(aeng, timeout=10.0):
         time.sleep(0.01)
 
 
+def _slow_down(obj, name: str, seconds: float) -> None:
+    """Make ``obj.name`` sleep ``seconds`` before each call (undo with ``del obj.name``)."""
+    fn = getattr(obj, name)
+
+    def slow(*args, **kw):
+        time.sleep(seconds)
+        return fn(*args, **kw)
+
+    setattr(obj, name, slow)
+
+
 def test_failed_step_raises_instead_of_finishing(aengine):
     def boom(*args):
         raise RuntimeError("boom")
@@ -50,13 +61,7 @@ def test_failed_step_raises_instead_of_finishing(aengine):
 
 
 def test_cancel_before_add_runs(aengine):
-    decode = aengine.engine.runner.decode
-
-    def slow(*args):
-        time.sleep(0.3)  # commands wait for the step to end
-        return decode(*args)
-
-    aengine.engine.runner.decode = slow
+    _slow_down(aengine.engine.runner, "decode", 0.3)  # commands wait for the step to end
     added = []
     add = aengine.engine.add_request
     aengine.engine.add_request = lambda *a, **kw: added.append(a[2]) or add(*a, **kw)
@@ -80,13 +85,7 @@ def test_cancel_before_add_runs(aengine):
 
 
 def test_cancel_while_add_is_pending(aengine):
-    add = aengine.engine.add_request
-
-    def slow_add(*args, **kw):
-        time.sleep(0.2)  # the caller gives up before the engine thread has added the request
-        return add(*args, **kw)
-
-    aengine.engine.add_request = slow_add
+    _slow_down(aengine.engine, "add_request", 0.2)  # the caller gives up before the engine thread adds it
 
     async def main():
         it = aengine.generate(random_prompt(8, 0), SamplingParams(max_tokens=100, **GREEDY))
@@ -95,7 +94,7 @@ def test_cancel_while_add_is_pending(aengine):
 
     asyncio.run(main())
     time.sleep(0.3)
-    aengine.engine.add_request = add
+    del aengine.engine.add_request
     assert aengine._thread.is_alive()
     _wait_idle(aengine)
     assert aengine.stats()["free_slots"] == 2
@@ -104,13 +103,7 @@ def test_cancel_while_add_is_pending(aengine):
 
 
 def test_duplicate_request_id_does_not_hijack_the_live_one(aengine):
-    decode = aengine.engine.runner.decode
-
-    def slow(*args):
-        time.sleep(0.02)  # the first request must still be running when the duplicate arrives
-        return decode(*args)
-
-    aengine.engine.runner.decode = slow
+    _slow_down(aengine.engine.runner, "decode", 0.02)  # the first request still runs when the duplicate arrives
 
     async def main():
         first = asyncio.create_task(_collect(aengine, random_prompt(8, 0), SamplingParams(max_tokens=30, **GREEDY), "same"))
@@ -124,13 +117,7 @@ def test_duplicate_request_id_does_not_hijack_the_live_one(aengine):
 
 
 def test_public_abort_ends_the_stream_with_abort(aengine):
-    decode = aengine.engine.runner.decode
-
-    def slow(*args):
-        time.sleep(0.02)
-        return decode(*args)
-
-    aengine.engine.runner.decode = slow
+    _slow_down(aengine.engine.runner, "decode", 0.02)
 
     async def main():
         outs = []
@@ -149,13 +136,7 @@ def test_public_abort_ends_the_stream_with_abort(aengine):
 def test_shutdown_fails_pending_adds(sparse_model):
     eng = AsyncEngine(Engine(sparse_model, None, EngineConfig(max_batch=1, max_seq_len=64, prefill_chunk=64)))
     eng.start()
-    add = eng.engine.add_request
-
-    def slow_add(*args, **kw):
-        time.sleep(0.3)  # shutdown is requested while this add runs; the next add is still queued
-        return add(*args, **kw)
-
-    eng.engine.add_request = slow_add
+    _slow_down(eng.engine, "add_request", 0.3)  # shutdown comes while this add runs; the next one is queued
 
     async def main():
         first = asyncio.create_task(_collect(eng, random_prompt(8, 0), SamplingParams(max_tokens=50, **GREEDY)))

@@ -88,10 +88,8 @@ def test_fused_padding_rows_touch_nothing(sparse_model, ops_backend):
                   for s in cache.stores]
         idx = torch.tensor(runner.index_rows([1, 2], [30, 70], bucket))
         ids = torch.tensor([7, 9] + [0] * (bucket - 2))
-        width = sparse_model.config.num_attention_heads * sparse_model.config.head_dim
-        o = [torch.zeros(bucket, 1, width) for _ in runner.sparse_layers]
         with torch.no_grad():
-            logits = runner.run_pieces(ids, idx, o, attend=None).logits[:2]
+            logits = runner.run_pieces(ids, idx, runner.attention_buffers(bucket), attend=None).logits[:2]
         for b, s in zip(before, cache.stores):
             if isinstance(s, LightningStore):
                 assert torch.equal(b, s.state[0])

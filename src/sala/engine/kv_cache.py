@@ -172,11 +172,8 @@ class StaticCache:
         if self._device_compressed[slot]:
             return
         n = self.lengths[slot]
-        for store in self.stores:
-            if isinstance(store, SparseStore) and store.compression is not None:
-                ks, st = store.compression
-                if store.n1[slot] < num_windows(n, ks, st) or store.n2[slot] < num_windows(n, 4 * ks, 4 * st):
-                    store.compressed(slot, store.keys[slot, :n], ks, st)
+        for store in self._compressed_stores():
+            store.compressed(slot, store.keys[slot, :n], *store.compression)  # computes only missing windows
         self._device_compressed[slot] = True
 
     def sync_compressed(self, slot: int) -> None:
@@ -185,11 +182,13 @@ class StaticCache:
         if not self._device_compressed[slot]:
             return
         self._device_compressed[slot] = False
-        for store in self.stores:
-            if isinstance(store, SparseStore) and store.compression is not None:
-                ks, st = store.compression
-                store.n1[slot] = num_windows(self.lengths[slot], ks, st)
-                store.n2[slot] = num_windows(self.lengths[slot], 4 * ks, 4 * st)
+        for store in self._compressed_stores():
+            ks, st = store.compression
+            store.n1[slot] = num_windows(self.lengths[slot], ks, st)
+            store.n2[slot] = num_windows(self.lengths[slot], 4 * ks, 4 * st)
+
+    def _compressed_stores(self) -> list[SparseStore]:
+        return [s for s in self.stores if isinstance(s, SparseStore) and s.compression is not None]
 
     def view(self, slot: int) -> SlotCache:
         if not 0 <= slot < self.num_slots:

@@ -68,12 +68,11 @@ class _DecodeGraphs:
     """CUDA graphs of every decode piece for one batch bucket, with their static inputs."""
 
     def __init__(self, runner: "ModelRunner", bucket: int) -> None:
-        dev, cfg = runner.device, runner.config
+        dev = runner.device
         self.bucket = bucket
         self.ids = torch.zeros(bucket, dtype=torch.long, device=dev)
         self.idx = torch.as_tensor(runner.index_rows([], [], bucket), device=dev)  # all padding rows
-        width = cfg.num_attention_heads * cfg.head_dim
-        self.o = [torch.zeros(bucket, 1, width, dtype=runner.dtype, device=dev) for _ in runner.sparse_layers]
+        self.o = runner.attention_buffers(bucket, torch.zeros)
         # warm up outside capture (Triton compiles, cuBLAS handles, cached slopes); padding rows write only
         # scratch K/V and state, and complete no compressed window (position 0)
         side = torch.cuda.Stream()
@@ -183,14 +182,20 @@ class ModelRunner:
             logits = graphs.replay(self, tokens, self.index_rows(slots, positions, bucket), slots, lengths)
         else:
             idx = torch.as_tensor(self.index_rows(slots, positions, n), device=self.device)
-            width = self.config.num_attention_heads * self.config.head_dim
-            o = [torch.empty(n, 1, width, dtype=self.dtype, device=self.device) for _ in self.sparse_layers]
-            logits = self.run_pieces(tokens, idx, o, attend=(slots, lengths)).logits
+            logits = self.run_pieces(tokens, idx, self.attention_buffers(n), attend=(slots, lengths)).logits
         for s in slots:
             self.cache.lengths[s] += 1  # fused: the step also appended the window its token completed
         return logits
 
-    def run_pieces(self, ids: torch.Tensor, idx: torch.Tensor, o: list[torch.Tensor],
+    def attention_buffers(self, rows: int, alloc=torch.empty) -> list[torch.Tensor | None]:
+        """Per sparse layer, the [rows, 1, H*D] buffer its eager attention writes; fused mode needs none (each
+        piece hands its attention output to the next)."""
+        if self.fused:
+            return [None] * len(self.sparse_layers)
+        width = self.config.num_attention_heads * self.config.head_dim
+        return [alloc(rows, 1, width, dtype=self.dtype, device=self.device) for _ in self.sparse_layers]
+
+    def run_pieces(self, ids: torch.Tensor, idx: torch.Tensor, o: list[torch.Tensor | None],
                    attend: tuple[list[int], list[int]] | None) -> _PieceOut:
         """All pieces eagerly; ``attend`` = (slots, lengths) of the real rows (None: warm-up, no real rows)."""
         out = _PieceOut()

@@ -13,7 +13,8 @@ Two strategies, picked by the number of queries:
   shared blocks with BT x G rows per tile (a 128-row MMA on GPU, K/V loaded once for BT tokens);
   ``_sparse_token_kernel`` attends each token's private blocks with G rows and merges both softmax states.
 * **Decode / short chunks** (flash-decoding). ``_sparse_token_kernel`` alone, its list split over S programs
-  writing (o, lse) partials that a small PyTorch step combines.
+  writing (o, lse) partials that ``_merge_partials_kernel`` combines. ``triton_sparse_decode_batch`` is the
+  same with one cache slot per row (graph-safe batched decode).
 
 Backward: recompute-based PyTorch over the selected blocks, in query chunks (``_sparse_backward_torch``; exact
 softmax gradients in fp32, memory bounded per chunk), or with ``SALA_SPARSE_BACKWARD=triton`` the Triton
