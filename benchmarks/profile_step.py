@@ -28,10 +28,15 @@ from sala.engine.planner import parse_tokens
 def _family(name: str) -> str:
     """Group kernels into families a reader can act on."""
     n = name.lower()
-    for key, fam in (("gemm", "gemm"), ("nvjet", "gemm"), ("cutlass", "gemm"), ("xmma", "gemm"), ("gemv", "gemm"),
-                     ("flash", "sdpa"), ("cudnn", "sdpa"), ("fmha", "sdpa"), ("elementwise", "torch elementwise"),
-                     ("reduce", "torch reduce"), ("copy", "copy"), ("cat", "copy"), ("index", "torch index")):
+    for key, fam in (("splitk", "gemm split-K reduce"), ("gemm", "gemm"), ("nvjet", "gemm"), ("cutlass", "gemm"),
+                     ("xmma", "gemm"), ("gemv", "gemm"), ("flash", "sdpa"), ("cudnn", "sdpa"), ("fmha", "sdpa"),
+                     ("elementwise", "torch elementwise"), ("reduce", "torch reduce"), ("copy", "copy"),
+                     ("cat", "copy"), ("index", "torch index")):
         if key in n:
+            if fam.startswith("torch"):  # which torch op: the first functor/op name after the kernel's own
+                ops = [m for m in re.findall(r"at::native::(?:\(anonymous namespace\)::)?(\w+)", name)
+                       if not re.search(r"elementwise|reduce_kernel|ReduceOp|unrolled|vectorized|Array|index_kernel", m)]
+                fam += f" ({ops[0][:40]})" if ops else ""
             return fam
     return re.sub(r"_\d+(d\d+)*$", "", name)[:60]
 

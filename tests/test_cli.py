@@ -94,3 +94,22 @@ def test_console_script_entry_point():
     r = subprocess.run([sys.executable, "-c", "import sys; from sala.cli import main; sys.exit(main(['--help']))"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "generate" in r.stdout
+
+
+def test_decode_attention_flag(capsys):
+    """--decode-attention reaches the engine (fused/pieces/auto), --fused-decode stays an alias, bad values exit 2."""
+    from sala.engine.types import EngineConfig, fused_flag
+
+    parser = cli.build_parser()
+    for argv, want in ((["--decode-attention", "pieces"], "pieces"), (["--fused-decode"], "fused"), ([], "auto")):
+        assert parser.parse_args(["generate", "--demo", "--prompt", "x", *argv]).decode_attention == want
+    assert [fused_flag(m) for m in ("auto", "fused", "pieces")] == [None, True, False]
+    with pytest.raises(ValueError, match="decode attention must be one of"):
+        fused_flag("graph")
+    with pytest.raises(ValueError, match="fused_attention must be True, False or None"):
+        EngineConfig(fused_attention="yes")
+    code, out, err = run(capsys, "generate", "--demo", "--prompt", "Hi", "--max-tokens", "4", "--decode-attention", "fused", "--quiet")
+    assert code == 0 and out.strip()
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["generate", "--demo", "--prompt", "x", "--decode-attention", "graph"])
+    assert e.value.code == 2

@@ -37,8 +37,15 @@ def _engine_flags(p: argparse.ArgumentParser, batch: int = 1) -> None:
     g.add_argument("--chunk", type=int, default=8192, help="prefill chunk in tokens (default 8192)")
     g.add_argument("--gpu-mem", type=float, help="memory budget in GiB (default: the GPU's memory)")
     g.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
-    g.add_argument("--fused-decode", action="store_true",
-                   help="experimental: sparse-layer decode attention inside the step (one CUDA graph per batch bucket)")
+    _decode_attention_flag(g)
+
+
+def _decode_attention_flag(g) -> None:
+    g.add_argument("--decode-attention", choices=["auto", "fused", "pieces"], default="auto",
+                   help="sparse-layer decode attention: fused into the step (one CUDA graph per batch bucket) or eager "
+                        "between graph-captured pieces; auto = fused on CUDA, pieces on CPU")
+    g.add_argument("--fused-decode", dest="decode_attention", action="store_const", const="fused",
+                   help=argparse.SUPPRESS)  # the earlier spelling of --decode-attention fused
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -141,7 +148,7 @@ def _bench_e2e_flags(p):
     p.add_argument("--dtype", default="auto")
     p.add_argument("--gpu-mem", type=float)
     p.add_argument("--no-cuda-graphs", action="store_true")
-    p.add_argument("--fused-decode", action="store_true", help="experimental fused decode attention (see generate --help)")
+    _decode_attention_flag(p)
     p.add_argument("--decode-only", action="store_true",
                    help="skip the prefill (random caches of the context's length) and time decode only; no TTFT")
     p.add_argument("--seed", type=int, default=0)

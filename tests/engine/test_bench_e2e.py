@@ -41,7 +41,7 @@ def test_bench_shapes():
 def test_bench_decode_only(tmp_path):
     """--decode-only: random caches of the context's length, decode timed, no TTFT; hf is refused."""
     cfg = E2EConfig(shape="tiny", contexts="100", decode_steps=2, decode_batch=2, systems="sala,dense", device="cpu",
-                    decode_only=True, fused_decode=True, out=str(tmp_path))
+                    decode_only=True, decode_attention="fused", out=str(tmp_path))
     rows = run_e2e(cfg, out=open(tmp_path / "log.txt", "w"))["rows"]
     assert all(r["status"] == "ok" and r["ttft_s"] is None and r["decode_ms_b1"] > 0 for r in rows)
     with pytest.raises(ValueError, match="decode-only"):

@@ -109,7 +109,7 @@ def test_fused_needs_compressed_caches():
             store.compression = store.ck1 = store.ck2 = None
     with pytest.raises(EngineError, match="compressed-key caches"):
         ModelRunner(model, cache, fused_attention=True)
-    assert not ModelRunner(model, cache).fused  # the default: eager attention between pieces
+    assert not ModelRunner(model, cache).fused  # the default on CPU: eager attention between pieces
 
 
 def test_prefill_after_fused_decode(sparse_model, ops_backend):

@@ -56,3 +56,19 @@ def test_rms_norm_gradients():
 def test_rms_norm_errors():
     with pytest.raises(ValueError, match="weight \\[D\\]"):
         rms_norm(torch.randn(2, 8), torch.ones(4), 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rms_norm_on_head_views_of_a_fused_projection(dtype):
+    """q/k heads viewed out of one wide GEMM output [B, T, q|k|v] (rows with two strides): normed in place of a
+    copy, equal to the reference on a contiguous copy."""
+    g = torch.Generator().manual_seed(8)
+    B, T, H, D = 2, 5, 3, 32
+    wide = (2 * torch.randn(B, T, H * D + 2 * D, generator=g)).to(dtype).to(DEV)
+    q = wide[..., : H * D].view(B, T, H, D)
+    k = wide[..., H * D : H * D + D].view(B, T, 1, D)
+    w = (1 + 0.3 * torch.randn(D, generator=g)).to(dtype).to(DEV)
+    for x in (q, k, q[:, :1]):
+        got = rms_norm(x, w, 1e-6, backend="triton")
+        assert got.is_contiguous() and got.shape == x.shape
+        assert_close(got.float(), naive_rms_norm(x.contiguous(), w, 1e-6).float(), 1e-6 if dtype == torch.float32 else 8e-3, "views")

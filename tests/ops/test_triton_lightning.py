@@ -206,3 +206,35 @@ def test_step_rejects_non_contiguous_state():
     q = _rand(2, 2, 16)
     with pytest.raises(ValueError, match="contiguous"):
         triton_lightning_step(q, q, q, lightning_decay_slopes(2), 0.1, state, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["naive", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_step_with_state_rows_steps_only_those_rows(backend, dtype):
+    """An engine's state pool [S, H, K, V]: rows [N] pick each sequence's slot; the step equals the plain step on the
+    gathered rows, written back in place, and every other row is untouched."""
+    N, S, H, K, V = 3, 6, 2, 32, 16
+    g = torch.Generator().manual_seed(11)
+    q, k = _rand(N, H, K, dtype=dtype, gen=g), _rand(N, H, K, dtype=dtype, gen=g)
+    v = _rand(N, H, V, dtype=dtype, gen=g)
+    pool = _rand(S, H, K, V, gen=g)
+    rows = torch.tensor([4, 0, 2], device=DEVICE)
+    slopes = lightning_decay_slopes(H)
+    gathered = pool[rows].double()
+    want = naive_recurrent_lightning(q[:, None].double(), k[:, None].double(), v[:, None].double(), slopes, 0.7, gathered)
+    before, ptr = pool.clone(), pool.data_ptr()
+    o = lightning_step(q, k, v, slopes, 0.7, pool, dtype, backend=backend, state_rows=rows)
+    assert pool.data_ptr() == ptr and o.shape == (N, H, V) and o.dtype == dtype
+    assert_close(o, want[0][:, 0], RTOL[dtype], "o")
+    assert_close(pool[rows], want[1], 1e-5, "stepped rows")
+    others = [s for s in range(S) if s not in rows.tolist()]
+    assert torch.equal(pool[others], before[others])
+
+
+def test_step_state_rows_errors():
+    q = _rand(2, 2, 16)
+    pool = _rand(4, 2, 16, 16)
+    with pytest.raises(ValueError, match="state_rows must be an integer tensor \\[N\\]"):
+        lightning_step(q, q, q, lightning_decay_slopes(2), 0.1, pool, state_rows=torch.tensor([0, 1, 2], device=DEVICE))
+    with pytest.raises(ValueError, match="state must be \\[S, H, K, V\\]"):
+        lightning_step(q, q, q, lightning_decay_slopes(2), 0.1, _rand(4, 3, 16, 16), state_rows=torch.tensor([0, 1], device=DEVICE))

@@ -29,7 +29,7 @@ from sala.engine.kv_cache import LightningStore, StaticCache
 from sala.engine.loader import dtype_name, random_model, resolve_device, resolve_dtype
 from sala.engine.planner import num_parameters, parse_tokens, plan_memory
 from sala.engine.runner import ModelRunner
-from sala.engine.types import MemoryPlanError
+from sala.engine.types import MemoryPlanError, fused_flag
 from sala.model import SALAConfig, mixer_schedule, preset
 
 logger = logging.getLogger(__name__)
@@ -59,8 +59,8 @@ class E2EConfig:
     gpu_mem: float | None = None
     """Memory budget in GiB for the engines' plans (default: the device's memory)."""
     no_cuda_graphs: bool = False
-    fused_decode: bool = False
-    """Experimental fused decode attention (``EngineConfig.fused_attention``)."""
+    decode_attention: str = "auto"
+    """"fused", "pieces" or "auto" (``EngineConfig.fused_attention``)."""
     decode_only: bool = False
     """Skip the prefill: fill the caches with random keys, values and states of the context's length, then
     time decode only (no TTFT). Decode cost does not depend on the cache's values, so this measures decode at
@@ -78,6 +78,7 @@ class E2EConfig:
             raise ValueError("--decode-only times the engine systems (sala, dense); drop hf from --systems")
         if self.layers is not None and self.layers < 1:
             raise ValueError(f"--layers must be >= 1, got {self.layers}")
+        fused_flag(self.decode_attention)  # validates
 
     @property
     def system_list(self) -> list[str]:
@@ -216,7 +217,7 @@ def bench_engine(model, ctx: int, cfg: E2EConfig, device: torch.device, row: Row
         row.note = f"batch {cfg.decode_batch} does not fit"
     plan.check()
     cache = StaticCache(model.config, batch, max_len, next(model.parameters()).dtype, device)
-    runner = ModelRunner(model, cache, cuda_graphs=not cfg.no_cuda_graphs, fused_attention=cfg.fused_decode)
+    runner = ModelRunner(model, cache, cuda_graphs=not cfg.no_cuda_graphs, fused_attention=fused_flag(cfg.decode_attention))
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.decode_only:
         _random_fill(cache, ctx, cfg.seed)

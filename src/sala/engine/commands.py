@@ -47,8 +47,9 @@ class EngineOptions:
     """Memory budget in GiB (default: the CUDA device's memory; unchecked on CPU)."""
     no_cuda_graphs: bool = False
     """Decode eagerly on CUDA."""
-    fused_decode: bool = False
-    """Experimental: sparse-layer decode attention fused into the (graph-captured) step."""
+    decode_attention: str = "auto"
+    """Sparse-layer decode attention: "fused" into the graph-captured step, "pieces" (eager between graph
+    pieces) or "auto" (fused on CUDA)."""
 
 
 @dataclass(kw_only=True)
@@ -143,11 +144,11 @@ def _load(opts: ModelOptions, path: str, context: int | None = None):
 
 def _engine(model, tokenizer, opts: EngineOptions, max_seq_len: int, progress=None):
     from sala.engine.engine import Engine
-    from sala.engine.types import EngineConfig
+    from sala.engine.types import EngineConfig, fused_flag
 
     cfg = EngineConfig(max_batch=opts.batch, max_seq_len=max_seq_len, prefill_chunk=opts.chunk,
                        memory_budget_gib=opts.gpu_mem, cuda_graphs=not opts.no_cuda_graphs,
-                       fused_attention=opts.fused_decode)
+                       fused_attention=fused_flag(opts.decode_attention))
     return Engine(model, tokenizer, cfg, on_prefill_progress=progress)
 
 

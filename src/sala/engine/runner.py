@@ -20,8 +20,8 @@ Otherwise (reference ops, e.g. on CPU) the step is split into pieces with eager 
     piece j : gate + o_proj + MLP of sparse layer j-1 -> Lightning layers -> next sparse layer's q/k/v
     piece S : ... -> final norm -> logits [N, vocab]
 
-Lightning layers run their own ``forward`` on a gathered state batch (``lightning_step`` updates it in place),
-scattered back afterwards, so every sequence keeps its slot. The pieces have static shapes for a given batch
+Lightning layers run their own ``forward``; ``lightning_step`` updates each row's slot of the state pool in
+place (indexed by the row's state slot), so every sequence keeps its slot without a gather or scatter. The pieces have static shapes for a given batch
 bucket and no host syncs; on CUDA each piece is captured once per bucket as a CUDA graph (all graphs share
 one memory pool and replay in capture order), and only the attention between pieces runs eagerly, because
 its key length changes every step. Padding rows of a bucket write K/V to the scratch column and use the
@@ -54,12 +54,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _PieceOut:
-    """Outputs of a decode piece: residual ``h`` [N, 1, hidden], the sparse layer's normed input ``x`` and
-    queries ``q`` [N, 1, H, D]; or, for the last piece, ``logits`` [N, vocab] fp32."""
+    """Outputs of a decode piece: residual ``h`` [N, 1, hidden], the sparse layer's queries ``q`` [N, 1, H, D] and
+    output-gate pre-activation ``g`` [N, 1, H*D], the step's RoPE tables; or, for the last piece, ``logits``
+    [N, vocab] fp32."""
 
     h: torch.Tensor | None = None
-    x: torch.Tensor | None = None
     q: torch.Tensor | None = None
+    g: torch.Tensor | None = None
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
     o: torch.Tensor | None = None  # fused mode: the sparse layer's attention output [N, 1, H*D]
     logits: torch.Tensor | None = None
 
@@ -116,13 +118,14 @@ class _DecodeGraphs:
 class ModelRunner:
     """Runs prefill chunks and decode steps of a :class:`SALAForCausalLM` against a :class:`StaticCache`.
 
-    ``fused_attention``: run the sparse layers' decode attention inside the (graph-captured) step. Opt-in
-    until it has been verified and timed on a GPU (its kernels are tested on CPU in the Triton interpreter).
+    ``fused_attention``: run the sparse layers' decode attention inside the (graph-captured) step (True) or
+    eagerly between pieces (False); None picks fused on CUDA. Construction also fuses the model's input
+    projections (``SALAForCausalLM.fuse_projections``) for inference.
     """
 
     def __init__(self, model: SALAForCausalLM, cache: StaticCache, *, cuda_graphs: bool = True,
                  graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
-                 fused_attention: bool = False) -> None:
+                 fused_attention: bool | None = None) -> None:
         self.model, self.net, self.config = model, model.model, model.config
         self.cache = cache
         param = next(model.parameters())
@@ -136,7 +139,8 @@ class ModelRunner:
                        for li in self.sparse_layers)
         if fused_attention and not can_fuse:
             raise EngineError("fused decode attention needs the compressed-key caches of every InfLLM-v2 layer")
-        self.fused = fused_attention
+        self.fused = (can_fuse and self.device.type == "cuda") if fused_attention is None else fused_attention
+        model.fuse_projections()
         logger.info("decode: %s, sparse-layer attention %s", "CUDA graphs" if self.use_graphs else "eager",
                     "fused into the step" if self.fused else f"eager between {len(self.sparse_layers) + 1} pieces")
 
@@ -212,7 +216,9 @@ class ModelRunner:
         net, cfg = self.net, self.config
         pos, kv_slot, kv_pos, state_row = idx[0], idx[1], idx[2], idx[3]
         n = ids.shape[0]
-        rope = rope_cos_sin(pos[:, None], cfg.head_dim, cfg.rope_theta, self.dtype)  # [N, 1, 1, D]
+        rope = prev.rope  # [N, 1, 1, D] each, computed once per step
+        if rope is None:
+            rope = rope_cos_sin(pos[:, None], cfg.head_dim, cfg.rope_theta, self.dtype)
         if j == 0:
             h = net.embed_tokens(ids)[:, None] * cfg.scale_emb  # [N, 1, hidden]
             start = 0
@@ -222,7 +228,7 @@ class ModelRunner:
             attn = layer.self_attn
             o = prev.o if prev.o is not None else o
             if attn.use_output_gate:
-                o = sigmoid_gate(o, attn.o_gate(prev.x))
+                o = sigmoid_gate(o, prev.g)
             h = scaled_residual(prev.h, attn.o_proj(o), layer.residual_scale)
             h = scaled_residual(h, layer.mlp(layer.post_attention_layernorm(h)), layer.residual_scale)
             start = li + 1
@@ -230,16 +236,14 @@ class ModelRunner:
         layout = BatchLayout(pos[:, None], None, None, [0] * n, 0)  # Lightning reads only new_valid (None)
         for li in range(start, end):
             store: LightningStore = self.cache.stores[li]
-            tmp = LightningLayerCache()
-            tmp.state = store.state.index_select(0, state_row)  # [N, H, K, V] gathered copy
-            h = net.layers[li](h, layout, rope, tmp)  # lightning_step updates tmp.state in place
-            store.state.index_copy_(0, state_row, tmp.state)
+            # lightning_step updates each row's slot of the pool in place (padding rows share the scratch row)
+            h = net.layers[li](h, layout, rope, LightningLayerCache(store.state, state_row))
         if j == len(self.sparse_layers):
             return _PieceOut(logits=self.model.logits(net.norm(h)[:, 0]))
         layer = net.layers[end]
         attn = layer.self_attn
         x = layer.input_layernorm(h)
-        q, k, v = attn.qkv(x, rope if attn.use_rope else None)  # [N, 1, H|Hkv, D]
+        q, k, v, g = attn.project(x, rope if attn.use_rope else None)  # [N, 1, H|Hkv, D], gate [N, 1, H*D]
         store: SparseStore = self.cache.stores[end]
         store.keys[kv_slot, kv_pos] = k[:, 0]
         store.values[kv_slot, kv_pos] = v[:, 0]
@@ -250,8 +254,8 @@ class ModelRunner:
                 append_compressed_keys(keys, store.ck1, store.ck2, kv_slot, pos, p.kernel_size, p.kernel_stride)
             o_j = decode_attention_batch(q[:, 0], keys, values, store.ck1, store.ck2, kv_slot, pos, p,
                                          attn.scale, attn.dense_len)
-            return _PieceOut(h=h, x=x, q=q, o=o_j.reshape(n, 1, -1))
-        return _PieceOut(h=h, x=x, q=q)
+            return _PieceOut(h=h, q=q, g=g, rope=rope, o=o_j.reshape(n, 1, -1))
+        return _PieceOut(h=h, q=q, g=g, rope=rope)
 
     def attend(self, li: int, q: torch.Tensor, slots: list[int], lengths: list[int], q_pos: torch.Tensor,
                out: torch.Tensor) -> None:

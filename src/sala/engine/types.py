@@ -100,11 +100,14 @@ class EngineConfig:
     """Capture the decode step in CUDA graphs (CUDA only; ignored on CPU)."""
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     """Batch buckets for CUDA-graph decode; a step pads its batch up to the next bucket."""
-    fused_attention: bool = False
-    """Experimental: run the sparse layers' decode attention inside the step, so one CUDA graph holds the whole
-    step. Verified on CPU (Triton interpreter) against the model; not yet measured on a GPU, hence opt-in."""
+    fused_attention: bool | None = None
+    """Run the sparse layers' decode attention inside the step, so one CUDA graph holds the whole step (True), or
+    eagerly between graph-captured pieces (False). None: fused on CUDA, pieces elsewhere (on CPU the pieces
+    path is the reference one and has no launch overhead to save)."""
 
     def __post_init__(self) -> None:
+        if self.fused_attention not in (None, True, False):
+            raise ValueError(f"fused_attention must be True, False or None (auto), got {self.fused_attention!r}")
         for name in ("max_batch", "max_seq_len", "prefill_chunk"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -138,3 +141,13 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+
+DECODE_ATTENTION_MODES = {"auto": None, "fused": True, "pieces": False}
+
+
+def fused_flag(mode: str) -> bool | None:
+    """``--decode-attention`` value -> ``EngineConfig.fused_attention`` (None = auto)."""
+    if mode not in DECODE_ATTENTION_MODES:
+        raise ValueError(f"decode attention must be one of {sorted(DECODE_ATTENTION_MODES)}, got {mode!r}")
+    return DECODE_ATTENTION_MODES[mode]

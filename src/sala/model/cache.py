@@ -20,10 +20,15 @@ from sala.ops.infllm_v2 import num_windows
 
 
 class LightningLayerCache:
-    """Recurrent state of one Lightning layer; ``state`` is None until the first call."""
+    """Recurrent state of one Lightning layer; ``state`` is None until the first call.
 
-    def __init__(self) -> None:
-        self.state: torch.Tensor | None = None  # [B, H, K, V] fp32 / fp64
+    ``rows`` (an engine's decode step): sequence b's state is ``state[rows[b]]`` of a larger [S, H, K, V] pool,
+    stepped in place without gathering; only one-token calls accept it.
+    """
+
+    def __init__(self, state: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> None:
+        self.state: torch.Tensor | None = state  # [B, H, K, V] fp32 / fp64 ([S, H, K, V] with rows)
+        self.rows: torch.Tensor | None = rows  # [B] int64
 
 
 class SparseLayerCache:

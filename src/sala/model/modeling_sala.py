@@ -75,15 +75,70 @@ def _slopes(num_heads: int, device: str) -> torch.Tensor:
     return lightning_decay_slopes(num_heads).to(device)  # float64; ops cast to their compute dtype
 
 
+class FusedLinears:
+    """Inference only: several ``nn.Linear`` that read the same input, computed by one GEMM.
+
+    Their weights (and biases; a missing bias is zeros, added exactly) are concatenated once and each
+    Linear's parameter becomes a row-block *view* of the result, so memory is not doubled and
+    ``load_state_dict`` or in-place updates stay visible to both paths. At decode one wide GEMM reads the
+    weights closer to copy bandwidth than three or four narrow ones and saves their launches. ``__call__``
+    returns None (callers run the Linears one by one) while gradients are enabled, and for good once a
+    parameter has been replaced (``model.to(...)``, a re-assigned weight): the stale block is then dropped.
+    """
+
+    def __init__(self, linears: list[nn.Linear]) -> None:
+        self.linears = linears
+        self.sizes = [m.out_features for m in linears]
+        with torch.no_grad():
+            self.weight = torch.cat([m.weight for m in linears])
+            has_bias = any(m.bias is not None for m in linears)
+            self.bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
+                                   for m in linears]) if has_bias else None
+        start = 0
+        for m in linears:
+            rows = slice(start, start + m.out_features)
+            m.weight = nn.Parameter(self.weight[rows], requires_grad=m.weight.requires_grad)
+            if m.bias is not None:
+                m.bias = nn.Parameter(self.bias[rows], requires_grad=m.bias.requires_grad)
+            start += m.out_features
+        self._ptrs = [(m.weight.data_ptr(), None if m.bias is None else m.bias.data_ptr()) for m in linears]
+
+    def linked(self) -> bool:
+        return all((m.weight.data_ptr(), None if m.bias is None else m.bias.data_ptr()) == p
+                   for m, p in zip(self.linears, self._ptrs))
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """x: [..., in] -> one [..., out_i] view per Linear (slices of one GEMM's output), or None."""
+        if torch.is_grad_enabled() or self.weight is None:
+            return None
+        if not self.linked():
+            self.weight = self.bias = None  # a parameter was replaced: free the stale block, stay unfused
+            return None
+        return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+
+
+def run_linears(linears: list[nn.Linear], fused: FusedLinears | None, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each Linear applied to ``x``: one fused GEMM when ``fused`` serves, else one call each."""
+    out = fused(x) if fused is not None else None
+    return out if out is not None else [m(x) for m in linears]
+
+
 class SALAMLP(nn.Module):
     def __init__(self, config: SALAConfig) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self._fused: FusedLinears | None = None
+
+    def fuse_projections(self) -> None:
+        """One GEMM for gate and up (inference; see :class:`FusedLinears`)."""
+        if self._fused is None or self._fused.weight is None:
+            self._fused = FusedLinears([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        gate, up = run_linears([self.gate_proj, self.up_proj], self._fused, x)
+        return self.down_proj(silu_mul(gate, up))
 
 
 @dataclass
@@ -123,18 +178,34 @@ class _Projections(nn.Module):
             self.q_norm = SALARMSNorm(D, config.rms_norm_eps)  # one [D] weight shared by all heads
             self.k_norm = SALARMSNorm(D, config.rms_norm_eps)
         self.qk_norm = qk_norm
+        self._fused: FusedLinears | None = None
 
-    def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
-        """x: [B, T, hidden] -> q [B, T, H, D], k, v [B, T, Hkv, D] (qk-norm, then RoPE when given)."""
+    def gate_linear(self) -> nn.Linear | None:
+        """The output-gate projection, which reads the same input as q/k/v (None: no gate)."""
+        return None
+
+    def _input_linears(self) -> list[nn.Linear]:
+        gate = self.gate_linear()
+        return [self.q_proj, self.k_proj, self.v_proj] + ([gate] if gate is not None else [])
+
+    def fuse_projections(self) -> None:
+        """One GEMM for q, k, v and the gate projection (inference; see :class:`FusedLinears`)."""
+        if self._fused is None or self._fused.weight is None:
+            self._fused = FusedLinears(self._input_linears())
+
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
+        """x: [B, T, hidden] -> q [B, T, H, D], k, v [B, T, Hkv, D] (qk-norm, then RoPE when given) and the
+        gate projection's pre-activation [B, T, H*D] (None without a gate)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v, *gate = run_linears(self._input_linears(), self._fused, x)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return q, k, v
+        return q, k, v, (gate[0] if gate else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,17 +226,24 @@ class LightningAttention(_Projections):
             self.z_proj = nn.Linear(config.hidden_size, width, bias=False)
         self.use_output_norm, self.use_output_gate = config.use_output_norm, config.use_output_gate
 
+    def gate_linear(self) -> nn.Linear | None:
+        return self.z_proj if self.use_output_gate else None
+
     def forward(self, x, layout: BatchLayout, rope, cache: LightningLayerCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x, rope if self.use_rope else None)
+        q, k, v, z = self.project(x, rope if self.use_rope else None)
         if layout.new_valid is not None:  # left pads must not enter the state (it starts at zero before them)
             keep = layout.new_valid[:, :, None, None].to(k.dtype)
             k, v = k * keep, v * keep
         slopes = _slopes(self.num_heads, str(x.device))
         state = cache.state if cache is not None else None
+        rows = getattr(cache, "rows", None)  # engine caches may be other objects with a ``state``
         if T == 1 and state is not None:
-            o = lightning_step(q[:, 0], k[:, 0], v[:, 0], slopes, self.scale, state, output_dtype=x.dtype)[:, None]
+            o = lightning_step(q[:, 0], k[:, 0], v[:, 0], slopes, self.scale, state, output_dtype=x.dtype,
+                               state_rows=rows)[:, None]
         else:
+            if rows is not None:
+                raise ValueError("a Lightning cache with state rows serves one-token decode steps only")
             o, final = chunk_lightning(q, k, v, slopes, self.scale, initial_state=state,
                                        output_final_state=cache is not None, output_dtype=x.dtype)
             if cache is not None:
@@ -174,7 +252,7 @@ class LightningAttention(_Projections):
         if self.use_output_norm:
             o = self.o_norm(o)
         if self.use_output_gate:
-            o = sigmoid_gate(o, self.z_proj(x))
+            o = sigmoid_gate(o, z)
         return self.o_proj(o)
 
 
@@ -199,12 +277,15 @@ class SparseAttention(_Projections):
             self.o_gate = nn.Linear(config.hidden_size, config.num_attention_heads * config.head_dim, bias=False)
         self.use_output_gate = config.attn_use_output_gate
 
+    def gate_linear(self) -> nn.Linear | None:
+        return self.o_gate if self.use_output_gate else None
+
     def uses_sparse(self, num_keys: int) -> bool:
         return self.dense_len is not None and num_keys >= self.dense_len
 
     def forward(self, x, layout: BatchLayout, rope, cache: SparseLayerCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x, rope if self.use_rope else None)
+        q, k, v, g = self.project(x, rope if self.use_rope else None)
         keys, values = cache.update(k, v) if cache is not None else (k, v)  # [B, L, Hkv, D]
         sparse_rows = [b for b in range(B) if self.uses_sparse(layout.valid_keys(b))]
         if len(sparse_rows) < B:
@@ -223,7 +304,7 @@ class SparseAttention(_Projections):
                                                 first_pos=n - t)
         o = o.reshape(B, T, -1)
         if self.use_output_gate:
-            o = sigmoid_gate(o, self.o_gate(x))
+            o = sigmoid_gate(o, g)
         return self.o_proj(o)
 
 
@@ -403,6 +484,14 @@ class SALAForCausalLM(SALAPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
+
+    def fuse_projections(self) -> None:
+        """Inference: each mixer's q/k/v/gate and each MLP's gate/up projections computed by one GEMM (weights
+        concatenated once, the Linears' parameters become views of it; see :class:`FusedLinears`). Results are
+        those of the separate GEMMs up to accumulation order; training (grad enabled) keeps the separate path."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [..., hidden] (after the final norm) -> fp32 logits [..., vocab]."""

@@ -1,7 +1,8 @@
 """Elementwise glue entries: SwiGLU product, sigmoid output gate, scaled residual add.
 
 Each takes two tensors of one shape and dtype. The Triton path (one kernel, the reference's rounding points)
-runs for contiguous fp16/bf16/fp32 CUDA tensors; anything else takes the reference formula.
+runs for fp16/bf16/fp32 CUDA tensors laid out as rows with unit column stride
+(contiguous, or column slices of a wider tensor); anything else takes the reference formula.
 """
 
 from __future__ import annotations
@@ -15,8 +16,12 @@ __all__ = ["scaled_residual", "sigmoid_gate", "silu_mul"]
 
 
 def _fused(a: torch.Tensor, b: torch.Tensor, backend: str) -> bool:
-    return (resolve_backend(backend, a.device) == "triton" and a.shape == b.shape and a.dtype == b.dtype
-            and a.dtype in (torch.float16, torch.bfloat16, torch.float32) and a.is_contiguous() and b.is_contiguous())
+    if not (resolve_backend(backend, a.device) == "triton" and a.shape == b.shape and a.dtype == b.dtype
+            and a.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+        return False
+    from sala.ops.elementwise.fused import as_rows  # column slices of a fused GEMM's output qualify
+
+    return as_rows(a) is not None and as_rows(b) is not None
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:

@@ -36,14 +36,16 @@ def _exp(x, ACCURATE: tl.constexpr):
     return tl.exp(x)
 
 
-# n is specialised on purpose (n % 16 == 0 lets the loads vectorise); the model's sizes are multiples of 16
-@triton.jit
-def _glue_kernel(a_ptr, b_ptr, o_ptr, n, alpha, OP: tl.constexpr, BLOCK: tl.constexpr, RNE: tl.constexpr,
-                 ACCURATE: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    a = tl.load(a_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32)
+# Rows of C elements with their own row strides (the inputs may be column slices of one fused GEMM's output);
+# C and the strides are specialised on purpose (multiples of 16 let the loads vectorise; the model's sizes are)
+@triton.jit(do_not_specialize=["R"])
+def _glue_kernel(a_ptr, b_ptr, o_ptr, R, C, s_a, s_b, alpha, OP: tl.constexpr, BLOCK: tl.constexpr,
+                 RNE: tl.constexpr, ACCURATE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # rows on axis 0: axis 1 allows only 65,535 programs
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < C
+    a = tl.load(a_ptr + row * s_a + cols, mask=m, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + row * s_b + cols, mask=m, other=0.0).to(tl.float32)
     dt = o_ptr.dtype.element_ty
     if OP == 0:  # silu(a) * b
         out = _round(tl.div_rn(a, 1.0 + _exp(-a, ACCURATE)), dt, RNE) * b
@@ -53,18 +55,29 @@ def _glue_kernel(a_ptr, b_ptr, o_ptr, n, alpha, OP: tl.constexpr, BLOCK: tl.cons
         out = a + _round(b * alpha, dt, RNE)
     if RNE:
         out = rne_bf16(out)
-    tl.store(o_ptr + offs, out.to(dt), mask=m)
+    tl.store(o_ptr + row * C + cols, out.to(dt), mask=m)
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` [..., C] as a [R, C] view with unit column stride (None if its layout has no such view)."""
+    if t.dim() == 0 or t.stride(-1) != 1:
+        return None
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return None
 
 
 def _launch(op: int, a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-    out = torch.empty_like(a)
-    n = a.numel()
-    if n:
-        BLOCK = 1024 if triton_interpret() else 2048
+    out = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+    a2, b2 = as_rows(a), as_rows(b)
+    R, C = a2.shape
+    if R and C:
+        BLOCK = min(1024 if triton_interpret() else 2048, triton.next_power_of_2(C))
         # no FMA contraction: a + b * alpha must round the product first, like the reference's two ops
-        _glue_kernel[(triton.cdiv(n, BLOCK),)](a, b, out, n, float(alpha), OP=op, BLOCK=BLOCK,
-                                               RNE=interp_rne(a.dtype), ACCURATE=not triton_interpret(),
-                                               num_warps=8 if BLOCK >= 2048 else 4, enable_fp_fusion=False)
+        _glue_kernel[(R, triton.cdiv(C, BLOCK))](a2, b2, out, R, C, a2.stride(0), b2.stride(0), float(alpha), OP=op,
+                                                BLOCK=BLOCK, RNE=interp_rne(a.dtype), ACCURATE=not triton_interpret(),
+                                                num_warps=8 if BLOCK >= 2048 else 4, enable_fp_fusion=False)
     return out
 
 
@@ -88,7 +101,8 @@ class _Glue(torch.autograd.Function):
 
 
 def triton_glue(op: int, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """``op`` on same-shape, same-dtype contiguous tensors (callers check), result in their dtype."""
+    """``op`` on same-shape, same-dtype tensors with a row view (``as_rows``; callers check), result contiguous
+    in their dtype."""
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
         return _Glue.apply(op, alpha, a, b)
     return _launch(op, a, b, alpha)

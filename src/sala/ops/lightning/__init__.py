@@ -14,6 +14,7 @@ from sala.ops.lightning.naive import (
     lightning_decay_slopes,
     naive_chunk_lightning,
     naive_lightning_step,
+    naive_lightning_step_rows,
     naive_parallel_lightning,
     naive_recurrent_lightning,
 )
@@ -111,20 +112,28 @@ def lightning_step(
     state: torch.Tensor,
     output_dtype: torch.dtype | None = None,
     backend: str = "auto",
+    state_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode token per sequence; ``state`` is updated in place (no allocation, CUDA-graph friendly).
 
     q, k: [N, H, K]; v: [N, H, V]; state: [N, H, K, V] fp32/fp64 -> o: [N, H, V] in ``output_dtype``.
+    ``state_rows`` [N] (distinct, int64 on q's device): sequence n uses ``state[state_rows[n]]`` of a larger
+    state [S, H, K, V], so an engine steps its cache slots without gathering and scattering them.
     """
     if q.dim() != 3 or q.shape != k.shape or v.shape[:2] != q.shape[:2]:
         raise ValueError(f"lightning_step wants q, k [N, H, K] and v [N, H, V]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if tuple(state.shape) != (q.shape[0], q.shape[1], q.shape[2], v.shape[2]):
-        raise ValueError(f"state must be [N, H, K, V] = {(q.shape[0], q.shape[1], q.shape[2], v.shape[2])}, got {tuple(state.shape)}")
+    want = (q.shape[0], q.shape[1], q.shape[2], v.shape[2])
+    if state_rows is not None:
+        if state_rows.shape != (q.shape[0],) or state_rows.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"state_rows must be an integer tensor [N] = [{q.shape[0]}], got {state_rows.dtype} {tuple(state_rows.shape)}")
+        want = (state.shape[0],) + want[1:]
+    if state.dim() != 4 or tuple(state.shape) != want:
+        raise ValueError(f"state must be [{'S' if state_rows is not None else 'N'}, H, K, V] = {want}, got {tuple(state.shape)}")
     if state.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"Lightning state must be float32 (or float64), got {state.dtype}")
     out_dtype = output_dtype or q.dtype
     if resolve_backend(backend, q.device) == "triton":
         from sala.ops.lightning.recurrent import triton_lightning_step
 
-        return triton_lightning_step(q, k, v, slopes, scale, state, out_dtype)
-    return naive_lightning_step(q, k, v, slopes, scale, state).to(out_dtype)
+        return triton_lightning_step(q, k, v, slopes, scale, state, out_dtype, state_rows)
+    return naive_lightning_step_rows(q, k, v, slopes, scale, state, state_rows).to(out_dtype)

@@ -148,3 +148,17 @@ def naive_lightning_step(
     gamma = torch.exp(-slopes.to(device=q.device, dtype=dt))[None, :, None, None]
     state.mul_(gamma).add_(k.to(dt)[..., :, None] * v.to(dt)[..., None, :])
     return scale * torch.einsum("nhk,nhkv->nhv", q.to(dt), state)
+
+
+def naive_lightning_step_rows(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, scale: float, state: torch.Tensor,
+    rows: torch.Tensor | None,
+) -> torch.Tensor:
+    """``naive_lightning_step`` on ``state[rows]`` ([S, H, K, V] indexed by ``rows`` [N], distinct), written back in
+    place; ``rows=None`` is the plain step on state [N, H, K, V]."""
+    if rows is None:
+        return naive_lightning_step(q, k, v, slopes, scale, state)
+    picked = state.index_select(0, rows)
+    o = naive_lightning_step(q, k, v, slopes, scale, picked)
+    state.index_copy_(0, rows, picked)
+    return o

@@ -26,7 +26,8 @@ def _lightning_step_kernel(
     k,  # [N, H, K]
     v,  # [N, H, V]
     slopes,  # [H]
-    state,  # [N, H, K, V] contiguous fp32, updated in place
+    state,  # [S, H, K, V] contiguous fp32, updated in place (S = N without rows)
+    rows,  # [N] int: state row of each sequence (HAS_ROWS)
     o,  # [N, H, V] contiguous
     scale,
     H,
@@ -40,9 +41,11 @@ def _lightning_step_kernel(
     V: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
+    i_sh = (tl.load(rows + i_n).to(tl.int64) * H + i_h) if HAS_ROWS else i_nh.to(tl.int64)
     acc_ty = state.dtype.element_ty  # fp32
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -52,7 +55,7 @@ def _lightning_step_kernel(
     b_k = tl.load(k + i_n * skn + i_h * skh + o_k, mask=m_k, other=0.0).to(acc_ty)
     b_v = tl.load(v + i_n * svn + i_h * svh + o_v, mask=m_v, other=0.0).to(acc_ty)
     gamma = tl.exp(-tl.load(slopes + i_h).to(acc_ty))  # spec §4.2: per-step decay
-    p_s = state + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+    p_s = state + i_sh * K * V + o_k[:, None] * V + o_v[None, :]
     m_s = m_k[:, None] & m_v[None, :]
     b_s = tl.load(p_s, mask=m_s, other=0.0)
     b_s = b_s * gamma + b_k[:, None] * b_v[None, :]
@@ -92,17 +95,19 @@ def triton_lightning_step(
     scale: float,
     state: torch.Tensor,
     output_dtype: torch.dtype,
+    state_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode step; same contract as ``sala.ops.lightning.lightning_step``.
 
-    q, k: [N, H, K]; v: [N, H, V]; slopes: [H]; state: [N, H, K, V] fp32, contiguous, updated in place
-    -> o: [N, H, V] in ``output_dtype``. An fp64 state (fp64 model) runs the PyTorch reference.
+    q, k: [N, H, K]; v: [N, H, V]; slopes: [H]; state: [N, H, K, V] (or [S, H, K, V] indexed by ``state_rows``
+    [N]) fp32, contiguous, updated in place -> o: [N, H, V] in ``output_dtype``. An fp64 state (fp64 model) runs
+    the PyTorch reference.
     """
     if state.dtype == torch.float64:
         _log_fp64_fallback()
-        from sala.ops.lightning.naive import naive_lightning_step
+        from sala.ops.lightning.naive import naive_lightning_step_rows
 
-        return naive_lightning_step(q, k, v, slopes, scale, state).to(output_dtype)
+        return naive_lightning_step_rows(q, k, v, slopes, scale, state, state_rows).to(output_dtype)
     if not state.is_contiguous():
         raise ValueError("lightning step updates the state in place, so it must be contiguous; got strides "
                          f"{tuple(state.stride())}; pass state.contiguous() and keep that tensor")  # fmt: skip
@@ -115,8 +120,8 @@ def triton_lightning_step(
     o = torch.empty(N, H, V, dtype=output_dtype, device=q.device)
     bk, bv, warps, grid = _plan(q.device, N, H, K, V)
     _lightning_step_kernel[grid](
-        q, k, v, slopes, state, o, scale, H,
+        q, k, v, slopes, state, state_rows if state_rows is not None else o, o, scale, H,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        K=K, V=V, BK=bk, BV=bv, num_warps=warps,
+        K=K, V=V, BK=bk, BV=bv, HAS_ROWS=state_rows is not None, num_warps=warps,
     )  # fmt: skip
     return o

@@ -18,14 +18,17 @@ from sala.ops.norm.naive import naive_rms_norm
 from sala.utils.env import triton_interpret
 
 
+# x is read as [R / I, I, D] with strides (s_xo, s_xi, 1): heads of a q/k slice of a fused projection
+# output are normed in place of a copy (I = 1 for plain rows)
 @triton.jit(do_not_specialize=["R"])
-def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, R, D, s_xr, s_or, eps,
+def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, R, D, I, s_xo, s_xi, s_or, eps,
                      BR: tl.constexpr, BD: tl.constexpr, RNE_X: tl.constexpr, RNE_O: tl.constexpr):
     o_r = tl.program_id(0) * BR + tl.arange(0, BR)
     o_d = tl.arange(0, BD)
     m = (o_r < R)[:, None] & (o_d < D)[None, :]
     rows = o_r.to(tl.int64)
-    x = tl.load(x_ptr + rows[:, None] * s_xr + o_d[None, :], mask=m, other=0.0).to(tl.float32)
+    x_off = (rows // I) * s_xo + (rows % I) * s_xi
+    x = tl.load(x_ptr + x_off[:, None] + o_d[None, :], mask=m, other=0.0).to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
     h = x * inv[:, None]
     if RNE_X:  # interpreter: round to bf16 like the GPU cast does
@@ -38,19 +41,30 @@ def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, R, D, s_xr, s_or, eps,
     tl.store(o_ptr + rows[:, None] * s_or + o_d[None, :], out.to(o_ptr.dtype.element_ty), mask=m)
 
 
+def _as_outer_inner(x: torch.Tensor) -> torch.Tensor:
+    """x [..., D] as a [O, I, D] view with unit stride along D (a contiguous copy if it has none)."""
+    x3 = x.reshape(1, 1, -1) if x.dim() == 1 else (x[:, None] if x.dim() == 2 else None)
+    if x3 is None:
+        try:
+            x3 = x.view(-1, *x.shape[-2:])  # leading dims collapse for slices of the last dim
+        except RuntimeError:
+            x3 = None
+    if x3 is None or x3.stride(-1) != 1:
+        x3 = x.contiguous().view(-1, *x.shape[-2:]) if x.dim() > 2 else x.contiguous().reshape(-1, 1, x.shape[-1])
+    return x3
+
+
 def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     D = x.shape[-1]
-    x2 = x.reshape(-1, D)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-    R = x2.shape[0]
+    x3 = _as_outer_inner(x)
+    out = torch.empty((x.numel() // D if D else 0, D), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    R = out.shape[0]
     if R == 0:
         return out.view(x.shape)
     BD = triton.next_power_of_2(D)
     BR = max(1, min(64, 4096 // BD)) if not triton_interpret() else max(1, min(16, 1024 // BD))
     _rms_norm_kernel[(triton.cdiv(R, BR),)](
-        x2, weight, out, R, D, x2.stride(0), out.stride(0), eps,
+        x3, weight, out, R, D, x3.shape[1], x3.stride(0), x3.stride(1), out.stride(0), eps,
         BR=BR, BD=BD, RNE_X=interp_rne(x.dtype), RNE_O=interp_rne(out.dtype),
         num_warps=min(32, max(4, BR * BD // 1024)),  # ptxas: no spills up to D = 32K (sm_90a, triton 3.6)
     )

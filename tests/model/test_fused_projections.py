@@ -1,0 +1,76 @@
+"""Inference-time projection fusion (``SALAForCausalLM.fuse_projections``): one GEMM for q/k/v/gate and for
+gate/up gives the separate GEMMs' results, keeps the checkpoint's parameters (as views), leaves training on the
+separate path, and stops serving once a parameter is replaced."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sala.model import SALAForCausalLM
+from sala.utils.testing import assert_close
+from tests.conftest import randomize_
+
+
+def _model(config, seed=0, **over):
+    for key, value in over.items():
+        setattr(config, key, value)
+    return randomize_(SALAForCausalLM(config), seed=seed).eval()
+
+
+def _ids(config, B=2, T=70, seed=3):
+    return torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "qkv-bias"])
+def test_fused_forward_equals_separate(tiny_sparse_config, bias):
+    model = _model(tiny_sparse_config, qkv_bias=bias)
+    ids = _ids(tiny_sparse_config)  # 70 tokens: past dense_len, both mixers and the sparse path run
+    names = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        want = model(ids).logits
+        model.fuse_projections()
+        got = model(ids).logits
+    assert_close(got, want, 1e-6, "fused logits")
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == names  # checkpoint layout unchanged
+    attn = model.model.layers[0].self_attn
+    block = attn._fused.weight
+    assert attn.q_proj.weight.data_ptr() == block.data_ptr()  # the Linears' weights are views of one block
+    assert attn.k_proj.weight.data_ptr() == block[attn.q_proj.out_features :].data_ptr()
+
+
+def test_training_keeps_separate_gemms_and_gradients(tiny_sparse_config):
+    ref, fused = _model(tiny_sparse_config, seed=1), _model(tiny_sparse_config, seed=1)
+    fused.fuse_projections()
+    ids = _ids(tiny_sparse_config, B=1, T=40)
+    for m in (ref, fused):
+        m.train()
+        m(ids, labels=ids).loss.backward()
+    for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
+        assert q.grad is not None, name
+        assert_close(q.grad, p.grad, 1e-6, name)
+
+
+def test_replaced_parameters_stop_the_fused_path(tiny_sparse_config):
+    model = _model(tiny_sparse_config, seed=2)
+    model.fuse_projections()
+    ids = _ids(tiny_sparse_config, B=1, T=30)
+    model.double()  # new parameter tensors: the stale fp32 block must not be used
+    with torch.no_grad():
+        got = model(ids).logits
+    assert model.model.layers[0].self_attn._fused.weight is None  # dropped, not kept alive
+    fresh = _model(tiny_sparse_config, seed=2).double()
+    with torch.no_grad():
+        assert_close(got, fresh(ids).logits, 1e-12, "after .double()")
+    model.fuse_projections()  # fusing again serves the new parameters
+    with torch.no_grad():
+        assert_close(model(ids).logits, got, 1e-12, "re-fused")
+
+
+def test_load_state_dict_after_fusion_reaches_the_fused_block(tiny_sparse_config):
+    model, other = _model(tiny_sparse_config, seed=4), _model(tiny_sparse_config, seed=5)
+    model.fuse_projections()
+    model.load_state_dict(other.state_dict())  # in-place copies into the views
+    ids = _ids(tiny_sparse_config, B=1, T=30)
+    with torch.no_grad():
+        assert_close(model(ids).logits, other(ids).logits, 1e-6, "loaded weights")
