@@ -72,3 +72,38 @@ def test_rms_norm_on_head_views_of_a_fused_projection(dtype):
         got = rms_norm(x, w, 1e-6, backend="triton")
         assert got.is_contiguous() and got.shape == x.shape
         assert_close(got.float(), naive_rms_norm(x.contiguous(), w, 1e-6).float(), 1e-6 if dtype == torch.float32 else 8e-3, "views")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_residual_rms_norm_matches_add_then_norm(dtype):
+    from sala.ops import residual_rms_norm
+    from sala.ops.elementwise import naive_scaled_residual
+
+    g = torch.Generator().manual_seed(21)
+    h, y = ((2 * torch.randn(3, 7, 96, generator=g)).to(dtype).to(DEV) for _ in range(2))
+    w = (1 + 0.3 * torch.randn(96, generator=g)).to(dtype).to(DEV)
+    r, n = residual_rms_norm(h, y, 0.37, w, 1e-6, backend="triton")
+    want_r = naive_scaled_residual(h, y, 0.37)
+    want_n = naive_rms_norm(want_r, w, 1e-6)
+    assert torch.equal(r, want_r)  # the add rounds exactly like the reference's two ops
+    assert_close(n.float(), want_n.float(), 1e-6 if dtype == torch.float32 else 8e-3, "normed")
+    if dtype == torch.bfloat16:
+        assert (n == want_n).float().mean() > 0.97
+
+
+def test_residual_rms_norm_gradients_and_errors():
+    from sala.ops import residual_rms_norm
+
+    g = torch.Generator().manual_seed(4)
+    h, y = (torch.randn(2, 5, 32, generator=g, dtype=torch.float64) for _ in range(2))
+    w = 1 + 0.1 * torch.randn(32, generator=g, dtype=torch.float64)
+    grads = []
+    for backend, dt in (("naive", torch.float64), ("triton", torch.float32)):
+        hh, yy = (t.to(dt).to(DEV).detach().clone().requires_grad_() for t in (h, y))
+        r, n = residual_rms_norm(hh, yy, 0.5, w.to(dt).to(DEV), 1e-6, backend)
+        (r.sum() + n.square().sum()).backward()
+        grads.append((hh.grad.double().cpu(), yy.grad.double().cpu()))
+    assert_close(grads[1][0], grads[0][0], 1e-5, "dh")
+    assert_close(grads[1][1], grads[0][1], 1e-5, "dy")
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        residual_rms_norm(h, y[:, :3], 0.5, w, 1e-6)

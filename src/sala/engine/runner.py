@@ -45,7 +45,6 @@ from sala.ops import (
     decode_attention_batch,
     dense_causal_attention,
     infllm_v2_attention,
-    scaled_residual,
     sigmoid_gate,
 )
 
@@ -229,8 +228,7 @@ class ModelRunner:
             o = prev.o if prev.o is not None else o
             if attn.use_output_gate:
                 o = sigmoid_gate(o, prev.g)
-            h = scaled_residual(prev.h, attn.o_proj(o), layer.residual_scale)
-            h = scaled_residual(h, layer.mlp(layer.post_attention_layernorm(h)), layer.residual_scale)
+            h = layer.finish(prev.h, attn.o_proj(o))
             start = li + 1
         end = self.sparse_layers[j] if j < len(self.sparse_layers) else len(net.layers)
         layout = BatchLayout(pos[:, None], None, None, [0] * n, 0)  # Lightning reads only new_valid (None)

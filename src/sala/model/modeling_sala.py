@@ -36,6 +36,8 @@ from sala.ops import (  # apply_rope, rms_norm and the elementwise glue: one fus
     infllm_v2_attention,
     lightning_decay_slopes,
     lightning_step,
+    qk_norm_rope,
+    residual_rms_norm,
     rms_norm,
     scaled_residual,
     sigmoid_gate,
@@ -201,9 +203,9 @@ class _Projections(nn.Module):
         q = q.view(B, T, self.num_heads, self.head_dim)
         k = k.view(B, T, self.num_kv_heads, self.head_dim)
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
+        if self.qk_norm:  # norms then RoPE: one kernel for q and k on CUDA
+            q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, rope)
+        elif rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return q, k, v, (gate[0] if gate else None)
 
@@ -319,8 +321,13 @@ class SALADecoderLayer(nn.Module):
         self.residual_scale = config.residual_scale
 
     def forward(self, h, layout: BatchLayout, rope, cache) -> torch.Tensor:
-        h = scaled_residual(h, self.self_attn(self.input_layernorm(h), layout, rope, cache), self.residual_scale)
-        return scaled_residual(h, self.mlp(self.post_attention_layernorm(h)), self.residual_scale)
+        return self.finish(h, self.self_attn(self.input_layernorm(h), layout, rope, cache))
+
+    def finish(self, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Residual add of the mixer's output, post-attention norm (one kernel with the add on CUDA), MLP, add."""
+        h, x = residual_rms_norm(h, attn_out, self.residual_scale, self.post_attention_layernorm.weight,
+                                 self.post_attention_layernorm.eps)
+        return scaled_residual(h, self.mlp(x), self.residual_scale)
 
 
 # ---------------------------------------------------------------------------------------------------------------

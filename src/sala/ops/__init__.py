@@ -16,8 +16,8 @@ from sala.ops.infllm_v2 import (
 )
 from sala.ops.elementwise import scaled_residual, sigmoid_gate, silu_mul
 from sala.ops.lightning import chunk_lightning, lightning_decay_slopes, lightning_step
-from sala.ops.norm import rms_norm
-from sala.ops.rope import apply_rope
+from sala.ops.norm import residual_rms_norm, rms_norm
+from sala.ops.rope import apply_rope, qk_norm_rope
 
 __all__ = [
     "append_compressed_keys",
@@ -30,6 +30,8 @@ __all__ = [
     "infllm_v2_attention",
     "lightning_decay_slopes",
     "lightning_step",
+    "qk_norm_rope",
+    "residual_rms_norm",
     "rms_norm",
     "scaled_residual",
     "sigmoid_gate",

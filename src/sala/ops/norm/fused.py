@@ -20,15 +20,29 @@ from sala.utils.env import triton_interpret
 
 # x is read as [R / I, I, D] with strides (s_xo, s_xi, 1): heads of a q/k slice of a fused projection
 # output are normed in place of a copy (I = 1 for plain rows)
+# With HAS_RES, x = h + y * alpha first (the scaled residual add, rounded like the reference's two ops; the
+# launch turns FMA contraction off) and that sum is also stored to ``r_ptr``: the post-attention add and norm
+# of a decoder layer in one pass.
 @triton.jit(do_not_specialize=["R"])
-def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, R, D, I, s_xo, s_xi, s_or, eps,
-                     BR: tl.constexpr, BD: tl.constexpr, RNE_X: tl.constexpr, RNE_O: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, y_ptr, r_ptr, R, D, I, s_xo, s_xi, s_or, eps, alpha,
+                     BR: tl.constexpr, BD: tl.constexpr, RNE_X: tl.constexpr, RNE_O: tl.constexpr,
+                     HAS_RES: tl.constexpr):
     o_r = tl.program_id(0) * BR + tl.arange(0, BR)
     o_d = tl.arange(0, BD)
     m = (o_r < R)[:, None] & (o_d < D)[None, :]
     rows = o_r.to(tl.int64)
     x_off = (rows // I) * s_xo + (rows % I) * s_xi
     x = tl.load(x_ptr + x_off[:, None] + o_d[None, :], mask=m, other=0.0).to(tl.float32)
+    if HAS_RES:  # x, y, r: contiguous [R, D] rows
+        y = tl.load(y_ptr + rows[:, None] * D + o_d[None, :], mask=m, other=0.0).to(tl.float32)
+        y = y * alpha
+        if RNE_X:
+            y = rne_bf16(y)
+        x = x + y.to(x_ptr.dtype.element_ty).to(tl.float32)
+        if RNE_X:
+            x = rne_bf16(x)
+        x = x.to(x_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(r_ptr + rows[:, None] * D + o_d[None, :], x.to(r_ptr.dtype.element_ty), mask=m)
     inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
     h = x * inv[:, None]
     if RNE_X:  # interpreter: round to bf16 like the GPU cast does
@@ -54,21 +68,26 @@ def _as_outer_inner(x: torch.Tensor) -> torch.Tensor:
     return x3
 
 
-def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, y: torch.Tensor | None = None, alpha: float = 1.0
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """-> (norm output, the residual sum h + y * alpha when ``y`` is given; x and y then contiguous)."""
     D = x.shape[-1]
-    x3 = _as_outer_inner(x)
+    x3 = _as_outer_inner(x) if y is None else x.view(-1, 1, D)
     out = torch.empty((x.numel() // D if D else 0, D), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    res = torch.empty(x.shape, dtype=x.dtype, device=x.device) if y is not None else None
     R = out.shape[0]
     if R == 0:
-        return out.view(x.shape)
+        return out.view(x.shape), res
     BD = triton.next_power_of_2(D)
     BR = max(1, min(64, 4096 // BD)) if not triton_interpret() else max(1, min(16, 1024 // BD))
     _rms_norm_kernel[(triton.cdiv(R, BR),)](
-        x3, weight, out, R, D, x3.shape[1], x3.stride(0), x3.stride(1), out.stride(0), eps,
-        BR=BR, BD=BD, RNE_X=interp_rne(x.dtype), RNE_O=interp_rne(out.dtype),
+        x3, weight, out, y if y is not None else x3, res if res is not None else out, R, D, x3.shape[1],
+        x3.stride(0), x3.stride(1), out.stride(0), eps, float(alpha),
+        BR=BR, BD=BD, RNE_X=interp_rne(x.dtype), RNE_O=interp_rne(out.dtype), HAS_RES=y is not None,
         num_warps=min(32, max(4, BR * BD // 1024)),  # ptxas: no spills up to D = 32K (sm_90a, triton 3.6)
+        enable_fp_fusion=y is None,  # h + y * alpha rounds the product first, like the reference's two ops
     )
-    return out.view(x.shape)
+    return out.view(x.shape), res
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -76,7 +95,7 @@ class _RMSNorm(torch.autograd.Function):
     def forward(ctx, x, weight, eps):
         ctx.save_for_backward(x, weight)
         ctx.eps = eps
-        return _forward(x, weight, eps)
+        return _forward(x, weight, eps)[0]
 
     @staticmethod
     def backward(ctx, grad):
@@ -93,4 +112,12 @@ def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     """RMSNorm over the last dim (see the module docstring). x: [..., D] fp16/bf16/fp32; weight: [D]."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _RMSNorm.apply(x, weight, eps)
-    return _forward(x, weight, eps)
+    return _forward(x, weight, eps)[0]
+
+
+def triton_residual_rms_norm(h: torch.Tensor, y: torch.Tensor, alpha: float, weight: torch.Tensor, eps: float
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + y * alpha, RMSNorm of it) in one pass; h, y: contiguous [..., D] of one dtype (callers check);
+    no autograd (callers take the two-op path when gradients are needed)."""
+    normed, res = _forward(h, weight, eps, y, alpha)
+    return res, normed

@@ -7,7 +7,7 @@ import torch
 from sala.ops.common.dispatch import resolve_backend
 from sala.ops.rope.naive import naive_apply_rope
 
-__all__ = ["apply_rope", "naive_apply_rope"]
+__all__ = ["apply_rope", "naive_apply_rope", "qk_norm_rope"]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -25,3 +25,35 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: s
 
         return triton_apply_rope(x, cos, sin)
     return naive_apply_rope(x, cos, sin)
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, eps: float,
+                 rope: tuple[torch.Tensor, torch.Tensor] | None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head q/k RMSNorm (one [D] weight each), then RoPE when ``rope`` = (cos, sin) is given: what
+    ``rms_norm`` and ``apply_rope`` compute one after the other, in one kernel on CUDA (four otherwise).
+
+    q: [B, T, H, D], k: [B, T, Hkv, D]; wq, wk: [D]; cos, sin: [B|1, T, 1, D] -> (q', k'). The Triton path
+    takes inputs with unit stride along D (e.g. views of one fused projection) and no autograd.
+    """
+    from sala.ops.norm import rms_norm
+
+    if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3] or wq.shape != (q.shape[3],) \
+            or wk.shape != wq.shape:
+        raise ValueError(f"qk_norm_rope wants q [B, T, H, D], k [B, T, Hkv, D] and weights [D]; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, weights {tuple(wq.shape)}, {tuple(wk.shape)}")
+    cos, sin = rope if rope is not None else (None, None)
+    float_types = (torch.float16, torch.bfloat16, torch.float32)
+    if (resolve_backend(backend, q.device) == "triton" and q.dtype == k.dtype and q.dtype in float_types
+            and wq.dtype == wk.dtype and wq.dtype in float_types and q.shape[3] % 2 == 0
+            and q.stride(-1) == 1 and k.stride(-1) == 1
+            and (rope is None or (cos.dtype == torch.float32 and sin.dtype == torch.float32 and cos.shape == sin.shape
+                                  and cos.dim() == 4 and cos.shape[1:] == (q.shape[1], 1, q.shape[3])
+                                  and cos.shape[0] in (1, q.shape[0])))
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, wq, wk)))):
+        from sala.ops.rope.fused import triton_qk_norm_rope
+
+        return triton_qk_norm_rope(q, k, wq, wk, eps, cos, sin)
+    q, k = rms_norm(q, wq, eps, backend), rms_norm(k, wk, eps, backend)
+    if rope is not None:
+        q, k = apply_rope(q, cos, sin, backend), apply_rope(k, cos, sin, backend)
+    return q, k

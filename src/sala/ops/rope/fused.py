@@ -72,6 +72,99 @@ class _Rope(torch.autograd.Function):
         return _rotate(grad, cos, sin, -1.0), None, None
 
 
+@triton.jit
+def _norm_rope_heads(x_ptr, w_ptr, o_ptr, c_ptr, s_ptr, b, t, H, s_xb, s_xt, s_xh, s_cb, s_ct, eps,
+                     D: tl.constexpr, HALF: tl.constexpr, BH: tl.constexpr, BHALF: tl.constexpr,
+                     ROPE: tl.constexpr, RNE_X: tl.constexpr, RNE_O: tl.constexpr):
+    """RMSNorm (then RoPE) of the H heads of token (b, t) -> the two halves [BH, BHALF] in fp32, already rounded to
+    ``o_ptr``'s dtype at the reference's points (the caller stores them)."""
+    o_h = tl.arange(0, BH)
+    o_d = tl.arange(0, BHALF)
+    m_d = o_d < HALF
+    m = (o_h < H)[:, None] & m_d[None, :]
+    p_x = x_ptr + b * s_xb + t * s_xt + o_h[:, None] * s_xh + o_d[None, :]
+    x1 = tl.load(p_x, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(p_x + HALF, mask=m, other=0.0).to(tl.float32)
+    inv = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)[:, None]
+    x_ty = x_ptr.dtype.element_ty
+    o_ty = o_ptr.dtype.element_ty
+    h1, h2 = x1 * inv, x2 * inv
+    if RNE_X:
+        h1, h2 = rne_bf16(h1), rne_bf16(h2)
+    w1 = tl.load(w_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
+    w2 = tl.load(w_ptr + HALF + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
+    n1 = h1.to(x_ty).to(tl.float32) * w1  # the norm rounds to x's dtype before the weight, then to its output's
+    n2 = h2.to(x_ty).to(tl.float32) * w2
+    if RNE_O:
+        n1, n2 = rne_bf16(n1), rne_bf16(n2)
+    n1, n2 = n1.to(o_ty).to(tl.float32), n2.to(o_ty).to(tl.float32)
+    if ROPE:
+        cos = tl.load(c_ptr + b * s_cb + t * s_ct + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
+        sin = tl.load(s_ptr + b * s_cb + t * s_ct + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
+        n1, n2 = n1 * cos - n2 * sin, n2 * cos + n1 * sin
+        if RNE_O:
+            n1, n2 = rne_bf16(n1), rne_bf16(n2)
+    return n1, n2
+
+
+@triton.jit(do_not_specialize=["T"])
+def _qk_norm_rope_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, oq_ptr, ok_ptr, c_ptr, s_ptr, T, HQ, HK,
+                         s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_cb, s_ct, eps,
+                         D: tl.constexpr, HALF: tl.constexpr, BHQ: tl.constexpr, BHK: tl.constexpr,
+                         BHALF: tl.constexpr, ROPE: tl.constexpr, RNE_X: tl.constexpr, RNE_O: tl.constexpr):
+    i_r = tl.program_id(0)
+    b = (i_r // T).to(tl.int64)
+    t = (i_r % T).to(tl.int64)
+    o_d = tl.arange(0, BHALF)
+    m_d = o_d < HALF
+    if tl.program_id(1) == 0:
+        o_h = tl.arange(0, BHQ)
+        n1, n2 = _norm_rope_heads(q_ptr, wq_ptr, oq_ptr, c_ptr, s_ptr, b, t, HQ, s_qb, s_qt, s_qh, s_cb, s_ct, eps,
+                                  D, HALF, BHQ, BHALF, ROPE, RNE_X, RNE_O)
+        p_o = oq_ptr + (i_r.to(tl.int64) * HQ + o_h[:, None]) * D + o_d[None, :]
+        m = (o_h < HQ)[:, None] & m_d[None, :]
+        tl.store(p_o, n1.to(oq_ptr.dtype.element_ty), mask=m)
+        tl.store(p_o + HALF, n2.to(oq_ptr.dtype.element_ty), mask=m)
+    else:
+        o_h = tl.arange(0, BHK)
+        n1, n2 = _norm_rope_heads(k_ptr, wk_ptr, ok_ptr, c_ptr, s_ptr, b, t, HK, s_kb, s_kt, s_kh, s_cb, s_ct, eps,
+                                  D, HALF, BHK, BHALF, ROPE, RNE_X, RNE_O)
+        p_o = ok_ptr + (i_r.to(tl.int64) * HK + o_h[:, None]) * D + o_d[None, :]
+        m = (o_h < HK)[:, None] & m_d[None, :]
+        tl.store(p_o, n1.to(ok_ptr.dtype.element_ty), mask=m)
+        tl.store(p_o + HALF, n2.to(ok_ptr.dtype.element_ty), mask=m)
+
+
+def triton_qk_norm_rope(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, eps: float,
+                        cos: torch.Tensor | None, sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm of q and k, then RoPE when cos/sin are given, in one launch (no autograd; callers check
+    shapes and dtypes). q: [B, T, H, D], k: [B, T, Hkv, D] with unit stride along D; wq, wk: [D] of one dtype;
+    cos, sin: [B|1, T, 1, D] fp32 -> contiguous q', k' in promote(x, w) dtype."""
+    B, T, HQ, D = q.shape
+    HK = k.shape[2]
+    o_dtype = torch.promote_types(q.dtype, wq.dtype)
+    oq = torch.empty((B, T, HQ, D), dtype=o_dtype, device=q.device)
+    ok = torch.empty((B, T, HK, D), dtype=o_dtype, device=q.device)
+    if B * T == 0:
+        return oq, ok
+    rope = cos is not None
+    if rope:
+        cos, sin = cos.expand(B, T, 1, D), sin.expand(B, T, 1, D)
+        if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+            cos, sin = cos.contiguous(), sin.contiguous()
+    else:
+        cos = sin = oq  # never read
+    half = D // 2
+    _qk_norm_rope_kernel[(B * T, 2)](
+        q, k, wq, wk, oq, ok, cos, sin, T, HQ, HK, q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2), cos.stride(0) if rope else 0, cos.stride(1) if rope else 0, eps,
+        D=D, HALF=half, BHQ=triton.next_power_of_2(HQ), BHK=triton.next_power_of_2(HK),
+        BHALF=triton.next_power_of_2(half), ROPE=rope, RNE_X=interp_rne(q.dtype), RNE_O=interp_rne(o_dtype),
+        num_warps=4,
+    )
+    return oq, ok
+
+
 def triton_apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, T, H, D] fp16/bf16/fp32; cos, sin: [B or 1, T, 1, D] fp32 (halves duplicated) -> rotated x."""
     if torch.is_grad_enabled() and x.requires_grad:
