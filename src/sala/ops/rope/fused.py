@@ -73,11 +73,13 @@ class _Rope(torch.autograd.Function):
 
 
 @triton.jit
-def _norm_rope_heads(x_ptr, w_ptr, o_ptr, c_ptr, s_ptr, b, t, H, s_xb, s_xt, s_xh, s_cb, s_ct, eps,
+def _norm_rope_heads(x_ptr, w_ptr, o_ptr, c_ptr, s_ptr, i_r, T, H, s_xb, s_xt, s_xh, s_cb, s_ct, eps,
                      D: tl.constexpr, HALF: tl.constexpr, BH: tl.constexpr, BHALF: tl.constexpr,
                      ROPE: tl.constexpr, RNE_X: tl.constexpr, RNE_O: tl.constexpr):
-    """RMSNorm (then RoPE) of the H heads of token (b, t) -> the two halves [BH, BHALF] in fp32, already rounded to
-    ``o_ptr``'s dtype at the reference's points (the caller stores them)."""
+    """RMSNorm (then RoPE) of the H heads of token row i_r = b * T + t, stored to o [B, T, H, D] contiguous,
+    rounded to the output dtype at the reference's points."""
+    b = (i_r // T).to(tl.int64)
+    t = (i_r % T).to(tl.int64)
     o_h = tl.arange(0, BH)
     o_d = tl.arange(0, BHALF)
     m_d = o_d < HALF
@@ -88,51 +90,48 @@ def _norm_rope_heads(x_ptr, w_ptr, o_ptr, c_ptr, s_ptr, b, t, H, s_xb, s_xt, s_x
     inv = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)[:, None]
     x_ty = x_ptr.dtype.element_ty
     o_ty = o_ptr.dtype.element_ty
-    h1, h2 = x1 * inv, x2 * inv
+    h1 = x1 * inv
+    h2 = x2 * inv
     if RNE_X:
-        h1, h2 = rne_bf16(h1), rne_bf16(h2)
+        h1 = rne_bf16(h1)
+        h2 = rne_bf16(h2)
     w1 = tl.load(w_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
     w2 = tl.load(w_ptr + HALF + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
     n1 = h1.to(x_ty).to(tl.float32) * w1  # the norm rounds to x's dtype before the weight, then to its output's
     n2 = h2.to(x_ty).to(tl.float32) * w2
     if RNE_O:
-        n1, n2 = rne_bf16(n1), rne_bf16(n2)
-    n1, n2 = n1.to(o_ty).to(tl.float32), n2.to(o_ty).to(tl.float32)
+        n1 = rne_bf16(n1)
+        n2 = rne_bf16(n2)
+    n1 = n1.to(o_ty).to(tl.float32)
+    n2 = n2.to(o_ty).to(tl.float32)
     if ROPE:
         cos = tl.load(c_ptr + b * s_cb + t * s_ct + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
         sin = tl.load(s_ptr + b * s_cb + t * s_ct + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
-        n1, n2 = n1 * cos - n2 * sin, n2 * cos + n1 * sin
+        r1 = n1 * cos - n2 * sin
+        r2 = n2 * cos + n1 * sin
+        n1 = r1
+        n2 = r2
         if RNE_O:
-            n1, n2 = rne_bf16(n1), rne_bf16(n2)
-    return n1, n2
+            n1 = rne_bf16(n1)
+            n2 = rne_bf16(n2)
+    p_o = o_ptr + (i_r.to(tl.int64) * H + o_h[:, None]) * D + o_d[None, :]
+    tl.store(p_o, n1.to(o_ty), mask=m)
+    tl.store(p_o + HALF, n2.to(o_ty), mask=m)
 
 
+# q and k in one launch (axis 1 picks which). Compiled Triton wants a variable assigned in both branches of an
+# ``if`` to have one type, and q's and k's tiles differ in height: so each branch is a single call, no assignments.
 @triton.jit(do_not_specialize=["T"])
 def _qk_norm_rope_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, oq_ptr, ok_ptr, c_ptr, s_ptr, T, HQ, HK,
                          s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_cb, s_ct, eps,
                          D: tl.constexpr, HALF: tl.constexpr, BHQ: tl.constexpr, BHK: tl.constexpr,
                          BHALF: tl.constexpr, ROPE: tl.constexpr, RNE_X: tl.constexpr, RNE_O: tl.constexpr):
-    i_r = tl.program_id(0)
-    b = (i_r // T).to(tl.int64)
-    t = (i_r % T).to(tl.int64)
-    o_d = tl.arange(0, BHALF)
-    m_d = o_d < HALF
     if tl.program_id(1) == 0:
-        o_h = tl.arange(0, BHQ)
-        n1, n2 = _norm_rope_heads(q_ptr, wq_ptr, oq_ptr, c_ptr, s_ptr, b, t, HQ, s_qb, s_qt, s_qh, s_cb, s_ct, eps,
-                                  D, HALF, BHQ, BHALF, ROPE, RNE_X, RNE_O)
-        p_o = oq_ptr + (i_r.to(tl.int64) * HQ + o_h[:, None]) * D + o_d[None, :]
-        m = (o_h < HQ)[:, None] & m_d[None, :]
-        tl.store(p_o, n1.to(oq_ptr.dtype.element_ty), mask=m)
-        tl.store(p_o + HALF, n2.to(oq_ptr.dtype.element_ty), mask=m)
+        _norm_rope_heads(q_ptr, wq_ptr, oq_ptr, c_ptr, s_ptr, tl.program_id(0), T, HQ, s_qb, s_qt, s_qh, s_cb, s_ct,
+                         eps, D, HALF, BHQ, BHALF, ROPE, RNE_X, RNE_O)
     else:
-        o_h = tl.arange(0, BHK)
-        n1, n2 = _norm_rope_heads(k_ptr, wk_ptr, ok_ptr, c_ptr, s_ptr, b, t, HK, s_kb, s_kt, s_kh, s_cb, s_ct, eps,
-                                  D, HALF, BHK, BHALF, ROPE, RNE_X, RNE_O)
-        p_o = ok_ptr + (i_r.to(tl.int64) * HK + o_h[:, None]) * D + o_d[None, :]
-        m = (o_h < HK)[:, None] & m_d[None, :]
-        tl.store(p_o, n1.to(ok_ptr.dtype.element_ty), mask=m)
-        tl.store(p_o + HALF, n2.to(ok_ptr.dtype.element_ty), mask=m)
+        _norm_rope_heads(k_ptr, wk_ptr, ok_ptr, c_ptr, s_ptr, tl.program_id(0), T, HK, s_kb, s_kt, s_kh, s_cb, s_ct,
+                         eps, D, HALF, BHK, BHALF, ROPE, RNE_X, RNE_O)
 
 
 def triton_qk_norm_rope(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, eps: float,
