@@ -285,3 +285,16 @@ def test_tile_config_fits_small_shared_memory_cards(monkeypatch):
     monkeypatch.setattr(sparse_attn, "_smem_per_block", lambda index: 232448)
     assert sparse_attn._cfg(torch.device("cuda", 0)) is sparse_attn.GPU_CONFIG
     assert sparse_attn._cfg(torch.device("cpu")) is sparse_attn.GPU_CONFIG
+
+
+def test_sparse_backward_mode(monkeypatch):
+    """SALA_SPARSE_BACKWARD: auto by default (Triton on CUDA, recompute in the CPU interpreter), validated."""
+    from sala.utils.env import sparse_backward
+
+    monkeypatch.delenv("SALA_SPARSE_BACKWARD", raising=False)
+    assert sparse_backward() == "auto"
+    monkeypatch.setenv("SALA_SPARSE_BACKWARD", " Torch ")
+    assert sparse_backward() == "torch"
+    monkeypatch.setenv("SALA_SPARSE_BACKWARD", "cuda")
+    with pytest.raises(ValueError, match="SALA_SPARSE_BACKWARD must be one of"):
+        sparse_backward()

@@ -7,7 +7,7 @@ position of the prompt only (never ``T x vocab``).
 **Decode** does not go through ``SALAModel.forward`` (whose per-sequence loops, host syncs and shared-length
 layout do not fit a batch of sequences at different lengths). It calls the model's submodules directly.
 
-With ``fused_attention`` (opt-in), the sparse layers' attention is *fused* into the step: after the
+With ``fused_attention`` (the default on CUDA), the sparse layers' attention is *fused* into the step: after the
 K/V write, ``append_compressed_keys`` extends the compressed-key caches and ``decode_attention_batch`` attends
 every row over its own slot (dense below ``dense_len``, InfLLM-v2 above, chosen per row on the device), with
 shapes that depend only on the batch bucket and the cache. The whole step is then one CUDA graph per bucket.

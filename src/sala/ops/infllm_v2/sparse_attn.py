@@ -17,8 +17,8 @@ Two strategies, picked by the number of queries:
   same with one cache slot per row (graph-safe batched decode).
 
 Backward: recompute-based PyTorch over the selected blocks, in query chunks (``_sparse_backward_torch``; exact
-softmax gradients in fp32, memory bounded per chunk), or with ``SALA_SPARSE_BACKWARD=triton`` the Triton
-kernels of ``sparse_attn_bwd`` (dq per token; dk/dv over inverted selection lists).
+softmax gradients in fp32, memory bounded per chunk), or the Triton kernels of ``sparse_attn_bwd`` (dq per
+token; dk/dv over inverted selection lists): by default on CUDA, and wherever ``SALA_SPARSE_BACKWARD=triton``.
 
 Contract: block indices in a row must be unique (``select_blocks`` guarantees it); -1 marks an unused slot.
 """
@@ -432,7 +432,8 @@ class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, topk_idx, q_pos, o = ctx.saved_tensors
-        if sparse_backward() == "triton" and ctx.block_size >= 16:  # tl.dot needs 16-wide tiles
+        mode = sparse_backward()
+        if (mode == "triton" or (mode == "auto" and q.is_cuda)) and ctx.block_size >= 16:  # tl.dot: 16-wide tiles
             from sala.ops.infllm_v2.sparse_attn_bwd import triton_sparse_attention_backward
 
             dq, dk, dv = triton_sparse_attention_backward(q, k, v, o, do, topk_idx, q_pos, ctx.block_size, ctx.scale)
