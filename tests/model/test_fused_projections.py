@@ -74,3 +74,45 @@ def test_load_state_dict_after_fusion_reaches_the_fused_block(tiny_sparse_config
     ids = _ids(tiny_sparse_config, B=1, T=30)
     with torch.no_grad():
         assert_close(model(ids).logits, other(ids).logits, 1e-6, "loaded weights")
+
+
+def test_swapped_module_and_refusion(tiny_sparse_config):
+    """A Linear swapped for another module (an adapter, a quantised layer) is used, not the old block; re-fusing
+    after a dtype change serves the new parameters, and the optimizer's Parameter objects survive fusion."""
+    model = _model(tiny_sparse_config, seed=6)
+    params_before = [id(p) for p in model.parameters()]
+    model.fuse_projections()
+    assert [id(p) for p in model.parameters()] == params_before  # an optimizer built earlier still holds them
+    ids = _ids(tiny_sparse_config, B=1, T=20)
+    attn = model.model.layers[0].self_attn
+    new_q = torch.nn.Linear(attn.q_proj.in_features, attn.q_proj.out_features, bias=False)
+    torch.nn.init.normal_(new_q.weight, std=0.3)
+    attn.q_proj = new_q
+    with torch.no_grad():
+        got = model(ids).logits
+        model.model.layers[0].self_attn._fused = None  # the separate path: the reference
+        want = model(ids).logits
+    assert_close(got, want, 1e-6, "swapped q_proj")
+    model.fuse_projections()
+    model.double()
+    model.fuse_projections()  # stale block replaced at once, not at the next forward
+    assert attn._fused.weight.dtype == torch.float64 and attn._fused.serves(attn._input_linears())
+
+
+def test_fusion_under_inference_mode_keeps_parameters_trainable(tiny_sparse_config):
+    model = _model(tiny_sparse_config, seed=7)
+    with torch.inference_mode():
+        model.fuse_projections()
+    ids = _ids(tiny_sparse_config, B=1, T=20)
+    model(ids, labels=ids).loss.backward()  # no "inference tensors cannot be saved for backward"
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+def test_autocast_mixed_residual_dtypes(tiny_sparse_config):
+    """Under autocast the residual stream is fp32 and the mixer output bf16: the add+norm takes the two-op path."""
+    model = _model(tiny_sparse_config, seed=8)
+    model.fuse_projections()
+    ids = _ids(tiny_sparse_config, B=1, T=20)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all()

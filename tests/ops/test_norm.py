@@ -105,5 +105,16 @@ def test_residual_rms_norm_gradients_and_errors():
         grads.append((hh.grad.double().cpu(), yy.grad.double().cpu()))
     assert_close(grads[1][0], grads[0][0], 1e-5, "dh")
     assert_close(grads[1][1], grads[0][1], 1e-5, "dy")
-    with pytest.raises(ValueError, match="one shape and dtype"):
+    with pytest.raises(ValueError, match="one shape"):
         residual_rms_norm(h, y[:, :3], 0.5, w, 1e-6)
+
+
+def test_rms_norm_zero_size_and_mixed_residual():
+    from sala.ops import residual_rms_norm
+
+    x = torch.randn(2, 3, 0, 16, device=DEV)
+    assert rms_norm(x, torch.ones(16, device=DEV), 1e-6, backend="triton").shape == x.shape
+    h, y = torch.randn(2, 8, device=DEV), torch.randn(2, 8, device=DEV).bfloat16()  # autocast-style mix
+    r, n = residual_rms_norm(h, y, 0.5, torch.ones(8, device=DEV), 1e-6, backend="triton")
+    assert r.dtype == torch.float32
+    assert_close(r, h + y.float() * 0.5, 1e-6, "mixed residual")

@@ -238,3 +238,20 @@ def test_step_state_rows_errors():
         lightning_step(q, q, q, lightning_decay_slopes(2), 0.1, pool, state_rows=torch.tensor([0, 1, 2], device=DEVICE))
     with pytest.raises(ValueError, match="state must be \\[S, H, K, V\\]"):
         lightning_step(q, q, q, lightning_decay_slopes(2), 0.1, _rand(4, 3, 16, 16), state_rows=torch.tensor([0, 1], device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", ["naive", "triton"])
+def test_step_state_rows_strided_and_int32(backend):
+    """state_rows as a column of an index table (stride 2) and as int32: same as a contiguous int64 copy."""
+    N, S, H, K, V = 2, 4, 2, 16, 16
+    g = torch.Generator().manual_seed(13)
+    q, k, v = _rand(N, H, K, gen=g), _rand(N, H, K, gen=g), _rand(N, H, V, gen=g)
+    pool = _rand(S, H, K, V, gen=g)
+    table = torch.tensor([[3, 7], [1, 9]], device=DEVICE)  # rows are column 0: [3, 1], stride 2
+    slopes = lightning_decay_slopes(H)
+    want_pool = pool.clone()
+    want = lightning_step(q, k, v, slopes, 0.5, want_pool, backend=backend, state_rows=torch.tensor([3, 1], device=DEVICE))
+    for rows in (table[:, 0], table[:, 0].int()):
+        p = pool.clone()
+        o = lightning_step(q, k, v, slopes, 0.5, p, backend=backend, state_rows=rows)
+        assert torch.equal(o, want) and torch.equal(p, want_pool)

@@ -98,6 +98,7 @@ class Engine:
         self.plan = self.memory_plan()
         logger.info("memory plan:\n%s", self.plan.format())
         self.plan.check()  # before any cache is allocated
+        model.fuse_projections()  # before the cache: fusing copies one layer's projections at a time
         self.cache = StaticCache(mc, self.config.max_batch, self.config.max_seq_len, self.dtype, self.device)
         self.runner = ModelRunner(model, self.cache, cuda_graphs=self.config.cuda_graphs,
                                   graph_batch_sizes=self.config.graph_batch_sizes,

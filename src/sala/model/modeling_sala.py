@@ -81,47 +81,68 @@ class FusedLinears:
     """Inference only: several ``nn.Linear`` that read the same input, computed by one GEMM.
 
     Their weights (and biases; a missing bias is zeros, added exactly) are concatenated once and each
-    Linear's parameter becomes a row-block *view* of the result, so memory is not doubled and
-    ``load_state_dict`` or in-place updates stay visible to both paths. At decode one wide GEMM reads the
-    weights closer to copy bandwidth than three or four narrow ones and saves their launches. ``__call__``
-    returns None (callers run the Linears one by one) while gradients are enabled, and for good once a
-    parameter has been replaced (``model.to(...)``, a re-assigned weight): the stale block is then dropped.
+    Linear's parameter is re-pointed (``.data``; the Parameter objects, and optimizers holding them, stay) at
+    a row-block *view* of the result, so memory is not doubled and ``load_state_dict`` or in-place updates
+    stay visible to both paths. At decode one wide GEMM reads the weights closer to copy bandwidth than three
+    or four narrow ones and saves their launches. ``__call__`` returns None (callers run the Linears one by
+    one) while gradients are enabled, and for good once a Linear or its parameter has been replaced
+    (``model.to(...)``, an adapter swapping the module): the stale block is then dropped.
     """
 
     def __init__(self, linears: list[nn.Linear]) -> None:
-        self.linears = linears
+        self.linears = list(linears)
         self.sizes = [m.out_features for m in linears]
-        with torch.no_grad():
-            self.weight = torch.cat([m.weight for m in linears])
+        # a plain tensor even under inference_mode, so the parameters stay usable for training afterwards
+        with torch.inference_mode(False), torch.no_grad():
+            weight = torch.cat([m.weight for m in linears])
             has_bias = any(m.bias is not None for m in linears)
-            self.bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
-                                   for m in linears]) if has_bias else None
+            bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
+                              for m in linears]) if has_bias else None
         start = 0
         for m in linears:
             rows = slice(start, start + m.out_features)
-            m.weight = nn.Parameter(self.weight[rows], requires_grad=m.weight.requires_grad)
+            m.weight.data = weight[rows]
             if m.bias is not None:
-                m.bias = nn.Parameter(self.bias[rows], requires_grad=m.bias.requires_grad)
+                m.bias.data = bias[rows]
             start += m.out_features
-        self._ptrs = [(m.weight.data_ptr(), None if m.bias is None else m.bias.data_ptr()) for m in linears]
+        self.weight, self.bias = weight, bias
+        self._ptrs = self._pointers()
 
-    def linked(self) -> bool:
-        return all((m.weight.data_ptr(), None if m.bias is None else m.bias.data_ptr()) == p
-                   for m, p in zip(self.linears, self._ptrs))
+    def _pointers(self) -> list[tuple[int, int | None]]:
+        return [(m.weight.data_ptr(), None if m.bias is None else m.bias.data_ptr()) for m in self.linears]
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor] | None:
+    @staticmethod
+    def fusable(linears: list[nn.Linear]) -> bool:
+        """One dtype and device for every weight and bias (``torch.cat`` would silently promote)."""
+        tensors = [t for m in linears for t in (m.weight, m.bias) if t is not None]
+        return len({(t.dtype, t.device) for t in tensors}) == 1
+
+    def serves(self, linears: list[nn.Linear]) -> bool:
+        """Still the block of exactly these modules' current parameters."""
+        return (self.weight is not None and len(linears) == len(self.linears)
+                and all(a is b for a, b in zip(linears, self.linears)) and self._pointers() == self._ptrs)
+
+    def __call__(self, x: torch.Tensor, linears: list[nn.Linear]) -> list[torch.Tensor] | None:
         """x: [..., in] -> one [..., out_i] view per Linear (slices of one GEMM's output), or None."""
         if torch.is_grad_enabled() or self.weight is None:
             return None
-        if not self.linked():
-            self.weight = self.bias = None  # a parameter was replaced: free the stale block, stay unfused
+        if not self.serves(linears):
+            self.weight = self.bias = None  # replaced: free the stale block, stay unfused until fused again
             return None
         return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+
+    @classmethod
+    def refresh(cls, current: "FusedLinears | None", linears: list[nn.Linear]) -> "FusedLinears | None":
+        """The fusion to keep for ``linears``: ``current`` if it still serves them, else a new one (None when
+        their dtypes or devices differ)."""
+        if current is not None and current.serves(linears):
+            return current
+        return cls(linears) if cls.fusable(linears) else None
 
 
 def run_linears(linears: list[nn.Linear], fused: FusedLinears | None, x: torch.Tensor) -> list[torch.Tensor]:
     """Each Linear applied to ``x``: one fused GEMM when ``fused`` serves, else one call each."""
-    out = fused(x) if fused is not None else None
+    out = fused(x, linears) if fused is not None else None
     return out if out is not None else [m(x) for m in linears]
 
 
@@ -135,8 +156,7 @@ class SALAMLP(nn.Module):
 
     def fuse_projections(self) -> None:
         """One GEMM for gate and up (inference; see :class:`FusedLinears`)."""
-        if self._fused is None or self._fused.weight is None:
-            self._fused = FusedLinears([self.gate_proj, self.up_proj])
+        self._fused = FusedLinears.refresh(self._fused, [self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = run_linears([self.gate_proj, self.up_proj], self._fused, x)
@@ -192,8 +212,7 @@ class _Projections(nn.Module):
 
     def fuse_projections(self) -> None:
         """One GEMM for q, k, v and the gate projection (inference; see :class:`FusedLinears`)."""
-        if self._fused is None or self._fused.weight is None:
-            self._fused = FusedLinears(self._input_linears())
+        self._fused = FusedLinears.refresh(self._fused, self._input_linears())
 
     def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
         """x: [B, T, hidden] -> q [B, T, H, D], k, v [B, T, Hkv, D] (qk-norm, then RoPE when given) and the
@@ -203,8 +222,12 @@ class _Projections(nn.Module):
         q = q.view(B, T, self.num_heads, self.head_dim)
         k = k.view(B, T, self.num_kv_heads, self.head_dim)
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:  # norms then RoPE: one kernel for q and k on CUDA
+        if self.qk_norm and self.q_norm.eps == self.k_norm.eps:  # norms then RoPE: one kernel for q and k on CUDA
             q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, rope)
+        elif self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         elif rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return q, k, v, (gate[0] if gate else None)

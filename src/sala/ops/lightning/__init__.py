@@ -117,8 +117,10 @@ def lightning_step(
     """One decode token per sequence; ``state`` is updated in place (no allocation, CUDA-graph friendly).
 
     q, k: [N, H, K]; v: [N, H, V]; state: [N, H, K, V] fp32/fp64 -> o: [N, H, V] in ``output_dtype``.
-    ``state_rows`` [N] (distinct, int64 on q's device): sequence n uses ``state[state_rows[n]]`` of a larger
-    state [S, H, K, V], so an engine steps its cache slots without gathering and scattering them.
+    ``state_rows`` [N] (integer, on the state's device, values in [0, S)): sequence n uses ``state[state_rows[n]]``
+    of a larger state [S, H, K, V], so an engine steps its cache slots without gathering and scattering them.
+    Rows must be distinct, except rows pointing at a scratch row whose content is never read (the engine's
+    padding rows share one; what lands there is unspecified). Values are not bounds-checked (that would sync).
     """
     if q.dim() != 3 or q.shape != k.shape or v.shape[:2] != q.shape[:2]:
         raise ValueError(f"lightning_step wants q, k [N, H, K] and v [N, H, V]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -126,6 +128,8 @@ def lightning_step(
     if state_rows is not None:
         if state_rows.shape != (q.shape[0],) or state_rows.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"state_rows must be an integer tensor [N] = [{q.shape[0]}], got {state_rows.dtype} {tuple(state_rows.shape)}")
+        if state_rows.device != state.device:
+            raise ValueError(f"state_rows must be on the state's device {state.device}, got {state_rows.device}")
         want = (state.shape[0],) + want[1:]
     if state.dim() != 4 or tuple(state.shape) != want:
         raise ValueError(f"state must be [{'S' if state_rows is not None else 'N'}, H, K, V] = {want}, got {tuple(state.shape)}")

@@ -154,10 +154,12 @@ def naive_lightning_step_rows(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, scale: float, state: torch.Tensor,
     rows: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``naive_lightning_step`` on ``state[rows]`` ([S, H, K, V] indexed by ``rows`` [N], distinct), written back in
-    place; ``rows=None`` is the plain step on state [N, H, K, V]."""
+    """``naive_lightning_step`` on ``state[rows]`` ([S, H, K, V] indexed by ``rows`` [N]), written back in place;
+    ``rows=None`` is the plain step on state [N, H, K, V]. Rows must be distinct except for a scratch row whose
+    content is never read (the engine's padding rows share one)."""
     if rows is None:
         return naive_lightning_step(q, k, v, slopes, scale, state)
+    rows = rows.long()  # index_copy_ takes int64 only
     picked = state.index_select(0, rows)
     o = naive_lightning_step(q, k, v, slopes, scale, picked)
     state.index_copy_(0, rows, picked)

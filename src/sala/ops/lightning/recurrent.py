@@ -113,6 +113,8 @@ def triton_lightning_step(
                          f"{tuple(state.stride())}; pass state.contiguous() and keep that tensor")  # fmt: skip
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if state_rows is not None:
+        state_rows = state_rows.contiguous()  # the kernel reads rows[n] at unit stride
     if slopes.device != q.device:
         slopes = slopes.to(q.device)  # not capturable: keep slopes on the device for CUDA graphs
     N, H, K = q.shape

@@ -29,15 +29,15 @@ def residual_rms_norm(h: torch.Tensor, y: torch.Tensor, alpha: float, weight: to
                       backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """A decoder layer's residual add and the next norm: ``r = h + y * alpha`` (spec §3), then ``rms_norm(r)``.
 
-    h, y: [..., D] of one dtype; weight: [D] -> (r [..., D] in h's dtype, normed r). One kernel on CUDA when
-    no gradient is needed; otherwise the two ops (each differentiable).
+    h, y: [..., D]; weight: [D] -> (r [..., D] in promote(h, y) dtype, normed r). One kernel on CUDA when both
+    share a dtype and no gradient is needed; otherwise the two ops (each differentiable).
     """
     from sala.ops.elementwise import scaled_residual
 
-    if h.shape != y.shape or h.dtype != y.dtype:
-        raise ValueError(f"residual_rms_norm wants h and y of one shape and dtype; got {tuple(h.shape)} {h.dtype}, "
-                         f"{tuple(y.shape)} {y.dtype}")
-    if (resolve_backend(backend, h.device) == "triton" and h.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    if h.shape != y.shape:
+        raise ValueError(f"residual_rms_norm wants h and y of one shape; got {tuple(h.shape)}, {tuple(y.shape)}")
+    if (resolve_backend(backend, h.device) == "triton" and h.dtype == y.dtype  # mixed (autocast): the two ops
+            and h.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and weight.dim() == 1 and weight.shape[0] == h.shape[-1] and weight.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and h.is_contiguous() and y.is_contiguous()
             and not (torch.is_grad_enabled() and (h.requires_grad or y.requires_grad or weight.requires_grad))):

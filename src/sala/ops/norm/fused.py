@@ -72,12 +72,12 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, y: torch.Tensor 
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """-> (norm output, the residual sum h + y * alpha when ``y`` is given; x and y then contiguous)."""
     D = x.shape[-1]
-    x3 = _as_outer_inner(x) if y is None else x.view(-1, 1, D)
     out = torch.empty((x.numel() // D if D else 0, D), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     res = torch.empty(x.shape, dtype=x.dtype, device=x.device) if y is not None else None
     R = out.shape[0]
-    if R == 0:
+    if x.numel() == 0:
         return out.view(x.shape), res
+    x3 = _as_outer_inner(x) if y is None else x.view(-1, 1, D)
     BD = triton.next_power_of_2(D)
     BR = max(1, min(64, 4096 // BD)) if not triton_interpret() else max(1, min(16, 1024 // BD))
     _rms_norm_kernel[(triton.cdiv(R, BR),)](
