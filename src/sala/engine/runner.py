@@ -20,11 +20,12 @@ Otherwise (reference ops, e.g. on CPU) the step is split into pieces with eager 
     piece j : gate + o_proj + MLP of sparse layer j-1 -> Lightning layers -> next sparse layer's q/k/v
     piece S : ... -> final norm -> logits [N, vocab]
 
-Lightning layers run their own ``forward``; ``lightning_step`` updates each row's slot of the state pool in
-place (indexed by the row's state slot), so every sequence keeps its slot without a gather or scatter. The pieces have static shapes for a given batch
-bucket and no host syncs; on CUDA each piece is captured once per bucket as a CUDA graph (all graphs share
-one memory pool and replay in capture order), and only the attention between pieces runs eagerly, because
-its key length changes every step. Padding rows of a bucket write K/V to the scratch column and use the
+Lightning layers run their own ``step`` (each MLP's residual add left pending for the next norm kernel);
+``lightning_step`` updates each row's slot of the state pool in place, so every sequence keeps its slot
+without a gather or scatter. The pieces have static shapes for a given batch bucket and no host syncs; on
+CUDA each piece is captured once per bucket as a CUDA graph (all graphs share one memory pool and replay in
+capture order), and only the attention between pieces runs eagerly, because its key length changes every
+step. Padding rows of a bucket write K/V to the scratch column and use the
 scratch Lightning state, so they never touch a live sequence.
 """
 
@@ -45,6 +46,7 @@ from sala.ops import (
     decode_attention_batch,
     dense_causal_attention,
     infllm_v2_attention,
+    residual_rms_norm,
     sigmoid_gate,
 )
 
@@ -219,7 +221,7 @@ class ModelRunner:
         if rope is None:
             rope = rope_cos_sin(pos[:, None], cfg.head_dim, cfg.rope_theta, self.dtype)
         if j == 0:
-            h = net.embed_tokens(ids)[:, None] * cfg.scale_emb  # [N, 1, hidden]
+            h, y = net.embed_tokens(ids)[:, None] * cfg.scale_emb, None  # [N, 1, hidden]
             start = 0
         else:
             li = self.sparse_layers[j - 1]
@@ -228,19 +230,23 @@ class ModelRunner:
             o = prev.o if prev.o is not None else o
             if attn.use_output_gate:
                 o = sigmoid_gate(o, prev.g)
-            h = layer.finish(prev.h, attn.o_proj(o))
+            h, y = layer.finish(prev.h, attn.o_proj(o))
             start = li + 1
         end = self.sparse_layers[j] if j < len(self.sparse_layers) else len(net.layers)
         layout = BatchLayout(pos[:, None], None, None, [0] * n, 0)  # Lightning reads only new_valid (None)
         for li in range(start, end):
             store: LightningStore = self.cache.stores[li]
             # lightning_step updates each row's slot of the pool in place (padding rows share the scratch row)
-            h = net.layers[li](h, layout, rope, LightningLayerCache(store.state, state_row))
+            h, y = net.layers[li].step(h, y, layout, rope, LightningLayerCache(store.state, state_row))
         if j == len(self.sparse_layers):
-            return _PieceOut(logits=self.model.logits(net.norm(h)[:, 0]))
+            if y is None:  # no layer in this piece
+                normed = net.norm(h)
+            else:  # the last MLP's residual add and the final norm in one kernel
+                _, normed = residual_rms_norm(h, y, net.layers[-1].residual_scale, net.norm.weight, net.norm.eps)
+            return _PieceOut(logits=self.model.logits(normed[:, 0]))
         layer = net.layers[end]
         attn = layer.self_attn
-        x = layer.input_layernorm(h)
+        h, x = layer.input_norm(h, y)
         q, k, v, g = attn.project(x, rope if attn.use_rope else None)  # [N, 1, H|Hkv, D], gate [N, 1, H*D]
         store: SparseStore = self.cache.stores[end]
         store.keys[kv_slot, kv_pos] = k[:, 0]
