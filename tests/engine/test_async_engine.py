@@ -47,6 +47,15 @@ def _slow_down(obj, name: str, seconds: float) -> None:
     setattr(obj, name, slow)
 
 
+def _assert_serves_again(aeng):
+    """The engine thread survived, both slots are free again, and a new request completes."""
+    assert aeng._thread.is_alive()
+    _wait_idle(aeng)
+    assert aeng.stats()["free_slots"] == 2
+    outs = asyncio.run(_collect(aeng, random_prompt(8, 0), SamplingParams(max_tokens=2, **GREEDY)))
+    assert len(outs) == 2
+
+
 def test_failed_step_raises_instead_of_finishing(aengine):
     def boom(*args):
         raise RuntimeError("boom")
@@ -77,11 +86,7 @@ def test_cancel_before_add_runs(aengine):
     assert len(asyncio.run(main())) == 3
     assert added == ["busy"]  # the cancelled add was skipped, not added and aborted
     del aengine.engine.runner.decode, aengine.engine.add_request
-    assert aengine._thread.is_alive()
-    _wait_idle(aengine)
-    assert aengine.stats()["free_slots"] == 2
-    outs = asyncio.run(_collect(aengine, random_prompt(8, 0), SamplingParams(max_tokens=2, **GREEDY)))
-    assert len(outs) == 2
+    _assert_serves_again(aengine)
 
 
 def test_cancel_while_add_is_pending(aengine):
@@ -95,11 +100,7 @@ def test_cancel_while_add_is_pending(aengine):
     asyncio.run(main())
     time.sleep(0.3)
     del aengine.engine.add_request
-    assert aengine._thread.is_alive()
-    _wait_idle(aengine)
-    assert aengine.stats()["free_slots"] == 2
-    outs = asyncio.run(_collect(aengine, random_prompt(8, 0), SamplingParams(max_tokens=2, **GREEDY)))
-    assert len(outs) == 2
+    _assert_serves_again(aengine)
 
 
 def test_duplicate_request_id_does_not_hijack_the_live_one(aengine):

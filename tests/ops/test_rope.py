@@ -105,3 +105,19 @@ def test_qk_norm_rope_gradients_and_errors():
     assert_close(grads[1][1], grads[0][1], 1e-5, "dk")
     with pytest.raises(ValueError, match="qk_norm_rope wants q"):
         qk_norm_rope(q, k[:, :2], w, w, 1e-6, None)
+
+
+@pytest.mark.parametrize("backend", ["naive", "triton"])
+def test_qk_norm_rope_separate_k_eps(backend):
+    """k_eps gives k its own norm epsilon (q keeps eps), on both paths; large eps so the difference shows."""
+    from sala.ops import qk_norm_rope
+    from sala.ops.norm import naive_rms_norm
+
+    g = torch.Generator().manual_seed(31)
+    q, k = 0.1 * torch.randn(1, 3, 2, 16, generator=g), 0.1 * torch.randn(1, 3, 1, 16, generator=g)
+    q, k = q.to(DEV), k.to(DEV)
+    w = torch.ones(16, device=DEV)
+    got_q, got_k = qk_norm_rope(q, k, w, w, 1e-6, None, backend, k_eps=0.5)
+    assert_close(got_q, naive_rms_norm(q, w, 1e-6), 1e-6, "q keeps eps")
+    assert_close(got_k, naive_rms_norm(k, w, 0.5), 1e-6, "k uses k_eps")
+    assert not torch.allclose(got_k, naive_rms_norm(k, w, 1e-6), rtol=1e-2)

@@ -70,6 +70,8 @@ class SparseStore:
 class _LightningSlot:
     """Model-facing view of one slot of a :class:`LightningStore` (``state`` is None before the first token)."""
 
+    rows = None  # the state is this slot's own [1, H, K, V] view, not a pool indexed by rows
+
     def __init__(self, store: LightningStore, cache: "StaticCache", slot: int) -> None:
         self._store, self._cache, self._slot = store, cache, slot
 

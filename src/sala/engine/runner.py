@@ -40,13 +40,12 @@ from sala.engine.kv_cache import LightningStore, SparseStore, StaticCache
 from sala.engine.types import EngineError
 from sala.model import SALAForCausalLM
 from sala.model.cache import LightningLayerCache
-from sala.model.modeling_sala import BatchLayout, rope_cos_sin
+from sala.model.modeling_sala import BatchLayout, add_pending_and_norm, rope_cos_sin
 from sala.ops import (
     append_compressed_keys,
     decode_attention_batch,
     dense_causal_attention,
     infllm_v2_attention,
-    residual_rms_norm,
     sigmoid_gate,
 )
 
@@ -239,10 +238,7 @@ class ModelRunner:
             # lightning_step updates each row's slot of the pool in place (padding rows share the scratch row)
             h, y = net.layers[li].step(h, y, layout, rope, LightningLayerCache(store.state, state_row))
         if j == len(self.sparse_layers):
-            if y is None:  # no layer in this piece
-                normed = net.norm(h)
-            else:  # the last MLP's residual add and the final norm in one kernel
-                _, normed = residual_rms_norm(h, y, net.layers[-1].residual_scale, net.norm.weight, net.norm.eps)
+            _, normed = add_pending_and_norm(h, y, net.layers[-1].residual_scale, net.norm)  # last MLP's add too
             return _PieceOut(logits=self.model.logits(normed[:, 0]))
         layer = net.layers[end]
         attn = layer.self_attn

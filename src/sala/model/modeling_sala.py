@@ -222,12 +222,9 @@ class _Projections(nn.Module):
         q = q.view(B, T, self.num_heads, self.head_dim)
         k = k.view(B, T, self.num_kv_heads, self.head_dim)
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
-        if self.qk_norm and self.q_norm.eps == self.k_norm.eps:  # norms then RoPE: one kernel for q and k on CUDA
-            q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, rope)
-        elif self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-            if rope is not None:
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.qk_norm:  # norms then RoPE: one kernel for q and k on CUDA
+            q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, rope,
+                                k_eps=self.k_norm.eps)
         elif rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return q, k, v, (gate[0] if gate else None)
@@ -262,7 +259,7 @@ class LightningAttention(_Projections):
             k, v = k * keep, v * keep
         slopes = _slopes(self.num_heads, str(x.device))
         state = cache.state if cache is not None else None
-        rows = getattr(cache, "rows", None)  # engine caches may be other objects with a ``state``
+        rows = cache.rows if cache is not None else None
         if T == 1 and state is not None:
             o = lightning_step(q[:, 0], k[:, 0], v[:, 0], slopes, self.scale, state, output_dtype=x.dtype,
                                state_rows=rows)[:, None]
@@ -333,6 +330,14 @@ class SparseAttention(_Projections):
         return self.o_proj(o)
 
 
+def add_pending_and_norm(h: torch.Tensor, pending: torch.Tensor | None, alpha: float, norm: SALARMSNorm
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + pending * alpha, its RMSNorm) in one kernel on CUDA; (h, norm(h)) when nothing is pending."""
+    if pending is None:
+        return h, norm(h)
+    return residual_rms_norm(h, pending, alpha, norm.weight, norm.eps)
+
+
 class SALADecoderLayer(nn.Module):
     def __init__(self, config: SALAConfig, layer_idx: int) -> None:
         super().__init__()
@@ -357,9 +362,7 @@ class SALADecoderLayer(nn.Module):
 
     def input_norm(self, h: torch.Tensor, pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (the stream with ``pending`` added, its input RMSNorm)."""
-        if pending is None:
-            return h, self.input_layernorm(h)
-        return residual_rms_norm(h, pending, self.residual_scale, self.input_layernorm.weight, self.input_layernorm.eps)
+        return add_pending_and_norm(h, pending, self.residual_scale, self.input_layernorm)
 
     def finish(self, h: torch.Tensor, attn_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Residual add of the mixer's output and post-attention norm (one kernel on CUDA), MLP -> (h, mlp_out),

@@ -28,11 +28,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: s
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, eps: float,
-                 rope: tuple[torch.Tensor, torch.Tensor] | None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                 rope: tuple[torch.Tensor, torch.Tensor] | None, backend: str = "auto", k_eps: float | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head q/k RMSNorm (one [D] weight each), then RoPE when ``rope`` = (cos, sin) is given: what
     ``rms_norm`` and ``apply_rope`` compute one after the other, in one kernel on CUDA (four otherwise).
 
-    q: [B, T, H, D], k: [B, T, Hkv, D]; wq, wk: [D]; cos, sin: [B|1, T, 1, D] -> (q', k'). The Triton path
+    q: [B, T, H, D], k: [B, T, Hkv, D]; wq, wk: [D]; cos, sin: [B|1, T, 1, D] -> (q', k'). ``eps`` serves both
+    norms unless ``k_eps`` gives k its own. The Triton path
     takes inputs with unit stride along D (e.g. views of one fused projection) and no autograd.
     """
     from sala.ops.norm import rms_norm
@@ -42,6 +44,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.T
         raise ValueError(f"qk_norm_rope wants q [B, T, H, D], k [B, T, Hkv, D] and weights [D]; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, weights {tuple(wq.shape)}, {tuple(wk.shape)}")
     cos, sin = rope if rope is not None else (None, None)
+    k_eps = eps if k_eps is None else k_eps
     float_types = (torch.float16, torch.bfloat16, torch.float32)
     if (resolve_backend(backend, q.device) == "triton" and q.dtype == k.dtype and q.dtype in float_types
             and wq.dtype == wk.dtype and wq.dtype in float_types and q.shape[3] % 2 == 0
@@ -52,8 +55,8 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.T
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, wq, wk)))):
         from sala.ops.rope.fused import triton_qk_norm_rope
 
-        return triton_qk_norm_rope(q, k, wq, wk, eps, cos, sin)
-    q, k = rms_norm(q, wq, eps, backend), rms_norm(k, wk, eps, backend)
+        return triton_qk_norm_rope(q, k, wq, wk, eps, k_eps, cos, sin)
+    q, k = rms_norm(q, wq, eps, backend), rms_norm(k, wk, k_eps, backend)
     if rope is not None:
         q, k = apply_rope(q, cos, sin, backend), apply_rope(k, cos, sin, backend)
     return q, k

@@ -123,19 +123,19 @@ def _norm_rope_heads(x_ptr, w_ptr, o_ptr, c_ptr, s_ptr, i_r, T, H, s_xb, s_xt, s
 # ``if`` to have one type, and q's and k's tiles differ in height: so each branch is a single call, no assignments.
 @triton.jit(do_not_specialize=["T"])
 def _qk_norm_rope_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, oq_ptr, ok_ptr, c_ptr, s_ptr, T, HQ, HK,
-                         s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_cb, s_ct, eps,
+                         s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_cb, s_ct, eps_q, eps_k,
                          D: tl.constexpr, HALF: tl.constexpr, BHQ: tl.constexpr, BHK: tl.constexpr,
                          BHALF: tl.constexpr, ROPE: tl.constexpr, RNE_X: tl.constexpr, RNE_O: tl.constexpr):
     if tl.program_id(1) == 0:
         _norm_rope_heads(q_ptr, wq_ptr, oq_ptr, c_ptr, s_ptr, tl.program_id(0), T, HQ, s_qb, s_qt, s_qh, s_cb, s_ct,
-                         eps, D, HALF, BHQ, BHALF, ROPE, RNE_X, RNE_O)
+                         eps_q, D, HALF, BHQ, BHALF, ROPE, RNE_X, RNE_O)
     else:
         _norm_rope_heads(k_ptr, wk_ptr, ok_ptr, c_ptr, s_ptr, tl.program_id(0), T, HK, s_kb, s_kt, s_kh, s_cb, s_ct,
-                         eps, D, HALF, BHK, BHALF, ROPE, RNE_X, RNE_O)
+                         eps_k, D, HALF, BHK, BHALF, ROPE, RNE_X, RNE_O)
 
 
-def triton_qk_norm_rope(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, eps: float,
-                        cos: torch.Tensor | None, sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def triton_qk_norm_rope(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, eps_q: float,
+                        eps_k: float, cos: torch.Tensor | None, sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head RMSNorm of q and k, then RoPE when cos/sin are given, in one launch (no autograd; callers check
     shapes and dtypes). q: [B, T, H, D], k: [B, T, Hkv, D] with unit stride along D; wq, wk: [D] of one dtype;
     cos, sin: [B|1, T, 1, D] fp32 -> contiguous q', k' in promote(x, w) dtype."""
@@ -156,7 +156,7 @@ def triton_qk_norm_rope(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: 
     half = D // 2
     _qk_norm_rope_kernel[(B * T, 2)](
         q, k, wq, wk, oq, ok, cos, sin, T, HQ, HK, q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2), cos.stride(0) if rope else 0, cos.stride(1) if rope else 0, eps,
+        k.stride(0), k.stride(1), k.stride(2), cos.stride(0) if rope else 0, cos.stride(1) if rope else 0, eps_q, eps_k,
         D=D, HALF=half, BHQ=triton.next_power_of_2(HQ), BHK=triton.next_power_of_2(HK),
         BHALF=triton.next_power_of_2(half), ROPE=rope, RNE_X=interp_rne(q.dtype), RNE_O=interp_rne(o_dtype),
         num_warps=4,
