@@ -182,20 +182,54 @@ def _random_lists(Hkv, T, K, q_pos, n_blk, seed):
     return idx.to(DEV)
 
 
-@pytest.mark.parametrize("share", [True, False], ids=["tile+token", "token-only"])
+@pytest.mark.parametrize("share", [True, 1, 8, False], ids=["tile+token", "union-tile", "intersection-tile", "token-only"])
 @pytest.mark.parametrize("T", [1, 30])
 def test_block_sparse_attention_arbitrary_lists(T, share, monkeypatch):
+    """share_min = 1 sends every block a tile token chose through the tile kernel (rows of the other tokens
+    masked), 8 = the tile size only blocks every token chose; True keeps the default (2 here)."""
     from sala.ops.infllm_v2 import sparse_attn
 
-    if T == 1 and not share:
+    if T == 1 and share is not True:
         pytest.skip("decode does not use the tile split")
-    monkeypatch.setitem(sparse_attn._cfg(), "share", share)
+    monkeypatch.setitem(sparse_attn._cfg(), "share", share is not False)
+    if not isinstance(share, bool):
+        monkeypatch.setitem(sparse_attn._cfg(), "share_min", share)
     L, H, Hkv, D = 130, 4, 2, 16
     q, k, v, q_pos, *_ = _inputs(L, T, H, Hkv, D, torch.float32, seed=5)
     idx = _random_lists(Hkv, T, 5, q_pos, math.ceil(L / P.block_size), seed=T)
     ref = naive_block_sparse_attention(q, k, v, idx, q_pos, P.block_size, D**-0.5)
     out = triton_block_sparse_attention(q, k, v, idx, q_pos, P.block_size, D**-0.5)
     assert_close(out, ref, 1e-5, "attention with arbitrary lists")
+
+
+@pytest.mark.parametrize("BT, share_min", [(2, 1), (2, 2), (4, 3)])
+def test_split_lists_partitions_each_tile(BT, share_min):
+    """Every token's blocks end up exactly once: in its tile's list (with its bit set, when >= share_min tile
+    tokens chose the block) or in its private list; out-of-range entries are dropped. 35 or 18 tiles x 2 groups
+    are more than the interpreter's 32 persistent programs, so scratch rows are reused (and must be reset)."""
+    from sala.ops.infllm_v2.sparse_attn import split_lists
+
+    Hkv, T, K, n_blk = 2, 69, 6, 7
+    g = torch.Generator().manual_seed(share_min)
+    idx = torch.full((Hkv, T, K), -1, dtype=torch.int32)
+    for h in range(Hkv):
+        for t in range(T):
+            pick = torch.randperm(n_blk + 2, generator=g)[: int(torch.randint(0, K + 1, (1,), generator=g))]
+            idx[h, t, torch.randperm(K, generator=g)[: len(pick)]] = pick.to(torch.int32)  # some >= n_blk
+    tile, bits, tile_n, private, private_n = (x.cpu() for x in split_lists(idx.to(DEV), n_blk * 16 - 5, 16, BT, share_min))
+    for h in range(Hkv):
+        for i_t in range(math.ceil(T / BT)):
+            toks = range(i_t * BT, min(T, i_t * BT + BT))
+            chosen = {t: {int(b) for b in idx[h, t] if 0 <= b < n_blk} for t in toks}
+            entries = tile[h, i_t, : tile_n[h, i_t]].tolist()
+            assert len(entries) == len(set(entries))
+            for b, m in zip(entries, bits[h, i_t, : tile_n[h, i_t]].tolist()):
+                holders = {t for t in toks if b in chosen[t]}
+                assert m == sum(1 << (t - i_t * BT) for t in holders) and len(holders) >= share_min
+            for t in toks:
+                priv = private[h, t, : private_n[h, t]].tolist()
+                assert sorted(priv + [b for b in entries if b in chosen[t]]) == sorted(chosen[t])
+                assert all(sum(b in chosen[u] for u in toks) < share_min for b in priv)
 
 
 def test_block_sparse_attention_backward():

@@ -9,11 +9,13 @@ Three kernels:
   the raw scores [Hkv, T, n1] (the ``stage1_block_scores`` contract) or, fused, only per-block maxima:
   ``own[b]`` = max over the windows starting inside block b and ``tail[b]`` = max over the last LEFT of them,
   so that the pooled score is ``max(own[b], tail[b-1])`` (spec §5.5: windows [r b - 1, r b + r - 1]).
-  The fused form writes [Hkv, T, n_blocks] twice instead of [Hkv, T, n1] (r = 4 times fewer columns).
-* ``_select_kernel``: pooling (from raw scores or own/tail), forced blocks (+inf), then top-K_sel per row by
-  a bitwise binary search for the K_sel-th largest of the unique keys ``(score bits, 65535 - block)``, which
-  breaks ties towards the lower block like the reference's stable sort; the kept blocks are written in
-  ascending order via a prefix sum, blocks after the query's own block become -1.
+  The fused form writes [Hkv, T, n_blocks] twice instead of [Hkv, T, n1] (r = 4 times fewer columns), and
+  skips the column chunks past a tile's last visible window altogether (the selection never reads them).
+* ``_select_kernel``: pooling (from raw scores or own/tail), forced blocks (+inf), then top-K_sel per row: a
+  bitwise binary search over the score's bit pattern (15 steps for bf16) finds the K_sel-th largest value;
+  every block above it is kept and, of the blocks tied at it, the lowest ones (a prefix count), like the
+  reference's stable sort. The kept blocks are written in ascending order via a prefix sum, blocks after the
+  query's own block become -1.
 
 Scores are rounded to q's dtype (bf16/fp16) before pooling exactly like the reference; fp32 inputs run the
 dots in IEEE fp32 so selections match the reference bit for bit up to summation order.
@@ -140,21 +142,43 @@ def _stage1_score_kernel(
     i_t, i_h, i_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if BATCHED:  # decode batch: one token per tile (BT = 1), each row reads its own cache slot
         c_ptr += tl.load(slot_ptr + i_t).to(tl.int64) * s_cs
+    tok_t = i_t * BT + tl.arange(0, BT)
+    m_t = tok_t < T
+    pos_t = tl.load(pos_ptr + tok_t, mask=m_t, other=-1).to(tl.int32)
+    max_pos = tl.max(pos_t, axis=0)
+    min_pos = tl.min(tl.where(m_t, pos_t, 2147483647), axis=0)
+    n_vis = tl.minimum(tl.where(max_pos >= KS - 1, (max_pos - KS + 1) // ST + 1, 0), n1)  # some row sees them
+    n_full = tl.minimum(tl.where(min_pos >= KS - 1, (min_pos - KS + 1) // ST + 1, 0), n1)  # every row sees them
+    c_lo = i_c * CW
+    c_hi = tl.minimum(c_lo + CW, n_cols)
+    if POOL:  # blocks past the tile's last visible window are never read (the selection masks them): skip them
+        c_hi = tl.minimum(c_hi, n_vis)
+    if c_lo < c_hi:
+        _stage1_score_tile(
+            q_ptr, c_ptr, pos_ptr, lse_ptr, o_ptr, t_ptr, T, n1, n_blk, i_t, i_h, c_lo, c_hi, n_vis, n_full,
+            s_qt, s_qh, s_cn, s_ch, s_lt, s_oh, s_ot, scale_log2,
+            G, GP, BT, D, BD, BN, KS, ST, R, LEFT, POOL, CAST, PREC, RNE,
+        )
+
+
+@triton.jit
+def _stage1_score_tile(
+    q_ptr, c_ptr, pos_ptr, lse_ptr, o_ptr, t_ptr, T, n1, n_blk, i_t, i_h, c_lo, c_hi, n_vis, n_full,
+    s_qt, s_qh, s_cn, s_ch, s_lt, s_oh, s_ot, scale_log2,
+    G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    KS: tl.constexpr, ST: tl.constexpr, R: tl.constexpr, LEFT: tl.constexpr,
+    POOL: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr, RNE: tl.constexpr,
+):
+    """Score windows [c_lo, c_hi) for one query tile (see ``_stage1_score_kernel``)."""
     b_q, pos, m_r, head, tok = load_group_rows(q_ptr, pos_ptr, i_t, i_h, T, s_qt, s_qh, G, GP, BT, D, BD, CAST)
     lse = tl.load(lse_ptr + tok.to(tl.int64) * s_lt + head, mask=m_r, other=float("-inf"))
     # no visible coarse window (spec §5.4 edge case) or a padding row: lse = +inf makes every score exp2(-inf) = 0
     lse = tl.where(lse > float("-inf"), lse, float("inf"))
-    max_pos = tl.max(pos, axis=0)
-    min_pos = tl.min(tl.where(tok < T, pos, 2147483647), axis=0)
-    n_vis = tl.minimum(tl.where(max_pos >= KS - 1, (max_pos - KS + 1) // ST + 1, 0), n1)  # some row sees them
-    n_full = tl.minimum(tl.where(min_pos >= KS - 1, (min_pos - KS + 1) // ST + 1, 0), n1)  # every row sees them
     o_d = tl.arange(0, BD)
     tok_t = i_t * BT + tl.arange(0, BT)
     m_t = tok_t < T
     p_o = o_ptr + i_h * s_oh + tok_t.to(tl.int64)[:, None] * s_ot
     p_tail = t_ptr + i_h * s_oh + tok_t.to(tl.int64)[:, None] * s_ot
-    c_lo = i_c * CW
-    c_hi = tl.minimum(c_lo + CW, n_cols)
     for w0 in range(c_lo, c_hi, BN):
         o_w = w0 + tl.arange(0, BN)
         if w0 < n_vis:
@@ -191,8 +215,8 @@ def _select_kernel(
     s_ptr, t_ptr, pos_ptr, o_ptr, cnt_ptr, T, n_src, n_blk, k_sel, k_width, dense_len, k_dense,
     s_sh, s_st, s_oh, s_ot, s_ch,
     BR: tl.constexpr, NBP: tl.constexpr, KP: tl.constexpr, R: tl.constexpr, LEFT: tl.constexpr,
-    BS: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, POOLED: tl.constexpr,
-    KEY64: tl.constexpr, NBITS: tl.constexpr, PER_ROW: tl.constexpr,
+    BS: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
+    POOLED: tl.constexpr, LOWZERO: tl.constexpr, PER_ROW: tl.constexpr,
 ):
     i_r, i_h = tl.program_id(0), tl.program_id(1)
     o_r = i_r * BR + tl.arange(0, BR)
@@ -202,10 +226,12 @@ def _select_kernel(
     o_b = tl.arange(0, NBP)
     m_b = o_b < n_blk
     row_off = i_h * s_sh + o_r.to(tl.int64)[:, None] * s_st
-    if POOLED:
+    if POOLED:  # load only blocks with a window the row sees (the score kernel skips the others)
         m_rb = m_r[:, None] & m_b[None, :]
-        b_own = tl.load(s_ptr + row_off + o_b[None, :], mask=m_rb, other=0.0).to(tl.float32)
-        b_prev = tl.load(t_ptr + row_off + (o_b - 1)[None, :], mask=m_rb & (o_b >= 1)[None, :], other=0.0)
+        see_own = (o_b * R * ST + KS - 1)[None, :] <= pos[:, None]
+        see_tail = ((o_b * R - LEFT) * ST + KS - 1)[None, :] <= pos[:, None]
+        b_own = tl.load(s_ptr + row_off + o_b[None, :], mask=m_rb & see_own, other=0.0).to(tl.float32)
+        b_prev = tl.load(t_ptr + row_off + (o_b - 1)[None, :], mask=m_rb & see_tail & (o_b >= 1)[None, :], other=0.0)
         b_sc = tl.maximum(b_own, b_prev.to(tl.float32))
     else:
         b_sc = tl.zeros([BR, NBP], dtype=tl.float32)
@@ -222,18 +248,18 @@ def _select_kernel(
     else:
         k_row = qb * 0 + k_sel
     b_sc = tl.where(forced, float("inf"), b_sc)
-    bits = b_sc.to(tl.int32, bitcast=True)  # monotone in the value for non-negative floats
-    if KEY64:
-        key = bits.to(tl.int64) * 65536 + (65535 - o_b)[None, :].to(tl.int64)
-    else:
-        key = (bits >> 16) * 65536 + (65535 - o_b)[None, :]  # bf16 values: the low 16 bits are zero
-    key = tl.where(m_b[None, :], key, -1)  # unique keys; ties -> lower block wins
-    ans = tl.zeros([BR], dtype=key.dtype)
-    for it in range(NBITS):  # largest threshold with >= k_sel keys at or above it = the k_sel-th key
-        cand = ans | ((ans * 0 + 1) << (NBITS - 1 - it))
-        cnt = tl.sum((key >= cand[:, None]).to(tl.int32), axis=1)
+    # monotone in the value for non-negative floats; the low LOWZERO bits are zero for half-precision scores
+    val = tl.where(m_b[None, :], b_sc.to(tl.int32, bitcast=True) >> LOWZERO, -1)
+    ans = tl.zeros([BR], dtype=tl.int32)
+    for it in range(31 - LOWZERO):  # largest threshold with >= k_row values at or above it = the k_row-th value
+        cand = ans | (1 << (30 - LOWZERO - it))
+        cnt = tl.sum((val >= cand[:, None]).to(tl.int32), axis=1)
         ans = tl.where(cnt >= k_row, cand, ans)
-    sel = (key >= ans[:, None]) & (o_b[None, :] <= qb[:, None])  # future blocks become -1
+    above = val > ans[:, None]
+    tie = val == ans[:, None]
+    need = k_row - tl.sum(above.to(tl.int32), axis=1)  # ties at the k-th value: the lowest blocks win (stable sort)
+    sel = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=1) <= need[:, None]))
+    sel = sel & (o_b[None, :] <= qb[:, None])  # future blocks become -1
     rank = tl.cumsum(sel.to(tl.int32), axis=1) - 1  # ascending block order
     out_off = i_h * s_oh + o_r.to(tl.int64)[:, None] * s_ot
     tl.store(o_ptr + out_off + rank, (o_b[None, :] + rank * 0).to(tl.int32), mask=sel & m_r[:, None])
@@ -380,6 +406,9 @@ def triton_stage1_block_scores(
     return out
 
 
+_LOW_ZERO_BITS = {torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}  # of a score's fp32 bit pattern
+
+
 def _run_select(src, tail, q_pos, num_keys, params, pooled: bool, dense_len: int | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """-> (topk_idx [Hkv, T, K], counts [Hkv, T] or None). ``dense_len`` (decode batches): rows whose length
@@ -394,20 +423,19 @@ def _run_select(src, tail, q_pos, num_keys, params, pooled: bool, dense_len: int
     counts = torch.zeros(Hkv, T, dtype=torch.int32, device=src.device) if dense_len is not None else None
     if T == 0 or k_width == 0:
         return out, counts
-    if n_blk > 65535:
-        raise ValueError(f"Triton selection supports up to 65535 blocks ({65535 * bs} keys), got {n_blk}")
+    if n_blk > 65536:  # one program holds a row's block scores in registers
+        raise ValueError(f"Triton selection supports up to 65536 blocks ({65536 * bs} keys), got {n_blk}")
     r, left = _geometry(params)
     NBP = triton.next_power_of_2(n_blk)
     BR = max(1, min(16, _cfg()["select_elems"] // NBP))
-    key64 = src.dtype != torch.bfloat16
     warps = 4 if NBP <= 2048 else min(16, NBP // 512)
     _select_kernel[(triton.cdiv(T, BR), Hkv)](
         src, tail, q_pos, out, out if counts is None else counts, T, n_src, n_blk, k_sel, k_width,
         dense_len or 0, k_dense,
         src.stride(0), src.stride(1), out.stride(0), out.stride(1), 0 if counts is None else counts.stride(0),
         BR=BR, NBP=NBP, KP=triton.next_power_of_2(k_width), R=r, LEFT=left, BS=bs,
-        INIT=params.init_blocks, LOCAL=params.local_blocks, POOLED=pooled,
-        KEY64=key64, NBITS=47 if key64 else 31, PER_ROW=counts is not None, num_warps=warps,
+        KS=params.kernel_size, ST=params.kernel_stride, INIT=params.init_blocks, LOCAL=params.local_blocks, POOLED=pooled,
+        LOWZERO=_LOW_ZERO_BITS[src.dtype], PER_ROW=counts is not None, num_warps=warps,
     )
     return out, counts
 
