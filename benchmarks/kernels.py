@@ -325,7 +325,7 @@ def _dense_causal_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return float("nan"), "none"
 
 
-def bench_sparse(Ts=(8192, 32768, 131072), H: int = 32, Hkv: int = 2, D: int = 128) -> dict:
+def bench_sparse(Ts=(8192, 32768, 131072, 262144, 524288), H: int = 32, Hkv: int = 2, D: int = 128) -> dict:
     """Sparse layer end to end (compress + score/select + attend; 32 q / 2 kv heads, D 128, bf16, released
     params) vs dense causal cuDNN SDPA, on random inputs and on block-clustered queries."""
     from sala.ops.infllm_v2.compress import triton_compress_keys

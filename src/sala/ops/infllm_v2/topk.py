@@ -271,10 +271,13 @@ def _select_kernel(
         tl.store(cnt_ptr + i_h * s_ch + o_r, n_sel, mask=m_r)
 
 
-# GPU launch configuration (tuned on H200 with triton 3.6 at T=32K; the interpreter uses small tiles). Keys: rows = tokens x heads per
-# tile, bn = windows per step, warps/stages per kernel, select_rows = max row elements per select program.
-GPU_CONFIG = dict(rows=128, bn=64, lse_warps=8, lse_stages=2, score_warps=4, score_stages=2, select_elems=4096)
-_INTERP_CONFIG = dict(rows=16, bn=16, lse_warps=4, lse_stages=1, score_warps=4, score_stages=1, select_elems=4096)
+# GPU launch configuration (tuned on H200 with triton 3.6 at T=32K and 128K; the interpreter uses small tiles). Keys:
+# rows = tokens x heads per tile, bn = windows per step, warps/stages per kernel, select_elems = max row elements
+# per select program, score_steps = most bn-steps per score program (fewer when T is too short to fill the GPU).
+GPU_CONFIG = dict(rows=128, bn=64, lse_warps=8, lse_stages=2, score_warps=4, score_stages=2, select_elems=4096,
+                  score_steps=32)
+_INTERP_CONFIG = dict(rows=16, bn=16, lse_warps=4, lse_stages=1, score_warps=4, score_stages=1, select_elems=4096,
+                      score_steps=8)
 
 
 def _cfg() -> dict:
@@ -356,7 +359,7 @@ def _run_scores(q, ck1, q_pos, lse, params, scale, out, tail, n_cols, n_blk, poo
     BN = max(BN, r)  # a tile holds whole blocks when pooling
     n_qt = triton.cdiv(T, BT)
     tiles = triton.cdiv(n_cols, BN)
-    per = max(1, min(8, (n_qt * Hkv * tiles) // (4 * num_sms(q.device))))  # more column splits for short T
+    per = max(1, min(_cfg()["score_steps"], (n_qt * Hkv * tiles) // (4 * num_sms(q.device))))  # split columns for short T
     CW = per * BN
     grid = (n_qt, Hkv, triton.cdiv(n_cols, CW))
     _stage1_score_kernel[grid](
