@@ -128,6 +128,27 @@ def test_select_blocks_matches_reference(case, dtype):
     assert out.dtype == torch.int32 and torch.equal(out, ref)  # same scores in: identical, ties included
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_select_from_queries_with_short_ck1_ignores_unwritten_scores(dtype, monkeypatch):
+    """A ck1 shorter than the positions imply (public API) scores the missing windows 0, like the reference,
+    even where the pooled-score buffers start as NaN; fp16 also covers the selection's 13-low-zero-bit keys."""
+    L, T, H, Hkv, D = 161, 40, 8, 1, 32
+    q, k, v, q_pos, ck1, ck2, scale = _inputs(L, T, H, Hkv, D, dtype, seed=3)
+    ck1 = ck1[: ck1.shape[0] - 33]
+    ref = naive_select_blocks(naive_stage1_block_scores(q, ck1, ck2, q_pos, P, scale), q_pos, L, P)
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_filled(t):
+        return t.fill_(float("nan")) if t.dtype.is_floating_point else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: nan_filled(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: nan_filled(empty_like(*a, **kw)))
+    out = triton_select_from_queries(q, ck1, ck2, q_pos, L, P, scale)
+    monkeypatch.undo()
+    _assert_valid_topk(out, _pooled(naive_stage1_block_scores(q, ck1, ck2, q_pos, P, scale), q_pos, L), q_pos, rel_tol=2e-2)
+    assert (out == ref).float().mean() > 0.97
+
+
 def test_select_blocks_ties_and_forced():
     """All-equal scores: the lowest blocks win ties; forced blocks always in; released-like K_sel > blocks."""
     L, T = 200, 5
@@ -191,6 +212,7 @@ def test_block_sparse_attention_arbitrary_lists(T, share, monkeypatch):
 
     if T == 1 and share is not True:
         pytest.skip("decode does not use the tile split")
+    monkeypatch.setattr(sparse_attn, "num_sms", lambda device: 4)  # a GPU's SM count would send T=30 to decode
     monkeypatch.setitem(sparse_attn._cfg(), "share", share is not False)
     if not isinstance(share, bool):
         monkeypatch.setitem(sparse_attn._cfg(), "share_min", share)
@@ -203,12 +225,14 @@ def test_block_sparse_attention_arbitrary_lists(T, share, monkeypatch):
 
 
 @pytest.mark.parametrize("BT, share_min", [(2, 1), (2, 2), (4, 3)])
-def test_split_lists_partitions_each_tile(BT, share_min):
+def test_split_lists_partitions_each_tile(BT, share_min, monkeypatch):
     """Every token's blocks end up exactly once: in its tile's list (with its bit set, when >= share_min tile
     tokens chose the block) or in its private list; out-of-range entries are dropped. 35 or 18 tiles x 2 groups
     are more than the interpreter's 32 persistent programs, so scratch rows are reused (and must be reset)."""
+    from sala.ops.infllm_v2 import sparse_attn
     from sala.ops.infllm_v2.sparse_attn import split_lists
 
+    monkeypatch.setattr(sparse_attn, "num_sms", lambda device: 4)  # 32 programs on a GPU too: scratch reuse
     Hkv, T, K, n_blk = 2, 69, 6, 7
     g = torch.Generator().manual_seed(share_min)
     idx = torch.full((Hkv, T, K), -1, dtype=torch.int32)

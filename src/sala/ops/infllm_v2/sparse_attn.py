@@ -248,7 +248,7 @@ GPU_CONFIG = dict(rows=128, tile_keys=128, tile_warps=8, tile_stages=2, tok_keys
                   share=True, share_min=4)
 _INTERP_CONFIG = dict(rows=16, tile_keys=16, tile_warps=4, tile_stages=1, tok_keys=16, tok_warps=4, tok_stages=1,
                       share=True, share_min=2)
-_MAX_TILE_TOKENS = 16  # the split kernel compares every pair of a tile's lists, and token bit masks are int32
+_MAX_TILE_TOKENS = 16  # the split kernel keeps a tile's token bit mask in the low 16 bits of its tallies
 
 
 # Cards with 99 KB of shared memory per block (RTX 4090 sm_89, RTX 5090 sm_120): the tile kernel's 128-key

@@ -147,12 +147,13 @@ def _stage1_score_kernel(
     pos_t = tl.load(pos_ptr + tok_t, mask=m_t, other=-1).to(tl.int32)
     max_pos = tl.max(pos_t, axis=0)
     min_pos = tl.min(tl.where(m_t, pos_t, 2147483647), axis=0)
-    n_vis = tl.minimum(tl.where(max_pos >= KS - 1, (max_pos - KS + 1) // ST + 1, 0), n1)  # some row sees them
+    n_seen = tl.where(max_pos >= KS - 1, (max_pos - KS + 1) // ST + 1, 0)  # windows complete by the last row
+    n_vis = tl.minimum(n_seen, n1)  # ... of which ck1 holds these (the rest score 0)
     n_full = tl.minimum(tl.where(min_pos >= KS - 1, (min_pos - KS + 1) // ST + 1, 0), n1)  # every row sees them
     c_lo = i_c * CW
     c_hi = tl.minimum(c_lo + CW, n_cols)
-    if POOL:  # blocks past the tile's last visible window are never read (the selection masks them): skip them
-        c_hi = tl.minimum(c_hi, n_vis)
+    if POOL:  # blocks past the windows any row can see are never read (the selection masks them): skip them;
+        c_hi = tl.minimum(c_hi, n_seen)  # windows a row sees but a short ck1 lacks still get their zeros
     if c_lo < c_hi:
         _stage1_score_tile(
             q_ptr, c_ptr, pos_ptr, lse_ptr, o_ptr, t_ptr, T, n1, n_blk, i_t, i_h, c_lo, c_hi, n_vis, n_full,
