@@ -207,7 +207,7 @@ def _random_lists(Hkv, T, K, q_pos, n_blk, seed):
 @pytest.mark.parametrize("T", [1, 30])
 def test_block_sparse_attention_arbitrary_lists(T, share, monkeypatch):
     """share_min = 1 sends every block a tile token chose through the tile kernel (rows of the other tokens
-    masked), 8 = the tile size only blocks every token chose; True keeps the default (2 here)."""
+    masked), 8 = the tile size only blocks every token chose; True keeps the config's (2 in the interpreter)."""
     from sala.ops.infllm_v2 import sparse_attn
 
     if T == 1 and share is not True:
@@ -254,6 +254,8 @@ def test_split_lists_partitions_each_tile(BT, share_min, monkeypatch):
                 priv = private[h, t, : private_n[h, t]].tolist()
                 assert sorted(priv + [b for b in entries if b in chosen[t]]) == sorted(chosen[t])
                 assert all(sum(b in chosen[u] for u in toks) < share_min for b in priv)
+    with pytest.raises(ValueError, match="tile_tokens must be in"):
+        split_lists(idx.to(DEV), n_blk * 16, 16, 17, share_min)
 
 
 def test_block_sparse_attention_backward():

@@ -96,6 +96,14 @@ def _rank(keep):
     return tl.cumsum(k, axis=0) - k
 
 
+@triton.jit
+def _tile_row(base, tj, s_it, o_k, K, T, n_blk):
+    """Token tj's block list (-1 past K or past T) -> (list [KP], in range of the scratch row, token exists)."""
+    in_t = (o_k * 0 + tj) < T  # vector form: the interpreter rejects masks broadcast from a scalar bool
+    lj = tl.load(base + tj.to(tl.int64) * s_it + o_k, mask=(o_k < K) & in_t, other=-1)
+    return lj, (lj >= 0) & (lj < n_blk), in_t
+
+
 # lengths change every decode step: no per-value specialisation, so no recompiles mid-decode
 @triton.jit(do_not_specialize=["T", "K", "n_blk", "n_work"])
 def _split_lists_kernel(
@@ -120,16 +128,14 @@ def _split_lists_kernel(
         t0 = i_t * BT
         base = idx_ptr + i_h * s_ih
         for j in range(BT):
-            lj = tl.load(base + (t0 + j).to(tl.int64) * s_it + o_k, mask=(o_k < K) & ((o_k * 0 + t0 + j) < T), other=-1)
-            tl.atomic_add(scr + lj, o_k * 0 + (65536 + (1 << j)), mask=(lj >= 0) & (lj < n_blk))
+            lj, valid, _ = _tile_row(base, t0 + j, s_it, o_k, K, T, n_blk)
+            tl.atomic_add(scr + lj, o_k * 0 + (65536 + (1 << j)), mask=valid)
         tl.debug_barrier()
         n_sh = tl.sum(o_k * 0, axis=0)  # int32 scalar (a plain 0 would not be a tensor in the loop)
         p_sh = i_h * s_sh + i_t.to(tl.int64) * s_st
         for j in range(BT):
             tj = t0 + j
-            in_t = (o_k * 0 + tj) < T  # vector form: the interpreter rejects masks broadcast from a scalar bool
-            lj = tl.load(base + tj.to(tl.int64) * s_it + o_k, mask=(o_k < K) & in_t, other=-1)
-            valid = (lj >= 0) & (lj < n_blk)
+            lj, valid, in_t = _tile_row(base, tj, s_it, o_k, K, T, n_blk)
             tally = tl.load(scr + lj, mask=valid, other=0, cache_modifier=".cg")  # from L2: no stale L1 line
             bits = tally & 65535
             to_tile = valid & ((tally >> 16) >= CMIN)
@@ -144,8 +150,8 @@ def _split_lists_kernel(
         tl.store(shc_ptr + i_h * s_ch + i_t, n_sh)
         tl.debug_barrier()
         for j in range(BT):
-            lj = tl.load(base + (t0 + j).to(tl.int64) * s_it + o_k, mask=(o_k < K) & ((o_k * 0 + t0 + j) < T), other=-1)
-            tl.store(scr + lj, o_k * 0, mask=(lj >= 0) & (lj < n_blk), cache_modifier=".cg")
+            lj, valid, _ = _tile_row(base, t0 + j, s_it, o_k, K, T, n_blk)
+            tl.store(scr + lj, o_k * 0, mask=valid, cache_modifier=".cg")
         tl.debug_barrier()
 
 
@@ -391,7 +397,7 @@ def split_lists(topk_idx: torch.Tensor, num_keys: int, block_size: int, tile_tok
     Hkv, T, K = topk_idx.shape
     BT, dev = tile_tokens, topk_idx.device
     if not 1 <= BT <= _MAX_TILE_TOKENS:
-        raise ValueError(f"tile_tokens must be in [1, {_MAX_TILE_TOKENS}] (int32 token masks), got {BT}")
+        raise ValueError(f"tile_tokens must be in [1, {_MAX_TILE_TOKENS}] (16-bit token masks), got {BT}")
     c_min = max(1, min(BT, share_min))
     n_tiles = triton.cdiv(T, BT)
     KP = triton.next_power_of_2(max(K, 1))
@@ -415,10 +421,11 @@ def split_lists(topk_idx: torch.Tensor, num_keys: int, block_size: int, tile_tok
 def _shared_forward(q, k, v, topk_idx, q_pos, o, a: dict) -> torch.Tensor:
     """Split lists per tile, attend the blocks most tokens of a tile chose with BT x G rows (masking the rows of
     tokens that did not choose them), then each token's remaining blocks with G rows, and merge."""
-    T, Hkv, KP, cfg, dev = a["T"], a["Hkv"], triton.next_power_of_2(max(a["K"], 1)), a["cfg"], q.device
+    T, Hkv, cfg, dev = a["T"], a["Hkv"], a["cfg"], q.device
     BT = min(_MAX_TILE_TOKENS, max(1, cfg["rows"] // a["GP"]))
     n_tiles = triton.cdiv(T, BT)
     shared, shared_bits, shared_n, private, private_n = split_lists(topk_idx, a["L"], a["BS"], BT, cfg["share_min"])
+    KP = private.shape[-1]
     o_a = torch.empty_like(q)  # tile-kernel partial in q's dtype (fp32 for fp32 inputs)
     lse_a = torch.empty(T, q.shape[1], dtype=torch.float32, device=dev)
     _sparse_tile_kernel[(n_tiles, Hkv)](

@@ -156,28 +156,26 @@ def _stage1_score_kernel(
         c_hi = tl.minimum(c_hi, n_seen)  # windows a row sees but a short ck1 lacks still get their zeros
     if c_lo < c_hi:
         _stage1_score_tile(
-            q_ptr, c_ptr, pos_ptr, lse_ptr, o_ptr, t_ptr, T, n1, n_blk, i_t, i_h, c_lo, c_hi, n_vis, n_full,
-            s_qt, s_qh, s_cn, s_ch, s_lt, s_oh, s_ot, scale_log2,
+            q_ptr, c_ptr, pos_ptr, lse_ptr, o_ptr, t_ptr, T, n1, n_blk, i_t, i_h, tok_t, m_t, c_lo, c_hi, n_vis,
+            n_full, s_qt, s_qh, s_cn, s_ch, s_lt, s_oh, s_ot, scale_log2,
             G, GP, BT, D, BD, BN, KS, ST, R, LEFT, POOL, CAST, PREC, RNE,
         )
 
 
 @triton.jit
 def _stage1_score_tile(
-    q_ptr, c_ptr, pos_ptr, lse_ptr, o_ptr, t_ptr, T, n1, n_blk, i_t, i_h, c_lo, c_hi, n_vis, n_full,
-    s_qt, s_qh, s_cn, s_ch, s_lt, s_oh, s_ot, scale_log2,
+    q_ptr, c_ptr, pos_ptr, lse_ptr, o_ptr, t_ptr, T, n1, n_blk, i_t, i_h, tok_t, m_t, c_lo, c_hi, n_vis,
+    n_full, s_qt, s_qh, s_cn, s_ch, s_lt, s_oh, s_ot, scale_log2,
     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
     KS: tl.constexpr, ST: tl.constexpr, R: tl.constexpr, LEFT: tl.constexpr,
     POOL: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr, RNE: tl.constexpr,
 ):
-    """Score windows [c_lo, c_hi) for one query tile (see ``_stage1_score_kernel``)."""
+    """Score windows [c_lo, c_hi) for one query tile of tokens ``tok_t`` (valid: ``m_t``); see the kernel."""
     b_q, pos, m_r, head, tok = load_group_rows(q_ptr, pos_ptr, i_t, i_h, T, s_qt, s_qh, G, GP, BT, D, BD, CAST)
     lse = tl.load(lse_ptr + tok.to(tl.int64) * s_lt + head, mask=m_r, other=float("-inf"))
     # no visible coarse window (spec §5.4 edge case) or a padding row: lse = +inf makes every score exp2(-inf) = 0
     lse = tl.where(lse > float("-inf"), lse, float("inf"))
     o_d = tl.arange(0, BD)
-    tok_t = i_t * BT + tl.arange(0, BT)
-    m_t = tok_t < T
     p_o = o_ptr + i_h * s_oh + tok_t.to(tl.int64)[:, None] * s_ot
     p_tail = t_ptr + i_h * s_oh + tok_t.to(tl.int64)[:, None] * s_ot
     for w0 in range(c_lo, c_hi, BN):
