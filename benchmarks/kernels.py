@@ -478,6 +478,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", choices=("lightning", "sparse", "decode", "all"), default="all", help="which sections to run")
     parser.add_argument("--out", type=Path, default=Path("out/bench"), help="folder for the JSON results")
     parser.add_argument("--prefill-T", default="8192,32768,131072,262144", help="comma-separated prefill lengths")
+    parser.add_argument("--sparse-T", default="8192,32768,131072,262144,524288", help="comma-separated sparse-layer lengths")
     parser.add_argument("--decode-batch", default="1,16,64", help="comma-separated decode batch sizes")
     parser.add_argument("--train", action="store_true", help="also time Lightning forward+backward and the sparse backward (T<=32K)")
     parser.add_argument("--verify-T", type=int, default=8192, help="length of the Lightning verify step")
@@ -495,7 +496,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.train:
             results["lightning_train"] = bench_lightning_train()
     if args.only in ("sparse", "all"):
-        results["sparse"] = bench_sparse()
+        results["sparse"] = bench_sparse(tuple(int(x) for x in args.sparse_T.split(",")))
         if args.train:
             results["sparse_backward"] = bench_sparse_backward()
     if args.only in ("decode", "all"):

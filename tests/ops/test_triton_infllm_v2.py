@@ -358,3 +358,46 @@ def test_sparse_backward_mode(monkeypatch):
     monkeypatch.setenv("SALA_SPARSE_BACKWARD", "cuda")
     with pytest.raises(ValueError, match="SALA_SPARSE_BACKWARD must be one of"):
         sparse_backward()
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_tma_prefill_matches_pointer_loads(blocks, monkeypatch):
+    """The prefill tile + token kernels with K/V blocks loaded through tensor descriptors (TMA on Hopper; the
+    interpreter emulates them) agree with the pointer-load kernels and the reference, 1 or 2 blocks per step,
+    with partial last blocks (L off the block grid), masked tile rows and K/V that are views into a wider cache."""
+    from sala.ops.infllm_v2 import sparse_attn
+
+    monkeypatch.setattr(sparse_attn, "num_sms", lambda device: 4)  # T=37 takes the tile split on a GPU too
+    monkeypatch.setitem(sparse_attn._cfg(), "tma_blocks", blocks)
+    L, T, H, Hkv, D = 157, 37, 8, 2, 32
+    q, k, v, q_pos, *_ = _inputs(L, T, H, Hkv, D, torch.bfloat16, seed=11)
+    cache = _rand(2, L + 9, Hkv, D, dtype=torch.bfloat16, seed=12)
+    cache[0, :L], cache[1, :L] = k, v
+    k, v = cache[0, :L], cache[1, :L]  # strided views: stride(0) = Hkv * D, but not contiguous with each other
+    idx = _random_lists(Hkv, T, 6, q_pos, math.ceil(L / P.block_size), seed=3)
+    used = []
+    real = sparse_attn._tma_descriptors
+    monkeypatch.setattr(sparse_attn, "_tma_descriptors", lambda *a_: used.append(real(*a_)) or used[-1])
+    out = triton_block_sparse_attention(q, k, v, idx, q_pos, P.block_size, D**-0.5)
+    assert used and used[-1] is not None, "the TMA path was not taken"
+    monkeypatch.setitem(sparse_attn._cfg(), "tma", False)
+    plain = triton_block_sparse_attention(q, k, v, idx, q_pos, P.block_size, D**-0.5)
+    assert used[-1] is None
+    ref = naive_block_sparse_attention(q.float(), k.float(), v.float(), idx, q_pos, P.block_size, D**-0.5)
+    assert_close(out, ref, 1e-2, "TMA loads vs reference")
+    assert_close(out, plain, 1e-2, "TMA loads vs pointer loads")
+
+
+def test_tma_descriptors_only_where_they_apply():
+    """fp32 K/V, a head dim that is not a power of two and unpacked heads keep the pointer loads."""
+    from sala.ops.infllm_v2 import sparse_attn
+
+    def descs(k):
+        idx = torch.zeros(k.shape[1], 1, 1, dtype=torch.int32, device=DEV)
+        return sparse_attn._tma_descriptors(k, k, sparse_attn._launch(k[:1].repeat(1, 2, 1), k, idx, 16, 1.0))
+
+    k = _rand(40, 2, 32, dtype=torch.bfloat16, seed=0)
+    assert descs(k) is not None or (DEV == "cuda" and torch.cuda.get_device_capability()[0] < 9)
+    assert descs(k.float()) is None
+    assert descs(_rand(40, 2, 24, dtype=torch.bfloat16, seed=0)) is None
+    assert descs(_rand(40, 32, 2, dtype=torch.bfloat16, seed=0).transpose(1, 2)) is None  # heads not packed

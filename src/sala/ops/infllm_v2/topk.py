@@ -33,6 +33,7 @@ import triton.language as tl
 
 from sala.ops.common.triton_utils import interp_rne, rne_bf16  # noqa: F401 (re-exported to the other kernels)
 from sala.ops.infllm_v2.naive import InfLLMv2Params
+from sala.ops.infllm_v2.tma import head_block_descriptor
 from sala.utils.env import triton_interpret
 
 logger = logging.getLogger(__name__)
@@ -99,7 +100,9 @@ def _stage1_lse_kernel(
     s_qt, s_qh, s_cs, s_cn, s_ch, s_ls, s_lt, scale_log2,
     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
     KS: tl.constexpr, ST: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr, BATCHED: tl.constexpr,
+    TMA: tl.constexpr,
 ):
+    """TMA: c_ptr is a [BN, D] block descriptor over ck2 (rows past n2 read 0; rows past j_hi are masked)."""
     i_t, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if BATCHED:  # decode batch: one token per tile (BT = 1), each row reads its own cache slot
         c_ptr += tl.load(slot_ptr + i_t).to(tl.int64) * s_cs
@@ -115,8 +118,11 @@ def _stage1_lse_kernel(
     b_l = tl.zeros([BT * GP], dtype=tl.float32)
     for j0 in range(j_lo, j_hi, BN):
         o_j = j0 + tl.arange(0, BN)
-        p_c = c_ptr + i_h * s_ch + o_j.to(tl.int64)[None, :] * s_cn + o_d[:, None]
-        b_ct = tl.load(p_c, mask=(o_j < j_hi)[None, :] & (o_d < D)[:, None], other=0.0)  # [BD, BN]
+        if TMA:
+            b_ct = tl.trans(c_ptr.load([j0, i_h * D]))  # [D, BN]
+        else:
+            p_c = c_ptr + i_h * s_ch + o_j.to(tl.int64)[None, :] * s_cn + o_d[:, None]
+            b_ct = tl.load(p_c, mask=(o_j < j_hi)[None, :] & (o_d < D)[:, None], other=0.0)  # [BD, BN]
         if CAST:
             b_ct = b_ct.to(tl.float32)
         b_s = tl.dot(b_q, b_ct, input_precision=PREC) * scale_log2  # [BT*GP, BN]
@@ -138,7 +144,9 @@ def _stage1_score_kernel(
     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
     CW: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, R: tl.constexpr, LEFT: tl.constexpr,
     POOL: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr, RNE: tl.constexpr, BATCHED: tl.constexpr,
+    TMA: tl.constexpr,
 ):
+    """TMA: c_ptr is a [BN, D] block descriptor over ck1 (see ``_stage1_score_tile``)."""
     i_t, i_h, i_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if BATCHED:  # decode batch: one token per tile (BT = 1), each row reads its own cache slot
         c_ptr += tl.load(slot_ptr + i_t).to(tl.int64) * s_cs
@@ -158,7 +166,7 @@ def _stage1_score_kernel(
         _stage1_score_tile(
             q_ptr, c_ptr, pos_ptr, lse_ptr, o_ptr, t_ptr, T, n1, n_blk, i_t, i_h, tok_t, m_t, c_lo, c_hi, n_vis,
             n_full, s_qt, s_qh, s_cn, s_ch, s_lt, s_oh, s_ot, scale_log2,
-            G, GP, BT, D, BD, BN, KS, ST, R, LEFT, POOL, CAST, PREC, RNE,
+            G, GP, BT, D, BD, BN, KS, ST, R, LEFT, POOL, CAST, PREC, RNE, TMA,
         )
 
 
@@ -168,9 +176,11 @@ def _stage1_score_tile(
     n_full, s_qt, s_qh, s_cn, s_ch, s_lt, s_oh, s_ot, scale_log2,
     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
     KS: tl.constexpr, ST: tl.constexpr, R: tl.constexpr, LEFT: tl.constexpr,
-    POOL: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr, RNE: tl.constexpr,
+    POOL: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr, RNE: tl.constexpr, TMA: tl.constexpr,
 ):
-    """Score windows [c_lo, c_hi) for one query tile of tokens ``tok_t`` (valid: ``m_t``); see the kernel."""
+    """Score windows [c_lo, c_hi) for one query tile of tokens ``tok_t`` (valid: ``m_t``); see the kernel.
+    TMA loads whole [BN, D] boxes: windows in [n_vis, n1) arrive unmasked, which is harmless because every step
+    that reaches past n_full (>= n_vis is past it) masks by visibility."""
     b_q, pos, m_r, head, tok = load_group_rows(q_ptr, pos_ptr, i_t, i_h, T, s_qt, s_qh, G, GP, BT, D, BD, CAST)
     lse = tl.load(lse_ptr + tok.to(tl.int64) * s_lt + head, mask=m_r, other=float("-inf"))
     # no visible coarse window (spec §5.4 edge case) or a padding row: lse = +inf makes every score exp2(-inf) = 0
@@ -181,8 +191,11 @@ def _stage1_score_tile(
     for w0 in range(c_lo, c_hi, BN):
         o_w = w0 + tl.arange(0, BN)
         if w0 < n_vis:
-            p_c = c_ptr + i_h * s_ch + o_w.to(tl.int64)[None, :] * s_cn + o_d[:, None]
-            b_ct = tl.load(p_c, mask=(o_w < n_vis)[None, :] & (o_d < D)[:, None], other=0.0)  # [BD, BN]
+            if TMA:
+                b_ct = tl.trans(c_ptr.load([w0, i_h * D]))  # [D, BN]
+            else:
+                p_c = c_ptr + i_h * s_ch + o_w.to(tl.int64)[None, :] * s_cn + o_d[:, None]
+                b_ct = tl.load(p_c, mask=(o_w < n_vis)[None, :] & (o_d < D)[:, None], other=0.0)  # [BD, BN]
             if CAST:
                 b_ct = b_ct.to(tl.float32)
             b_s = tl.dot(b_q, b_ct, input_precision=PREC) * scale_log2  # [BT*GP, BN]
@@ -274,9 +287,9 @@ def _select_kernel(
 # rows = tokens x heads per tile, bn = windows per step, warps/stages per kernel, select_elems = max row elements
 # per select program, score_steps = most bn-steps per score program (fewer when T is too short to fill the GPU).
 GPU_CONFIG = dict(rows=128, bn=64, lse_warps=8, lse_stages=2, score_warps=4, score_stages=2, select_elems=4096,
-                  score_steps=32)
+                  score_steps=32, tma=True)
 _INTERP_CONFIG = dict(rows=16, bn=16, lse_warps=4, lse_stages=1, score_warps=4, score_stages=1, select_elems=4096,
-                      score_steps=8)
+                      score_steps=8, tma=True)
 
 
 def _cfg() -> dict:
@@ -288,6 +301,14 @@ def _stage1_tiles(G: int, batched: bool = False) -> tuple[int, int, int]:
     GP = triton.next_power_of_2(G)
     cfg = _cfg()
     return GP, 1 if batched else max(1, cfg["rows"] // GP), cfg["bn"]
+
+
+def _ck_descriptor(ck: torch.Tensor, rows: int, slot: torch.Tensor | None):
+    """TMA descriptor over compressed keys [n, Hkv, D] (box [rows, D]) where the config and the tensor allow it;
+    not for slot caches (each row would need its own)."""
+    if slot is not None or not _cfg()["tma"] or ck.shape[0] == 0:
+        return None
+    return head_block_descriptor(ck, rows)
 
 
 def _slot_args(ck: torch.Tensor, slot: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -315,12 +336,13 @@ def _stage1_lse(q: torch.Tensor, ck2: torch.Tensor, q_pos: torch.Tensor, params:
     if S > 1:
         logger.debug("stage-1 LSE split over %d programs per query tile (T=%d too short to fill the GPU)", S, T)
     lse = torch.empty(S, T, H, dtype=torch.float32, device=q.device)
+    desc = _ck_descriptor(ck2, BN, slot)
     _stage1_lse_kernel[(n_qt, Hkv, S)](
-        q, ck2, q_pos, slot_t, lse, T, n2, per,
+        q, ck2 if desc is None else desc, q_pos, slot_t, lse, T, n2, per,
         q.stride(0), q.stride(1), s_cs, ck2.stride(0), ck2.stride(1), lse.stride(0), lse.stride(1), scale * _LOG2E,
         G=G, GP=GP, BT=BT, D=D, BD=triton.next_power_of_2(D), BN=BN,
         KS=params.coarse_kernel_size, ST=params.coarse_kernel_stride, CAST=interp, PREC=dot_precision(q.dtype),
-        BATCHED=slot is not None, num_warps=_cfg()["lse_warps"], num_stages=_cfg()["lse_stages"],
+        BATCHED=slot is not None, TMA=desc is not None, num_warps=_cfg()["lse_warps"], num_stages=_cfg()["lse_stages"],
     )
     if S == 1:
         return lse[0]
@@ -361,14 +383,15 @@ def _run_scores(q, ck1, q_pos, lse, params, scale, out, tail, n_cols, n_blk, poo
     per = max(1, min(_cfg()["score_steps"], (n_qt * Hkv * tiles) // (4 * num_sms(q.device))))  # split columns for short T
     CW = per * BN
     grid = (n_qt, Hkv, triton.cdiv(n_cols, CW))
+    desc = _ck_descriptor(ck1, BN, slot)
     _stage1_score_kernel[grid](
-        q, ck1, q_pos, slot_t, lse, out, tail, T, n1, n_cols, n_blk,
+        q, ck1 if desc is None else desc, q_pos, slot_t, lse, out, tail, T, n1, n_cols, n_blk,
         q.stride(0), q.stride(1), s_cs, ck1.stride(0), ck1.stride(1), lse.stride(0), out.stride(0), out.stride(1),
         scale * _LOG2E,
         G=G, GP=GP, BT=BT, D=D, BD=triton.next_power_of_2(D), BN=BN, CW=CW,
         KS=params.kernel_size, ST=params.kernel_stride, R=max(r, 1), LEFT=left,
         POOL=pool, CAST=interp, PREC=dot_precision(q.dtype), RNE=interp_rne(out.dtype), BATCHED=slot is not None,
-        num_warps=_cfg()["score_warps"], num_stages=_cfg()["score_stages"],
+        TMA=desc is not None, num_warps=_cfg()["score_warps"], num_stages=_cfg()["score_stages"],
     )
 
 
