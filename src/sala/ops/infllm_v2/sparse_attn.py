@@ -336,13 +336,17 @@ def _sparse_token_kernel(
 
 # GPU launch configuration (tuned on H200 with triton 3.6 at T=32K; 3 stages lose, 128-key tiles with 4 warps
 # and 3 stages exceed shared memory). rows: tile-kernel rows (tokens x heads); *_keys: keys per inner step;
-# share: split lists into tile-shared + private blocks (else every block goes through the token kernel);
-# tma: prefill kernels load K/V blocks by TMA (Hopper+, 16-bit K/V) with tma_blocks blocks per step (1 and 3
-# stages won at 128K on an H200: tile 14.4 ms vs 14.7 for 2 blocks; token 53.4 vs 58.1).
+# share: split lists into tile-shared + private blocks (else every block goes through the token kernel).
+# tma_*: the prefill kernels when they load K/V blocks by TMA (Hopper+, 16-bit K/V; ``_tma_descriptors``), tuned
+# on an H200 at 128K (results/sparse_tma_*): one block per step; 64-row tiles (4 tokens) with 4 warps and 3
+# stages, a block to the tile from 2 of its 4 tokens (attend 68.9 -> 64.0 ms random, 51.9 -> 50.8 clustered
+# against 128 rows / 8 warps / share_min 4; 2 blocks per step, 32- or 256-row tiles and share_min 1 or 3 lose).
 GPU_CONFIG = dict(rows=128, tile_keys=128, tile_warps=8, tile_stages=2, tok_keys=128, tok_warps=4, tok_stages=2,
-                  share=True, share_min=4, tma=True, tma_blocks=1, tma_tile_stages=3, tma_tok_stages=2)
+                  share=True, share_min=4, tma=True, tma_blocks=1, tma_rows=64, tma_tile_warps=4, tma_tile_stages=3,
+                  tma_tok_stages=2, tma_share_min=2)
 _INTERP_CONFIG = dict(rows=16, tile_keys=16, tile_warps=4, tile_stages=1, tok_keys=16, tok_warps=4, tok_stages=1,
-                      share=True, share_min=2, tma=True, tma_blocks=2, tma_tile_stages=1, tma_tok_stages=1)
+                      share=True, share_min=2, tma=True, tma_blocks=2, tma_rows=32, tma_tile_warps=4,
+                      tma_tile_stages=1, tma_tok_stages=1, tma_share_min=2)
 _MAX_TILE_TOKENS = 16  # the split kernel keeps a tile's token bit mask in the low 16 bits of its tallies
 
 
@@ -521,25 +525,28 @@ def _shared_forward(q, k, v, topk_idx, q_pos, o, a: dict) -> torch.Tensor:
     """Split lists per tile, attend the blocks most tokens of a tile chose with BT x G rows (masking the rows of
     tokens that did not choose them), then each token's remaining blocks with G rows, and merge."""
     T, Hkv, cfg, dev = a["T"], a["Hkv"], a["cfg"], q.device
-    BT = min(_MAX_TILE_TOKENS, max(1, cfg["rows"] // a["GP"]))
+    descs = _tma_descriptors(k, v, a)
+    tma = descs is not None
+    if tma:
+        rows, share_min, tile_warps, tile_stages = cfg["tma_rows"], cfg["tma_share_min"], cfg["tma_tile_warps"], cfg["tma_tile_stages"]
+        nbi_tile = nbi_tok = cfg["tma_blocks"]
+        tok_launch = dict(num_warps=cfg["tok_warps"], num_stages=cfg["tma_tok_stages"])
+    else:
+        rows, share_min, tile_warps, tile_stages = cfg["rows"], cfg["share_min"], cfg["tile_warps"], cfg["tile_stages"]
+        nbi_tile, nbi_tok, tok_launch = a["nbi_tile"], a["nbi_tok"], a["tok_launch"]
+    BT = min(_MAX_TILE_TOKENS, max(1, rows // a["GP"]))
     n_tiles = triton.cdiv(T, BT)
-    shared, shared_bits, shared_n, private, private_n = split_lists(topk_idx, a["L"], a["BS"], BT, cfg["share_min"])
+    shared, shared_bits, shared_n, private, private_n = split_lists(topk_idx, a["L"], a["BS"], BT, share_min)
     KP = private.shape[-1]
     o_a = torch.empty_like(q)  # tile-kernel partial in q's dtype (fp32 for fp32 inputs)
     lse_a = torch.empty(T, q.shape[1], dtype=torch.float32, device=dev)
-    descs = _tma_descriptors(k, v, a)
-    kv = descs if descs is not None else (k, v)
-    if descs is not None:
-        nbi_tile = nbi_tok = cfg["tma_blocks"]
-        tile_stages, tok_launch = cfg["tma_tile_stages"], dict(num_warps=cfg["tok_warps"], num_stages=cfg["tma_tok_stages"])
-    else:
-        nbi_tile, nbi_tok, tile_stages, tok_launch = a["nbi_tile"], a["nbi_tok"], cfg["tile_stages"], a["tok_launch"]
+    kv = descs if tma else (k, v)
     _sparse_tile_kernel[(n_tiles, Hkv)](
         q, *kv, q_pos, shared, shared_bits, shared_n, o_a, lse_a, T, a["L"],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         shared.stride(0), shared.stride(1), shared_n.stride(0), o_a.stride(0), o_a.stride(1), lse_a.stride(0),
-        a["scale_log2"], G=a["G"], GP=a["GP"], BT=BT, NBI=nbi_tile, TMA=descs is not None,
-        num_warps=cfg["tile_warps"], num_stages=tile_stages, **a["common"],
+        a["scale_log2"], G=a["G"], GP=a["GP"], BT=BT, NBI=nbi_tile, TMA=tma,
+        num_warps=tile_warps, num_stages=tile_stages, **a["common"],
     )
     _sparse_token_kernel[(T, Hkv, 1)](
         q, *kv, q_pos, q_pos, private, private_n, o_a, lse_a, o, lse_a, T, a["L"], KP, KP,
@@ -547,7 +554,7 @@ def _shared_forward(q, k, v, topk_idx, q_pos, o, a: dict) -> torch.Tensor:
         private.stride(0), private.stride(1), private_n.stride(0), private_n.stride(1), o_a.stride(0), o_a.stride(1), 0,
         o.stride(0), o.stride(1), 0, lse_a.stride(0), a["scale_log2"],
         G=a["G"], MB=a["MB"], NBI=nbi_tok, HAS_CNT=True, HAS_PRIOR=True, PARTIAL=False, BATCHED=False,
-        TMA=descs is not None, **tok_launch, **a["common"],
+        TMA=tma, **tok_launch, **a["common"],
     )
     return o
 
