@@ -377,7 +377,16 @@ def test_tma_prefill_matches_pointer_loads(blocks, share_min, monkeypatch):
     cache = _rand(2, L + 9, Hkv, D, dtype=torch.bfloat16, seed=12)
     cache[0, :L], cache[1, :L] = k, v
     k, v = cache[0, :L], cache[1, :L]  # strided views: stride(0) = Hkv * D, but not contiguous with each other
-    idx = _random_lists(Hkv, T, 6, q_pos, math.ceil(L / P.block_size), seed=3)
+    # lists drawn from a few blocks, so that tiles share blocks (every variant reaches the tile kernel)
+    g = torch.Generator().manual_seed(3)
+    idx = torch.full((Hkv, T, 6), -1, dtype=torch.int32)
+    for h in range(Hkv):
+        for t in range(T):
+            hi = int(q_pos[t]) // P.block_size + 1
+            pick = torch.randperm(hi, generator=g)[:5] if hi <= 6 else torch.randperm(6, generator=g)[:5] + hi - 6
+            idx[h, t, torch.randperm(6, generator=g)[:len(pick)]] = pick.to(torch.int32)
+    idx = idx.to(DEV)
+    assert int(sparse_attn.split_lists(idx, L, P.block_size, 8, share_min)[2].sum()) > 0, "empty tile lists"
     used = []
     real = sparse_attn._tma_descriptors
     monkeypatch.setattr(sparse_attn, "_tma_descriptors", lambda *a_: used.append(real(*a_)) or used[-1])
@@ -395,12 +404,39 @@ def test_tma_descriptors_only_where_they_apply():
     """fp32 K/V, a head dim that is not a power of two and unpacked heads keep the pointer loads."""
     from sala.ops.infllm_v2 import sparse_attn
 
-    def descs(k):
+    def descs(k, block=16):
         idx = torch.zeros(k.shape[1], 1, 1, dtype=torch.int32, device=DEV)
-        return sparse_attn._tma_descriptors(k, k, sparse_attn._launch(k[:1].repeat(1, 2, 1), k, idx, 16, 1.0))
+        return sparse_attn._tma_descriptors(k, k, sparse_attn._launch(k[:1].repeat(1, 2, 1), k, idx, block, 1.0))
 
     k = _rand(40, 2, 32, dtype=torch.bfloat16, seed=0)
     assert descs(k) is not None or (DEV == "cuda" and torch.cuda.get_device_capability()[0] < 9)
     assert descs(k.float()) is None
     assert descs(_rand(40, 2, 24, dtype=torch.bfloat16, seed=0)) is None
     assert descs(_rand(40, 32, 2, dtype=torch.bfloat16, seed=0).transpose(1, 2)) is None  # heads not packed
+    assert descs(k[:0]) is None  # no keys
+    assert descs(k[:1].expand(40, 2, 32)) is None  # broadcast rows (stride 0)
+    assert descs(_rand(40, 2, 256, dtype=torch.bfloat16, seed=0), 64) is None  # box past the tuned 64 keys x 128
+    assert descs(k, 8) is None  # 8-key blocks: the P.V dot needs K >= 16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_stage1_tma_matches_pointer_loads(dtype, monkeypatch):
+    """Stage 1 with the compressed keys loaded through descriptors gives bit-identical pooled scores and the
+    same selection as with pointer loads, also when ck1 is a view into a wider buffer whose other rows are NaN."""
+    from sala.ops.infllm_v2 import topk
+
+    L, T, H, Hkv, D = 150, 61, 8, 2, 32
+    q, k, v, q_pos, ck1, ck2, scale = _inputs(L, T, H, Hkv, D, dtype, seed=21)
+    wide = torch.full((ck1.shape[0] + 5, Hkv, D), float("nan"), dtype=dtype, device=DEV)
+    wide[: ck1.shape[0]] = ck1
+    ck1 = wide[: ck1.shape[0]]
+    seen = []
+    real = topk._ck_descriptor
+    monkeypatch.setattr(topk, "_ck_descriptor", lambda *a_: seen.append(real(*a_)) or seen[-1])
+    scores = triton_stage1_block_scores(q, ck1, ck2, q_pos, P, scale)
+    idx = triton_select_from_queries(q, ck1, ck2, q_pos, L, P, scale)
+    assert seen and all(d is not None for d in seen), "the TMA path was not taken"
+    monkeypatch.setitem(topk._cfg(), "tma", False)
+    assert torch.equal(triton_stage1_block_scores(q, ck1, ck2, q_pos, P, scale), scores)
+    assert torch.equal(triton_select_from_queries(q, ck1, ck2, q_pos, L, P, scale), idx)
+    assert not torch.isnan(scores.float()).any()

@@ -337,6 +337,7 @@ def _sparse_token_kernel(
 # GPU launch configuration (tuned on H200 with triton 3.6 at T=32K; 3 stages lose, 128-key tiles with 4 warps
 # and 3 stages exceed shared memory). rows: tile-kernel rows (tokens x heads); *_keys: keys per inner step;
 # share: split lists into tile-shared + private blocks (else every block goes through the token kernel).
+# rows / tile_* / share_min apply to the pointer-load path; the tma_* keys replace them on the TMA path.
 # tma_*: the prefill kernels when they load K/V blocks by TMA (Hopper+, 16-bit K/V; ``_tma_descriptors``), tuned
 # on an H200 at 128K (results/sparse_tma_*): one block per step; 64-row tiles (4 tokens) with 4 warps and 3
 # stages, a block to the tile from 2 of its 4 tokens (attend 68.9 -> 64.0 ms random, 51.9 -> 50.8 clustered
@@ -347,6 +348,7 @@ GPU_CONFIG = dict(rows=128, tile_keys=128, tile_warps=8, tile_stages=2, tok_keys
 _INTERP_CONFIG = dict(rows=16, tile_keys=16, tile_warps=4, tile_stages=1, tok_keys=16, tok_warps=4, tok_stages=1,
                       share=True, share_min=2, tma=True, tma_blocks=2, tma_rows=32, tma_tile_warps=4,
                       tma_tile_stages=1, tma_tok_stages=1, tma_share_min=2)
+_TMA_MAX_BOX = 64 * 128  # keys x head dim of one K/V box the TMA tile/token configs were sized for
 _MAX_TILE_TOKENS = 16  # the split kernel keeps a tile's token bit mask in the low 16 bits of its tallies
 
 
@@ -374,11 +376,14 @@ def _cfg(device: torch.device | None = None) -> dict:
 
 
 def _tma_descriptors(k: torch.Tensor, v: torch.Tensor, a: dict):
-    """(K, V) block descriptors for the prefill kernels, or None where they load through pointers (config off,
-    or ``head_block_descriptor`` does not apply to K or V)."""
-    if not a["cfg"]["tma"]:
+    """(K, V) block descriptors for the prefill kernels, or None where they load through pointers: config off;
+    blocks under 16 keys (one P.V dot per block needs K >= 16 on tensor cores); blocks larger than the tuned
+    64 x 128 (three stages of K and V boxes would outgrow shared memory); or ``head_block_descriptor`` does not
+    apply to K or V."""
+    BS, D = a["BS"], k.shape[2]
+    if not a["cfg"]["tma"] or BS < 16 or BS * D > _TMA_MAX_BOX:
         return None
-    descs = [head_block_descriptor(x, a["BS"]) for x in (k, v)]
+    descs = [head_block_descriptor(x, BS) for x in (k, v)]
     return None if None in descs else descs
 
 
