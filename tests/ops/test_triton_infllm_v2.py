@@ -360,16 +360,15 @@ def test_sparse_backward_mode(monkeypatch):
         sparse_backward()
 
 
-@pytest.mark.parametrize("blocks, share_min", [(1, 1), (1, 2), (2, 8)], ids=["union-1blk", "2of8-1blk", "all8-2blk"])
-def test_tma_prefill_matches_pointer_loads(blocks, share_min, monkeypatch):
+@pytest.mark.parametrize("share_min", [1, 2, 8], ids=["union", "2of8", "all8"])
+def test_tma_prefill_matches_pointer_loads(share_min, monkeypatch):
     """The prefill tile + token kernels with K/V blocks loaded through tensor descriptors (TMA on Hopper; the
-    interpreter emulates them) agree with the pointer-load kernels and the reference, 1 or 2 blocks per step,
-    with partial last blocks (L off the block grid), masked tile rows and K/V that are views into a wider cache.
-    8-token tiles (32 rows at G=4); share_min 1 sends every chosen block to the tile, 8 only those all chose."""
+    interpreter emulates them) agree with the pointer-load kernels and the reference, with partial last blocks
+    (L off the block grid), masked tile rows and K/V that are views into a wider cache. 8-token tiles (32 rows
+    at G=4); share_min 1 sends every chosen block to the tile, 8 only those all chose."""
     from sala.ops.infllm_v2 import sparse_attn
 
     monkeypatch.setattr(sparse_attn, "num_sms", lambda device: 4)  # T=37 takes the tile split on a GPU too
-    monkeypatch.setitem(sparse_attn._cfg(), "tma_blocks", blocks)
     monkeypatch.setitem(sparse_attn._cfg(), "tma_rows", 32)
     monkeypatch.setitem(sparse_attn._cfg(), "tma_share_min", share_min)
     L, T, H, Hkv, D = 157, 37, 8, 2, 32

@@ -91,71 +91,42 @@ def _attend(
 
 
 @triton.jit
-def _desc_block_scores(b_q, k_desc, blk, col, pos, min_pos, L, scale_log2, bits, tloc, full, live,
-                       BS: tl.constexpr, MASKED: tl.constexpr, CAST: tl.constexpr):
-    """Scores [M, BS] (log2 domain) of the rows against key block ``blk`` (a TMA load; rows past L read 0),
-    -inf where masked: causal, past L, ``live`` == 0 (a padding step), or (MASKED) token bit not in ``bits``."""
-    b_k = k_desc.load([blk * BS, col])
-    if CAST:
-        b_k = b_k.to(tl.float32)
-    b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
-    need = (live == 0) | (blk * BS + BS > L) | (blk * BS + BS - 1 > min_pos)
-    if MASKED:
-        need = need | (bits != full)
-    if need:  # edge blocks only
-        kpos = blk * BS + tl.arange(0, BS)
-        ok = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] < L) & (live != 0)
-        if MASKED:
-            ok = ok & (((bits >> tloc[:, None]) & 1) != 0)
-        b_s = tl.where(ok, b_s, float("-inf"))
-    return b_s
-
-
-@triton.jit
 def _attend_desc(
     b_q, pos, b_m, b_l, b_acc, list_ptr, lo, hi, k_desc, v_desc, L, i_h, scale_log2, bits_ptr, tloc, full,
-    BS: tl.constexpr, NBI: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr, CAST: tl.constexpr,
+    BS: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr, CAST: tl.constexpr,
 ):
     """``_attend`` with K/V blocks loaded by TMA (tensor descriptors over [L, Hkv * D], box [BS, D]): one bulk
-    copy per block, straight into swizzled shared memory. On an H200 at T=128K this takes the tile kernel from
-    271-278 to 401-408 TFLOP/s and the token kernel 67.4 -> 53.4 ms (random lists). NBI is 1 or 2 blocks per
-    step (two dots into one accumulator). List entries in [lo, hi) must be valid blocks (split_lists' output)."""
+    copy per block, straight into swizzled shared memory, one block per step (two per step measured slower). On
+    an H200 at T=128K this takes the tile kernel from 271-278 to 401-408 TFLOP/s and the token kernel 67.4 ->
+    53.4 ms (random lists). List entries in [lo, hi) must be valid blocks (split_lists' output); rows past L
+    read as 0 and are masked."""
     min_pos = tl.min(pos, axis=0)
     col = i_h * D
-    for s0 in range(lo, hi, NBI):
-        blk_a = tl.load(list_ptr + s0)
-        bits_a = 0
+    for s0 in range(lo, hi):
+        blk = tl.load(list_ptr + s0)
+        b_k = k_desc.load([blk * BS, col])
+        if CAST:
+            b_k = b_k.to(tl.float32)
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2  # [M, BS]
+        need = (blk * BS + BS > L) | (blk * BS + BS - 1 > min_pos)
         if MASKED:
-            bits_a = tl.load(bits_ptr + s0)
-        s_a = _desc_block_scores(b_q, k_desc, blk_a, col, pos, min_pos, L, scale_log2, bits_a, tloc, full, 1,
-                                 BS, MASKED, CAST)
-        m_new = tl.maximum(b_m, tl.max(s_a, axis=1))
-        if NBI == 2:  # the second block of a step; past hi it repeats blk_a, fully masked
-            live_b = (s0 + 1 < hi).to(tl.int32)
-            blk_b = tl.load(list_ptr + s0 + 1, mask=live_b != 0, other=0)
-            blk_b = tl.where(live_b != 0, blk_b, blk_a)
-            bits_b = 0
+            bits = tl.load(bits_ptr + s0)
+            need = need | (bits != full)
+        if need:  # spec §5.6: token-level causal mask (and token bits), edge blocks only
+            kpos = blk * BS + tl.arange(0, BS)
+            ok = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] < L)
             if MASKED:
-                bits_b = tl.load(bits_ptr + s0 + 1, mask=live_b != 0, other=0)
-            s_b = _desc_block_scores(b_q, k_desc, blk_b, col, pos, min_pos, L, scale_log2, bits_b, tloc, full, live_b,
-                                     BS, MASKED, CAST)
-            m_new = tl.maximum(m_new, tl.max(s_b, axis=1))
+                ok = ok & (((bits >> tloc[:, None]) & 1) != 0)
+            b_s = tl.where(ok, b_s, float("-inf"))
+        m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(b_m - m_safe)
-        p_a = tl.exp2(s_a - m_safe[:, None])
-        b_l = b_l * alpha + tl.sum(p_a, axis=1)
-        b_v = v_desc.load([blk_a * BS, col])
+        b_p = tl.exp2(b_s - m_safe[:, None])
+        b_l = b_l * alpha + tl.sum(b_p, axis=1)
+        b_v = v_desc.load([blk * BS, col])
         if CAST:
             b_v = b_v.to(tl.float32)
-        b_pv = tl.dot(p_a.to(b_v.dtype), b_v)
-        if NBI == 2:
-            p_b = tl.exp2(s_b - m_safe[:, None])
-            b_l += tl.sum(p_b, axis=1)
-            b_vb = v_desc.load([blk_b * BS, col])
-            if CAST:
-                b_vb = b_vb.to(tl.float32)
-            b_pv = tl.dot(p_b.to(b_vb.dtype), b_vb, b_pv)
-        b_acc = b_acc * alpha[:, None] + b_pv
+        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
         b_m = m_new
     return b_m, b_l, b_acc
 
@@ -247,7 +218,7 @@ def _sparse_tile_kernel(
     if TMA:
         b_m, b_l, b_acc = _attend_desc(
             b_q, pos, b_m, b_l, b_acc, list_ptr + off, 0, cnt, k_ptr, v_ptr, L, i_h, scale_log2, bits_ptr + off,
-            tok - i_t * BT, full, BS, NBI, D, True, CAST,
+            tok - i_t * BT, full, BS, D, True, CAST,
         )
     else:
         b_m, b_l, b_acc = _attend(
@@ -302,7 +273,7 @@ def _sparse_token_kernel(
     if TMA:
         b_m, b_l, b_acc = _attend_desc(
             b_q, pos, b_m, b_l, b_acc, p_list, lo, hi, k_ptr, v_ptr, L, i_h, scale_log2, list_ptr, tok, 0,
-            BS, NBI, D, False, CAST,
+            BS, D, False, CAST,
         )
     else:
         b_m, b_l, b_acc = _attend(
@@ -339,14 +310,14 @@ def _sparse_token_kernel(
 # share: split lists into tile-shared + private blocks (else every block goes through the token kernel).
 # rows / tile_* / share_min apply to the pointer-load path; the tma_* keys replace them on the TMA path.
 # tma_*: the prefill kernels when they load K/V blocks by TMA (Hopper+, 16-bit K/V; ``_tma_descriptors``), tuned
-# on an H200 at 128K (results/sparse_tma_*): one block per step; 64-row tiles (4 tokens) with 4 warps and 3
-# stages, a block to the tile from 2 of its 4 tokens (attend 68.9 -> 64.0 ms random, 51.9 -> 50.8 clustered
+# on an H200 at 128K (results/sparse_tma_*): 64-row tiles (4 tokens) with 4 warps and 3 stages, a block to
+# the tile from 2 of its 4 tokens (attend 68.9 -> 64.0 ms random, 51.9 -> 50.8 clustered
 # against 128 rows / 8 warps / share_min 4; 2 blocks per step, 32- or 256-row tiles and share_min 1 or 3 lose).
 GPU_CONFIG = dict(rows=128, tile_keys=128, tile_warps=8, tile_stages=2, tok_keys=128, tok_warps=4, tok_stages=2,
-                  share=True, share_min=4, tma=True, tma_blocks=1, tma_rows=64, tma_tile_warps=4, tma_tile_stages=3,
+                  share=True, share_min=4, tma=True, tma_rows=64, tma_tile_warps=4, tma_tile_stages=3,
                   tma_tok_stages=2, tma_share_min=2)
 _INTERP_CONFIG = dict(rows=16, tile_keys=16, tile_warps=4, tile_stages=1, tok_keys=16, tok_warps=4, tok_stages=1,
-                      share=True, share_min=2, tma=True, tma_blocks=2, tma_rows=32, tma_tile_warps=4,
+                      share=True, share_min=2, tma=True, tma_rows=32, tma_tile_warps=4,
                       tma_tile_stages=1, tma_tok_stages=1, tma_share_min=2)
 _TMA_MAX_BOX = 64 * 128  # keys x head dim of one K/V box the TMA tile/token configs were sized for
 _MAX_TILE_TOKENS = 16  # the split kernel keeps a tile's token bit mask in the low 16 bits of its tallies
@@ -534,7 +505,7 @@ def _shared_forward(q, k, v, topk_idx, q_pos, o, a: dict) -> torch.Tensor:
     tma = descs is not None
     if tma:
         rows, share_min, tile_warps, tile_stages = cfg["tma_rows"], cfg["tma_share_min"], cfg["tma_tile_warps"], cfg["tma_tile_stages"]
-        nbi_tile = nbi_tok = cfg["tma_blocks"]
+        nbi_tile = nbi_tok = 1  # one block per TMA step (the kernels ignore NBI then)
         tok_launch = dict(num_warps=cfg["tok_warps"], num_stages=cfg["tma_tok_stages"])
     else:
         rows, share_min, tile_warps, tile_stages = cfg["rows"], cfg["share_min"], cfg["tile_warps"], cfg["tile_stages"]

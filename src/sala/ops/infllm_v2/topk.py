@@ -93,6 +93,24 @@ def load_group_rows(q_ptr, pos_ptr, i_t, i_h, T, s_qt, s_qh, G: tl.constexpr, GP
     return b_q, pos, m_r, head, tok
 
 
+@triton.jit
+def _load_keys_t(c_ptr, j0, j_end, i_h, s_ch, s_cn, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+                 CAST: tl.constexpr, TMA: tl.constexpr):
+    """Compressed keys j0 + [0, BN) of KV head i_h, transposed -> [BD, BN]; keys at or past j_end read 0 with
+    pointer loads. TMA: ``c_ptr`` is a [BN, D] box descriptor (BD == D) and those keys arrive unmasked (rows
+    past the tensor read 0), so callers must mask their scores."""
+    if TMA:
+        b_ct = tl.trans(c_ptr.load([j0, i_h * D]))
+    else:
+        o_j = j0 + tl.arange(0, BN)
+        o_d = tl.arange(0, BD)
+        p_c = c_ptr + i_h * s_ch + o_j.to(tl.int64)[None, :] * s_cn + o_d[:, None]
+        b_ct = tl.load(p_c, mask=(o_j < j_end)[None, :] & (o_d < D)[:, None], other=0.0)
+    if CAST:
+        b_ct = b_ct.to(tl.float32)
+    return b_ct
+
+
 # lengths change every decode step: no per-value specialisation, so no recompiles mid-decode
 @triton.jit(do_not_specialize=["T", "n2", "per_split"])
 def _stage1_lse_kernel(
@@ -113,18 +131,11 @@ def _stage1_lse_kernel(
         per_split = tl.cdiv(tl.cdiv(n_vis, tl.num_programs(2)), BN) * BN
     j_lo = i_s * per_split
     j_hi = tl.minimum(tl.minimum(j_lo + per_split, n2), n_vis)
-    o_d = tl.arange(0, BD)
     b_m = tl.full([BT * GP], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BT * GP], dtype=tl.float32)
     for j0 in range(j_lo, j_hi, BN):
         o_j = j0 + tl.arange(0, BN)
-        if TMA:
-            b_ct = tl.trans(c_ptr.load([j0, i_h * D]))  # [D, BN]
-        else:
-            p_c = c_ptr + i_h * s_ch + o_j.to(tl.int64)[None, :] * s_cn + o_d[:, None]
-            b_ct = tl.load(p_c, mask=(o_j < j_hi)[None, :] & (o_d < D)[:, None], other=0.0)  # [BD, BN]
-        if CAST:
-            b_ct = b_ct.to(tl.float32)
+        b_ct = _load_keys_t(c_ptr, j0, j_hi, i_h, s_ch, s_cn, D, BD, BN, CAST, TMA)
         b_s = tl.dot(b_q, b_ct, input_precision=PREC) * scale_log2  # [BT*GP, BN]
         vis = ((o_j * ST + KS - 1)[None, :] <= pos[:, None]) & (o_j < j_hi)[None, :]
         b_s = tl.where(vis, b_s, float("-inf"))
@@ -185,19 +196,12 @@ def _stage1_score_tile(
     lse = tl.load(lse_ptr + tok.to(tl.int64) * s_lt + head, mask=m_r, other=float("-inf"))
     # no visible coarse window (spec §5.4 edge case) or a padding row: lse = +inf makes every score exp2(-inf) = 0
     lse = tl.where(lse > float("-inf"), lse, float("inf"))
-    o_d = tl.arange(0, BD)
     p_o = o_ptr + i_h * s_oh + tok_t.to(tl.int64)[:, None] * s_ot
     p_tail = t_ptr + i_h * s_oh + tok_t.to(tl.int64)[:, None] * s_ot
     for w0 in range(c_lo, c_hi, BN):
         o_w = w0 + tl.arange(0, BN)
         if w0 < n_vis:
-            if TMA:
-                b_ct = tl.trans(c_ptr.load([w0, i_h * D]))  # [D, BN]
-            else:
-                p_c = c_ptr + i_h * s_ch + o_w.to(tl.int64)[None, :] * s_cn + o_d[:, None]
-                b_ct = tl.load(p_c, mask=(o_w < n_vis)[None, :] & (o_d < D)[:, None], other=0.0)  # [BD, BN]
-            if CAST:
-                b_ct = b_ct.to(tl.float32)
+            b_ct = _load_keys_t(c_ptr, w0, n_vis, i_h, s_ch, s_cn, D, BD, BN, CAST, TMA)
             b_s = tl.dot(b_q, b_ct, input_precision=PREC) * scale_log2  # [BT*GP, BN]
             b_p = tl.exp2(b_s - lse[:, None])
             if w0 + BN > n_full:  # causal edge: mask per row (most tiles skip this)
