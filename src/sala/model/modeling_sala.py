@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from sala.model.cache import HybridCache, LightningLayerCache, SparseLayerCache
@@ -169,6 +170,8 @@ class BatchLayout:
 
     positions [B, T] absolute positions (pads clamped to 0); ``new_valid`` [B, T] bool (None: no padding);
     ``pad`` left-pad count of each row; ``total`` the padded length L after this call.
+    Packed (varlen) input: B = 1 and ``cu_seqlens`` [D+1] marks D independent documents of the one row; positions
+    restart at 0 in each, Lightning states start at zero in each and attention never crosses a boundary.
     """
 
     positions: torch.Tensor
@@ -176,6 +179,8 @@ class BatchLayout:
     key_valid: torch.Tensor | None
     pad: list[int]
     total: int
+    cu_seqlens: torch.Tensor | None = None
+    doc_bounds: list[tuple[int, int]] | None = None  # [(start, end)] of each document, from cu_seqlens
 
     def valid_keys(self, b: int) -> int:
         return self.total - self.pad[b]
@@ -267,7 +272,8 @@ class LightningAttention(_Projections):
             if rows is not None:
                 raise ValueError("a Lightning cache with state rows serves one-token decode steps only")
             o, final = chunk_lightning(q, k, v, slopes, self.scale, initial_state=state,
-                                       output_final_state=cache is not None, output_dtype=x.dtype)
+                                       output_final_state=cache is not None, output_dtype=x.dtype,
+                                       cu_seqlens=layout.cu_seqlens)
             if cache is not None:
                 cache.state = final
         o = o.reshape(B, T, -1)  # fp32 result already cast to the model dtype (spec §4.4 step 1)
@@ -308,6 +314,8 @@ class SparseAttention(_Projections):
     def forward(self, x, layout: BatchLayout, rope, cache: SparseLayerCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v, g = self.project(x, rope if self.use_rope else None)
+        if layout.doc_bounds is not None:
+            return self._output(self._packed_attention(q, k, v, layout.doc_bounds), g)
         keys, values = cache.update(k, v) if cache is not None else (k, v)  # [B, L, Hkv, D]
         sparse_rows = [b for b in range(B) if self.uses_sparse(layout.valid_keys(b))]
         if len(sparse_rows) < B:
@@ -324,7 +332,26 @@ class SparseAttention(_Projections):
             q_pos = torch.arange(n - t, n, device=x.device)
             o[b, T - t:] = infllm_v2_attention(q[b, T - t:], kb, vb, ck1, ck2, q_pos, self.params, self.scale,
                                                 first_pos=n - t)
-        o = o.reshape(B, T, -1)
+        return self._output(o, g)
+
+    def _packed_attention(self, q, k, v, doc_bounds: list[tuple[int, int]]) -> torch.Tensor:
+        """q: [1, T, H, D], k, v: [1, T, Hkv, D] holding independent documents -> o [1, T, H, D]; each document
+        attends causally to itself only (dense below ``dense_len``, InfLLM-v2 from it, by its own length)."""
+        outs = []
+        for a, b in doc_bounds:
+            qd, kd, vd = q[:, a:b], k[:, a:b], v[:, a:b]
+            if self.uses_sparse(b - a):
+                ck1, ck2 = SparseLayerCache().compressed(0, kd[0], self.params.kernel_size, self.params.kernel_stride)
+                pos = torch.arange(b - a, device=q.device)
+                outs.append(infllm_v2_attention(qd[0], kd[0], vd[0], ck1, ck2, pos, self.params, self.scale,
+                                                first_pos=0)[None])
+            else:
+                outs.append(dense_causal_attention(qd, kd, vd, None, self.scale))
+        return torch.cat(outs, dim=1)
+
+    def _output(self, o: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+        """o: [B, T, H, D] attention output -> sigmoid output gate -> o_proj -> [B, T, hidden]."""
+        o = o.reshape(*o.shape[:2], -1)
         if self.use_output_gate:
             o = sigmoid_gate(o, g)
         return self.o_proj(o)
@@ -338,7 +365,9 @@ def add_pending_and_norm(h: torch.Tensor, pending: torch.Tensor | None, alpha: f
     return residual_rms_norm(h, pending, alpha, norm.weight, norm.eps)
 
 
-class SALADecoderLayer(nn.Module):
+class SALADecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block; ``gradient_checkpointing_enable()`` recomputes it in the backward (HF's checkpointing layer)."""
+
     def __init__(self, config: SALAConfig, layer_idx: int) -> None:
         super().__init__()
         self.is_sparse = config.is_sparse_layer(layer_idx)
@@ -378,7 +407,7 @@ class SALADecoderLayer(nn.Module):
 class SALAPreTrainedModel(PreTrainedModel):
     config_class = SALAConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["SALADecoderLayer"]
     _supports_sdpa = True
 
@@ -451,6 +480,24 @@ class SALAModel(SALAPreTrainedModel):
         valid = mask.bool()
         return BatchLayout(positions, valid[:, -T:], valid, (total - counts).tolist(), total)
 
+    @staticmethod
+    def _packed_layout(cu_seqlens: torch.Tensor, B: int, T: int, device) -> BatchLayout:
+        """Layout of a packed row [1, T] of independent documents bounded by ``cu_seqlens`` [D+1]."""
+        if B != 1:
+            raise ValueError(f"cu_seqlens needs batch 1, got {B}; flatten packed rows to [1, sum T]")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
+            raise ValueError(f"cu_seqlens must be an integer tensor [D+1] with D >= 1, got {cu_seqlens.dtype} "
+                             f"{tuple(cu_seqlens.shape)}")
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] != T or any(b <= a for a, b in zip(bounds, bounds[1:])):
+            raise ValueError(f"cu_seqlens must rise strictly from 0 to the sequence length {T}, got {bounds[:8]}"
+                             f"{'...' if len(bounds) > 8 else ''}")
+        cu = cu_seqlens.to(device=device, dtype=torch.int32)
+        starts = torch.zeros(T, dtype=torch.long, device=device)
+        starts[cu[1:-1].long()] = torch.diff(cu.long())[:-1]  # each boundary subtracts the previous doc's length
+        positions = (torch.arange(T, device=device) - starts.cumsum(0))[None]  # restarts at 0 in every document
+        return BatchLayout(positions, None, None, [0], T, cu_seqlens=cu, doc_bounds=list(zip(bounds, bounds[1:])))
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -461,10 +508,14 @@ class SALAModel(SALAPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cu_seqlens: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """input_ids: [B, T] (or inputs_embeds [B, T, hidden], used unscaled); attention_mask: [B, past + T]
-        left-padded 0/1; position_ids [B, T] override RoPE positions only."""
+        left-padded 0/1; position_ids [B, T] override RoPE positions only.
+
+        Packed training input: input_ids [1, sum T] with ``cu_seqlens`` [D+1] (int) bounding D documents; each is
+        computed as if alone (positions from 0, fresh Lightning state, no attention across boundaries). No cache."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
@@ -482,13 +533,23 @@ class SALAModel(SALAPreTrainedModel):
         if T == 0:
             raise ValueError("empty input: sequence length is 0")
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if cu_seqlens is not None or (self.training and any(l.gradient_checkpointing for l in self.layers)):
+            if past_key_values is not None:
+                raise ValueError("packed input (cu_seqlens) and gradient-checkpointed training run without a cache; "
+                                 "pass past_key_values=None")
+            use_cache = False  # HF convention: checkpointing turns caching off
         if use_cache and past_key_values is None:
             past_key_values = self.new_cache()
         cache = past_key_values if use_cache else None
         if cache is not None and not isinstance(cache, HybridCache):
             raise TypeError(f"past_key_values must be a sala HybridCache, got {type(cache).__name__}")
         past = cache.get_seq_length() if cache is not None else 0
-        layout = self._layout(B, T, past, attention_mask, h.device)
+        if cu_seqlens is not None:
+            if attention_mask is not None and not bool((attention_mask == 1).all()):
+                raise ValueError("packed input (cu_seqlens) takes no padding; drop attention_mask or make it all ones")
+            layout = self._packed_layout(cu_seqlens, B, T, h.device)
+        else:
+            layout = self._layout(B, T, past, attention_mask, h.device)
         max_pos = int(layout.positions.max()) if position_ids is None else int(position_ids.max())
         if max_pos >= self.config.max_position_embeddings:
             raise ValueError(
@@ -558,14 +619,16 @@ class SALAForCausalLM(SALAPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cu_seqlens: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Returns fp32 logits [B, T', vocab] for the last ``logits_to_keep`` positions (0 = all) and, with
-        ``labels`` [B, T] (-100 = ignore), the mean next-token cross-entropy."""
+        ``labels`` [B, T] (-100 = ignore), the mean next-token cross-entropy. ``cu_seqlens``: packed documents
+        (see :meth:`SALAModel.forward`); set ``labels`` to -100 at each document's first token."""
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
+            output_hidden_states=output_hidden_states, cu_seqlens=cu_seqlens,
         )
         h = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
