@@ -165,7 +165,9 @@ def _bench_e2e(args):
 def _select_option_flags(p: argparse.ArgumentParser) -> None:
     """Flags of HALO layer selection, shared by ``select-layers`` and ``convert --select auto``."""
     g = p.add_argument_group("layer selection (HALO)")
-    g.add_argument("--text", dest="text_files", action="append", default=[], help="text file for the LM probe (repeatable; default: built-in text)")
+    g.add_argument("--text", dest="text_files", action="append", default=[], help="text file for the LM probe and for convert --verify's held-out "
+                   "perplexity (repeatable; its tail is held out; default: built-in text, or for --verify the "
+                   "project's held-out corpus when built)")
     g.add_argument("--tokenizer", help="tokenizer directory (default: the source's)")
     g.add_argument("--sparse-fraction", type=float, default=0.25, help="fraction of layers kept as softmax (default 0.25)")
     g.add_argument("--num-sparse", type=int, help="exact number of softmax layers (overrides --sparse-fraction)")
@@ -190,7 +192,8 @@ def _select_option_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _select_layers_flags(p):
-    p.add_argument("--from", dest="source", required=True, help="dense HF checkpoint directory")
+    p.add_argument("--from", dest="source", required=True,
+                   help="dense HF checkpoint directory, a .gguf file, or a directory holding one .gguf")
     p.add_argument("--out", help="directory for layer_selection.json / .png")
     _select_option_flags(p)
     p.add_argument("--z-proj-init", default="random", choices=("random", "zeros"))
@@ -210,7 +213,10 @@ def _select_layers(args):
 def _convert_flags(p):
     from sala.convert import parse_layers
 
-    p.add_argument("--from", dest="source", required=True, help="dense HF checkpoint directory (Llama, Mistral, Qwen2, Qwen3, MiniCPM)")
+    p.add_argument("--from", dest="source", required=True,
+                   help="dense HF checkpoint directory (Llama, Mistral, Qwen2, Qwen3, MiniCPM), a .gguf file (llama, "
+                        "mistral, qwen2, qwen3; dequantised once into a cache: SALA_CACHE_DIR, default ~/.cache/sala), "
+                        "or a directory holding one .gguf")
     p.add_argument("--out", required=True, help="output directory (official SALA format)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--sparse-layers", type=parse_layers, help="layers kept as softmax, e.g. 0,9,16,17,22,29,30,31")
@@ -218,7 +224,9 @@ def _convert_flags(p):
     p.add_argument("--students", help="aligned_students.safetensors from select-layers --save-students")
     p.add_argument("--no-aligned-students", dest="use_aligned_students", action="store_false",
                    help="with --select auto, plain inheritance instead of the aligned students")
-    p.add_argument("--verify", action="store_true", help="identity check against the source, then load and run the result")
+    p.add_argument("--verify", action="store_true",
+                   help="identity check against the source (the weight mapping), then load and run the result and "
+                        "compare its held-out perplexity with the source's (text: --text, default built-in)")
     p.add_argument("--verify-tolerance", type=float, default=1e-4)
     p.add_argument("--z-proj-init", default="random", choices=("random", "zeros"))
     p.add_argument("--o-gate-init", default="compensated", choices=("compensated", "random"))
@@ -226,6 +234,7 @@ def _convert_flags(p):
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="output dtype (default: the source's)")
     p.add_argument("--untie-embeddings", action="store_true")
     p.add_argument("--max-shard-size", default="4GB")
+    p.add_argument("--context", help="max_position_embeddings of the hybrid, e.g. 32K, 1M or 131072 (default: the source's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     _select_option_flags(p)

@@ -84,11 +84,14 @@ def test_unsupported_features(sources, tmp_path, changes, match):
 
 
 def test_not_a_checkpoint(tmp_path):
-    with pytest.raises(ConversionError, match=r"is not a directory"):
+    with pytest.raises(ConversionError, match=r"source .*nope does not exist"):
         read_source(tmp_path / "nope")
     tmp_path.joinpath("empty").mkdir()
-    with pytest.raises(ConversionError, match=r"has no config.json"):
+    with pytest.raises(ConversionError, match=r"holds no checkpoint: neither config.json .* nor a .gguf file"):
         read_source(tmp_path / "empty")
+    tmp_path.joinpath("weights.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    with pytest.raises(ConversionError, match=r"is a file but not a GGUF; pass a HF checkpoint directory"):
+        read_source(tmp_path / "weights.safetensors")
 
 
 def test_bin_only_checkpoint(sources, tmp_path):

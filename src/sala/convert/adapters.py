@@ -108,6 +108,7 @@ class SourceSpec:
     pad_token_id: int | None = None
     torch_dtype: str | None = None
     notes: tuple[str, ...] = field(default=())
+    gguf: dict | None = None  # GGUFSource.to_dict() when the source was a .gguf (path is then its dense copy)
 
     @property
     def is_mup(self) -> bool:
@@ -203,9 +204,18 @@ def _require(raw: dict[str, Any], key: str, path: Path) -> Any:
     return raw[key]
 
 
-def read_source(path: str | Path) -> SourceSpec:
-    """Parse and validate a source checkpoint directory's ``config.json``; raise on anything unsupported."""
-    path = Path(path)
+def read_source(path: str | Path, *, gguf_dtype: str = "float32") -> SourceSpec:
+    """Parse and validate a source checkpoint's ``config.json``; raise on anything unsupported.
+
+    ``path`` is a HF checkpoint directory, a ``.gguf`` file or a directory holding one ``.gguf``; a GGUF is first
+    materialised (dequantised to ``gguf_dtype``) into a cached dense directory (:mod:`sala.convert.gguf`), which
+    becomes ``spec.path``; ``spec.gguf`` records the file, quant type and hash.
+    """
+    from sala.convert.gguf import find_gguf, materialise_gguf  # gguf.py imports this module
+
+    gguf_file = find_gguf(path)
+    gguf = materialise_gguf(gguf_file, dtype=gguf_dtype).to_dict() if gguf_file is not None else None
+    path = Path(gguf["materialised"]) if gguf else Path(path)
     raw = _read_config(path)
     family = raw.get("model_type")
     if family not in SUPPORTED_FAMILIES:
@@ -271,6 +281,7 @@ def read_source(path: str | Path) -> SourceSpec:
         pad_token_id=raw.get("pad_token_id"),
         torch_dtype=raw.get("dtype", raw.get("torch_dtype")),
         notes=tuple(notes),
+        gguf=gguf,
     )
     if spec.num_heads % spec.num_kv_heads:
         raise ConversionError(
@@ -324,12 +335,14 @@ def sala_config(
     sparse_attention: bool = True,
     sparse_config: dict | None = None,
     tie_word_embeddings: bool | None = None,
+    max_position_embeddings: int | None = None,
 ) -> SALAConfig:
     """The SALA config of a converted source. Defaults give the HyPE hybrid (NoPE gated sparse layers); the
     identity check passes ``attn_use_rope=True, attn_use_output_gate=False, sparse_attention=False``.
 
     muP (spec §3): MiniCPM sources keep their scales; other sources get scale_emb=1, scale_depth=sqrt(N) and
     dim_model_base=hidden, so the residual stream and logits equal the source's exactly.
+    ``max_position_embeddings`` defaults to the source's.
     """
     n = spec.num_layers
     return SALAConfig(
@@ -342,7 +355,7 @@ def sala_config(
         num_key_value_heads=spec.num_kv_heads,
         head_dim=spec.head_dim,
         rms_norm_eps=spec.rms_norm_eps,
-        max_position_embeddings=spec.max_position_embeddings,
+        max_position_embeddings=max_position_embeddings or spec.max_position_embeddings,
         rope_theta=spec.rope_theta,
         rope_scaling=None,
         scale_emb=spec.scale_emb,

@@ -271,6 +271,53 @@ def write_sala_checkpoint(
     return files
 
 
+GROWTH_KINDS = ("kv_expansion", "z_proj", "o_gate", "norms", "untied_lm_head")
+
+
+def parameter_growth(spec: SourceSpec, config: SALAConfig) -> dict:
+    """Parameter counts of the source and of its conversion under ``config``, and the difference by kind:
+    ``kv_expansion`` (Lightning k/v GQA -> MHA, biases included), ``z_proj`` (Lightning output gate), ``o_gate``
+    (sparse output gate), ``norms`` (new q/k/o norms), ``untied_lm_head``. Tied weights count once (spec §3)."""
+    src = spec.expected_source_shapes()
+    kinds = dict.fromkeys(GROWTH_KINDS, 0)
+    converted = 0
+    for name, shape in expected_shapes(config).items():
+        n = math.prod(shape)
+        converted += n
+        try:
+            key = spec.source_key(name)
+        except KeyError:
+            key = None
+        if key is not None and key in src:
+            extra = n - math.prod(src[key])
+            if extra:
+                assert name.endswith(("k_proj.weight", "v_proj.weight", "k_proj.bias", "v_proj.bias")), name
+                kinds["kv_expansion"] += extra
+        elif name == "lm_head.weight":
+            kinds["untied_lm_head"] += n
+        elif name.endswith("z_proj.weight"):
+            kinds["z_proj"] += n
+        elif name.endswith("o_gate.weight"):
+            kinds["o_gate"] += n
+        else:
+            assert name.endswith("norm.weight"), name  # q_norm / k_norm / o_norm with no source counterpart
+            kinds["norms"] += n
+    source = sum(math.prod(s) for s in src.values())
+    assert source + sum(kinds.values()) == converted, (source, kinds, converted)
+    return {"source_params": source, "converted_params": converted, "growth": converted - source,
+            "growth_fraction": (converted - source) / source, "by_kind": kinds}
+
+
+def format_growth(g: dict) -> str:
+    """``params 134.52M -> 163.10M (+21.2%): kv_expansion +14.16M, ...`` for the CLI summary."""
+    def m(n: int) -> str:
+        return f"{n:,}" if n < 1_000_000 else f"{n / 1e6:.2f}M" if n < 1e9 else f"{n / 1e9:.2f}B"
+
+    parts = ", ".join(f"{k} +{m(v)}" for k, v in g["by_kind"].items() if v)
+    return (f"params {m(g['source_params'])} -> {m(g['converted_params'])} (+{100 * g['growth_fraction']:.1f}%)"
+            + (f": {parts}" if parts else ""))
+
+
 def copy_tokenizer_files(src: Path, out: Path) -> list[str]:
     """Copy the tokenizer / chat-template / generation-config files a checkpoint directory carries."""
     copied = []

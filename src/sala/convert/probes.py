@@ -167,16 +167,22 @@ def lm_windows(tokens: torch.Tensor, length: int, max_windows: int) -> torch.Ten
     return tokens[: n * length].view(n, length)
 
 
+def split_heldout(tokens: torch.Tensor, eval_fraction: float, probe_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration head, held-out tail) of a token stream: the tail is ``eval_fraction`` of it, but at least one
+    ``probe_len`` window (at most half the stream) for small corpora such as the built-in text."""
+    n_eval = int(tokens.numel() * eval_fraction)
+    if n_eval < probe_len:  # small corpora: hold out exactly one window
+        n_eval = min(probe_len, tokens.numel() // 2)
+    return tokens[: tokens.numel() - n_eval], tokens[tokens.numel() - n_eval:]
+
+
 def build_probe_data(
     tokenizer, vocab_size: int, texts: list[str], *, probe_len: int, eval_fraction: float, lm_max_windows: int,
     recall_samples: int, recall_queries: int, seed: int,
 ) -> ProbeData:
     """Split the text into calibration (head) and held-out (tail) tokens and build every probe from a seed."""
     tokens = tokenize_texts(tokenizer, texts, vocab_size)
-    n_eval = int(tokens.numel() * eval_fraction)
-    if n_eval < probe_len:  # small corpora: hold out exactly one window
-        n_eval = min(probe_len, tokens.numel() // 2)
-    calib, held_out = tokens[: tokens.numel() - n_eval], tokens[tokens.numel() - n_eval:]
+    calib, held_out = split_heldout(tokens, eval_fraction, probe_len)
     if calib.numel() < 2:
         raise ConversionError(f"the text gives only {tokens.numel()} tokens; pass longer text files")
     length = min(probe_len, held_out.numel())

@@ -44,7 +44,7 @@ class SelectConfig:
     """``sala select-layers``: HALO layer selection on a dense source checkpoint."""
 
     source: str
-    """Dense HF checkpoint directory (config.json + safetensors), as for ``sala convert --from``."""
+    """Dense HF checkpoint directory (config.json + safetensors) or GGUF, as for ``sala convert --from``."""
     out: str | None = None
     """Directory for ``layer_selection.json`` / ``.png`` (and ``aligned_students.safetensors``); None writes nothing."""
     text_files: tuple[str, ...] = ()
