@@ -1,0 +1,206 @@
+"""Models under evaluation: one loader for every kind (SALA checkpoint or preset, dense HF directory, GGUF file),
+the length checks made before anything long runs, and the two forward paths every eval uses: chunked prefill
+through the model's own cache (SALA ``HybridCache`` or transformers ``DynamicCache``) and greedy decoding.
+
+Knows nothing about tasks or prompts; works on token ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from sala.engine.loader import PRESETS, dtype_name, load_model, resolve_device, resolve_dtype
+from sala.engine.planner import format_bytes, plan_memory
+from sala.model import SALAForCausalLM
+
+logger = logging.getLogger(__name__)
+
+Spec = str
+
+
+def _gguf_in(directory: Path) -> Path | None:
+    files = sorted(directory.glob("*.gguf"))
+    if len(files) > 1:
+        raise ValueError(f"{directory} holds {len(files)} .gguf files ({', '.join(f.name for f in files)}); "
+                         "pass the file itself as --model")
+    return files[0] if files else None
+
+
+def model_kind(spec: Spec) -> str:
+    """``sala`` (preset or ``minicpm_sala`` checkpoint), ``gguf`` (file or directory holding one, no config.json)
+    or ``hf`` (any other transformers causal-LM directory)."""
+    if spec in PRESETS:
+        return "sala"
+    path = Path(spec)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"--model {spec!r} is a file but not a .gguf; give a checkpoint directory, a .gguf file "
+                             f"or a preset ({', '.join(PRESETS)})")
+        return "gguf"
+    if not path.is_dir():
+        raise ValueError(f"--model {spec!r} is neither a directory, a .gguf file nor a preset ({', '.join(PRESETS)})")
+    config = path / "config.json"
+    if config.exists():
+        return "sala" if json.loads(config.read_text()).get("model_type") == "minicpm_sala" else "hf"
+    if _gguf_in(path) is not None:
+        return "gguf"
+    raise ValueError(f"{spec} has neither a config.json nor a .gguf file")
+
+
+def model_label(spec: Spec) -> str:
+    """Short name for tables and plots: the preset, the directory name or the GGUF file's stem."""
+    path = Path(spec)
+    if spec in PRESETS and not path.exists():
+        return spec
+    return path.stem if path.suffix == ".gguf" else path.resolve().name
+
+
+def load_eval_model(spec: Spec, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", *, seed: int = 0,
+                    max_positions: int | None = None) -> tuple[Any, Any, str]:
+    """(model, tokenizer, label) for a SALA checkpoint or preset, a dense HF directory or a GGUF file / directory.
+
+    ``max_positions`` raises a SALA model's ``max_position_embeddings`` (RoPE is analytic, spec §10.16); dense
+    models keep theirs. ``dtype`` auto is bf16 on CUDA and fp32 on CPU (GGUF weights are dequantized to it).
+    """
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
+    kind, label = model_kind(spec), model_label(spec)
+    if kind == "sala":
+        model, tokenizer = load_model(spec, device=dev, dtype=dt, seed=seed, max_position_embeddings=max_positions)
+        return model, tokenizer, label
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if max_positions is not None:
+        raise ValueError(f"--max-positions applies to SALA models only; {spec} is a dense {kind} model")
+    if kind == "gguf":
+        path = Path(spec)
+        gguf = path if path.is_file() else _gguf_in(path)
+        directory, kwargs = str(gguf.parent), {"gguf_file": gguf.name}
+    else:
+        directory, kwargs = spec, {}
+    tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dt, **kwargs).to(dev).eval()
+    logger.info("loaded %s (%s, %s) on %s in %s", spec, kind, type(model).__name__, dev, dtype_name(dt))
+    return model, tokenizer, label
+
+
+def is_sala(model: Any) -> bool:
+    return isinstance(model, SALAForCausalLM)
+
+
+def max_positions(model: Any) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def check_lengths(model: Any, label: str, lengths: list[int], *, batch: int = 1, chunk: int = 2048,
+                  budget_gib: float | None = None) -> None:
+    """Refuse lengths the model cannot run, before anything is allocated: past ``max_position_embeddings``
+    (every model), or past the memory budget (SALA models, by :func:`sala.engine.planner.plan_memory`; the
+    budget is the CUDA device's memory unless ``budget_gib`` is given; unchecked on CPU without one)."""
+    limit = max_positions(model)
+    longest = max(lengths)
+    if limit is not None and longest > limit:
+        fix = ("pass --max-positions to raise it (RoPE is analytic, spec §10.16)" if is_sala(model)
+               else "use a shorter length or a model with a longer context")
+        raise ValueError(f"length {longest:,} exceeds {label}'s max_position_embeddings {limit:,}; {fix}")
+    if not is_sala(model):
+        return
+    param = next(model.parameters())
+    if budget_gib is None and param.device.type == "cuda":
+        budget_gib = torch.cuda.get_device_properties(param.device).total_memory / 2**30
+    if budget_gib is None:
+        return
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    plan = plan_memory(model.config, batch=batch, context=longest, chunk=chunk, dtype=dtype_name(param.dtype),
+                       budget_gib=budget_gib, weights_bytes=weights)
+    if not plan.fits:
+        raise ValueError(f"length {longest:,} x batch {batch} does not fit {label} in {format_bytes(plan.usable_bytes)} "
+                         f"(needs {format_bytes(plan.total_bytes)}); lower the length, --batch or --chunk\n" + plan.format())
+
+
+# ---- forward paths ------------------------------------------------------------------------------------------------
+def new_cache(model: Any) -> Any:
+    """An empty cache of the model's kind: SALA's HybridCache, or transformers' DynamicCache."""
+    if is_sala(model):
+        return model.model.new_cache()
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def prefill_chunks(model: Any, ids: torch.Tensor, chunk: int, cache: Any | None = None,
+                   logits_to_keep: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+    """Feed ``ids`` [B, T] through the model ``chunk`` tokens at a time, keeping the cache between chunks;
+    yields (start, fp32 logits [B, t, V]) per chunk (the last ``logits_to_keep`` positions of it, 0 = all).
+    The cache (new if None) holds all T tokens afterwards."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    cache = new_cache(model) if cache is None else cache
+    for start in range(0, ids.shape[1], chunk):
+        part = ids[:, start : start + chunk]
+        out = model(input_ids=part, past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep)
+        yield start, out.logits.float()
+
+
+@torch.no_grad()
+def greedy_generate(model: Any, prompt: list[int], max_new_tokens: int, *, chunk: int = 2048,
+                    stop_ids: set[int] | frozenset[int] = frozenset(),
+                    should_stop: Callable[[list[int]], bool] | None = None) -> list[int]:
+    """Greedy continuation of one prompt: chunked prefill, then one token per step through the cache. Stops at
+    ``stop_ids`` (not returned), after ``max_new_tokens``, or when ``should_stop(tokens so far)`` is true."""
+    dev = model_device(model)
+    ids = torch.tensor([prompt], dtype=torch.long, device=dev)
+    cache = new_cache(model)
+    logits = None
+    for _, logits in prefill_chunks(model, ids, chunk, cache, logits_to_keep=1):
+        pass
+    out: list[int] = []
+    while len(out) < max_new_tokens:
+        tok = int(logits[0, -1].argmax())  # .item() syncs once per token; fine for a few answer tokens
+        if tok in stop_ids:
+            break
+        out.append(tok)
+        if should_stop is not None and should_stop(out):
+            break
+        step = torch.tensor([[tok]], dtype=torch.long, device=dev)
+        logits = model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits.float()
+    return out
+
+
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """EOS ids of the config, the generation config and the tokenizer."""
+    ids: set[int] = set()
+    for src in (getattr(model.config, "eos_token_id", None),
+                getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif src:
+            ids.update(int(i) for i in src)
+    return ids
+
+
+def describe(model: Any) -> dict:
+    """What the JSON reports record about a model."""
+    p = next(model.parameters())
+    return {"class": type(model).__name__, "device": str(p.device), "dtype": dtype_name(p.dtype),
+            "parameters": sum(q.numel() for q in model.parameters()), "max_position_embeddings": max_positions(model)}
+
+
+def setup_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def env_path(path: str | os.PathLike) -> Path:
+    return Path(os.path.expanduser(os.fspath(path)))
