@@ -256,6 +256,18 @@ def _convert(args):
     return 0
 
 
+def _eval_flags(p):
+    from sala.eval.cli import add_eval_subcommands  # flags and runners of ppl | niah | ruler live in the eval room
+
+    add_eval_subcommands(p)
+
+
+def _train_flags(p):
+    from sala.train.cli import add_train_flags  # flags mirror TrainConfig; they live in the train room
+
+    add_train_flags(p)
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 BENCH_COMMANDS: dict[str, Command] = {
@@ -280,6 +292,9 @@ COMMANDS: dict[str, Command] = {
     "convert": ("dense Transformer checkpoint -> SALA hybrid (weight inheritance, HyPE, optional HALO selection)", _convert_flags, _convert),
     "select-layers": ("HALO layer selection: which layers stay softmax", _select_layers_flags, _select_layers),
     "bench": ("benchmarks", _bench_flags, None),
+    "train": ("train a converted hybrid with a staged recipe (align -> distil -> long context / SFT); torchrun for "
+              "several GPUs", _train_flags, None),
+    "eval": ("long-context quality: perplexity, needle in a haystack, RULER; models side by side", _eval_flags, None),
 }
 
 
