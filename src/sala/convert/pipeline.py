@@ -214,6 +214,35 @@ def _source_loss(spec: SourceSpec, windows: torch.Tensor, device: torch.device) 
     return loss
 
 
+def _max_positions(cfg: ConvertConfig, spec: SourceSpec) -> int:
+    """``--context`` or the source's ``max_position_embeddings``, logged either way."""
+    if cfg.context is None:
+        logger.info("max_position_embeddings %d kept from the source; the hybrid can be raised with --context "
+                    "(e.g. 32K, 1M): sparse layers are NoPE and Lightning layers compute RoPE analytically",
+                    spec.max_position_embeddings)
+        return spec.max_position_embeddings
+    max_pos = parse_context(cfg.context)
+    logger.info("max_position_embeddings %d (source: %d)", max_pos, spec.max_position_embeddings)
+    return max_pos
+
+
+def _choose_layers(cfg: ConvertConfig, spec: SourceSpec, out: Path) -> tuple[list[int], SelectionResult | None, dict | None]:
+    """(softmax layers, HALO selection or None, Lightning weight overrides or None)."""
+    if cfg.select != "auto":
+        sparse = list(cfg.sparse_layers)
+        return sparse, None, _load_students(cfg.students, sparse) if cfg.students is not None else None
+    sel_cfg = cfg.selection or SelectConfig(source=str(spec.path), out=str(out / "selection"), seed=cfg.seed,
+                                            z_proj_init=cfg.z_proj_init, device=cfg.device, quiet=cfg.quiet,
+                                            text_files=cfg.text_files, tokenizer=cfg.tokenizer)
+    sel_cfg.source = str(spec.path)  # a GGUF source is read once, through its dense copy
+    selection = run_select_layers(sel_cfg)
+    sparse = selection.sparse_layers
+    overrides = None
+    if cfg.use_aligned_students:
+        overrides = {k: v for k, v in selection.students.items() if int(k.split(".")[2]) not in sparse}
+    return sparse, selection, overrides
+
+
 def run_convert(cfg: ConvertConfig) -> ConvertResult:
     """Convert ``cfg.source`` into ``cfg.out``; see :class:`ConvertConfig`. Raises :class:`ConversionError`."""
     t0 = time.perf_counter()
@@ -226,32 +255,14 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
         raise ConversionError(f"out ({out}) must differ from the source directory")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
-    max_pos = parse_context(cfg.context) if cfg.context is not None else spec.max_position_embeddings
-    if cfg.context is None:
-        logger.info("max_position_embeddings %d kept from the source; the hybrid can be raised with --context "
-                    "(e.g. 32K, 1M): sparse layers are NoPE and Lightning layers compute RoPE analytically", max_pos)
-    else:
-        logger.info("max_position_embeddings %d (source: %d)", max_pos, spec.max_position_embeddings)
+    max_pos = _max_positions(cfg, spec)
     identity, windows, text, skipped, source_loss = None, None, "", None, None
     if cfg.verify:  # before writing: a wrong key map should not leave a checkpoint behind
         identity = verify_identity(spec, device=device, tolerance=cfg.verify_tolerance)
         windows, text, skipped = _heldout_windows(cfg, spec)
         if windows is not None:
             source_loss = _source_loss(spec, windows, device)
-    selection, overrides = None, None
-    if cfg.select == "auto":
-        sel_cfg = cfg.selection or SelectConfig(source=str(spec.path), out=str(out / "selection"), seed=cfg.seed,
-                                                z_proj_init=cfg.z_proj_init, device=cfg.device, quiet=cfg.quiet,
-                                                text_files=cfg.text_files, tokenizer=cfg.tokenizer)
-        sel_cfg.source = str(spec.path)  # a GGUF source is read once, through its dense copy
-        selection = run_select_layers(sel_cfg)
-        sparse = selection.sparse_layers
-        if cfg.use_aligned_students:
-            overrides = {k: v for k, v in selection.students.items() if int(k.split(".")[2]) not in sparse}
-    else:
-        sparse = list(cfg.sparse_layers)
-        if cfg.students is not None:
-            overrides = _load_students(cfg.students, sparse)
+    sparse, selection, overrides = _choose_layers(cfg, spec, out)
     mixers = mixer_schedule(spec.num_layers, sparse)
     config = sala_config(spec, mixers, tie_word_embeddings=False if cfg.untie_embeddings else None,
                          max_position_embeddings=max_pos)
