@@ -106,11 +106,18 @@ def test_length_past_max_positions(haystack_file, llama_plain_dir, capsys):
     assert rc == 2 and "exceeds tiny's max_position_embeddings 4,096; pass --max-positions" in stderr
 
 
-def test_length_past_memory_plan():
+def test_length_past_memory_plan(haystack_file, capsys, monkeypatch):
     model, _, label = load_eval_model("tiny", "cpu", "float32")
-    check_lengths(model, label, [4096], budget_gib=8.0)  # fits
-    with pytest.raises(ValueError, match=r"length 4,096 x batch 1 does not fit tiny in .*lower the length"):
-        check_lengths(model, label, [4096], budget_gib=0.5)
+    check_lengths(model.config, label, [4096], sala=True, device=torch.device("cpu"), dtype=torch.float32, budget_gib=8.0)
+    import sala.eval.models as models
+
+    def no_load(*a, **k):
+        raise AssertionError("the memory plan must refuse before the model is loaded")
+
+    monkeypatch.setattr(models, "load_eval_model", no_load)
+    rc, _, stderr = run(["eval", "ppl", "--model", "tiny", "--text", str(haystack_file), "--context", "4K",
+                         "--gpu-mem", "0.5"], capsys)
+    assert rc == 2 and "length 4,096 x batch 4 does not fit tiny in" in stderr and "lower the length" in stderr
 
 
 def test_needle_longer_than_context_from_cli(haystack_file, capsys):

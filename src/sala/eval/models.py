@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
-from sala.engine.loader import PRESETS, dtype_name, load_model, resolve_device, resolve_dtype
+from sala.engine.loader import PRESETS, dtype_name, load_config, load_model, resolve_device, resolve_dtype
 from sala.engine.planner import format_bytes, plan_memory
 from sala.model import SALAForCausalLM
 
@@ -98,30 +97,51 @@ def max_positions(model: Any) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-def check_lengths(model: Any, label: str, lengths: list[int], *, batch: int = 1, chunk: int = 2048,
-                  budget_gib: float | None = None) -> None:
-    """Refuse lengths the model cannot run, before anything is allocated: past ``max_position_embeddings``
-    (every model), or past the memory budget (SALA models, by :func:`sala.engine.planner.plan_memory`; the
-    budget is the CUDA device's memory unless ``budget_gib`` is given; unchecked on CPU without one)."""
-    limit = max_positions(model)
+def check_lengths(config: Any, label: str, lengths: list[int], *, sala: bool, device: torch.device, dtype: torch.dtype,
+                  batch: int = 1, chunk: int = 2048, budget_gib: float | None = None,
+                  weights_bytes: int | None = None) -> None:
+    """Refuse lengths a model cannot run: past ``max_position_embeddings`` (every model), or past the memory budget
+    (SALA models, by :func:`sala.engine.planner.plan_memory`; the budget is the CUDA device's memory unless
+    ``budget_gib`` is given; unchecked on CPU without one). Needs only the config: runs before loading."""
+    limit = getattr(config, "max_position_embeddings", None)
     longest = max(lengths)
     if limit is not None and longest > limit:
-        fix = ("pass --max-positions to raise it (RoPE is analytic, spec §10.16)" if is_sala(model)
+        fix = ("pass --max-positions to raise it (RoPE is analytic, spec §10.16)" if sala
                else "use a shorter length or a model with a longer context")
         raise ValueError(f"length {longest:,} exceeds {label}'s max_position_embeddings {limit:,}; {fix}")
-    if not is_sala(model):
+    if not sala:
         return
-    param = next(model.parameters())
-    if budget_gib is None and param.device.type == "cuda":
-        budget_gib = torch.cuda.get_device_properties(param.device).total_memory / 2**30
+    if budget_gib is None and device.type == "cuda":
+        budget_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
     if budget_gib is None:
         return
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    plan = plan_memory(model.config, batch=batch, context=longest, chunk=chunk, dtype=dtype_name(param.dtype),
-                       budget_gib=budget_gib, weights_bytes=weights)
+    plan = plan_memory(config, batch=batch, context=longest, chunk=chunk, dtype=dtype_name(dtype), budget_gib=budget_gib,
+                       weights_bytes=weights_bytes)
     if not plan.fits:
         raise ValueError(f"length {longest:,} x batch {batch} does not fit {label} in {format_bytes(plan.usable_bytes)} "
                          f"(needs {format_bytes(plan.total_bytes)}); lower the length, --batch or --chunk\n" + plan.format())
+
+
+def load_checked(spec: Spec, opts: Any, lengths: list[int], batch: int = 1) -> tuple[Any, Any, str]:
+    """:func:`load_eval_model` with ``opts`` (an :class:`~sala.eval.config.EvalOptions`), checking ``lengths``
+    from the config before loading (SALA and HF directories, presets) and from the model after (GGUF too)."""
+    dev = resolve_device(opts.device)
+    dt = resolve_dtype(opts.dtype, dev)
+    kind, label = model_kind(spec), model_label(spec)
+    common = dict(sala=kind == "sala", device=dev, dtype=dt, batch=batch, chunk=opts.chunk, budget_gib=opts.gpu_mem)
+    if kind == "sala":
+        config = load_config(spec)
+        if opts.max_positions is not None:
+            config.max_position_embeddings = opts.max_positions
+        check_lengths(config, label, lengths, **common)
+    elif kind == "hf":
+        from transformers import AutoConfig
+
+        check_lengths(AutoConfig.from_pretrained(spec), label, lengths, **common)
+    model, tokenizer, label = load_eval_model(spec, dev, dt, seed=opts.model_seed, max_positions=opts.max_positions)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    check_lengths(model.config, label, lengths, weights_bytes=weights, **common)
+    return model, tokenizer, label
 
 
 # ---- forward paths ------------------------------------------------------------------------------------------------
@@ -200,7 +220,3 @@ def describe(model: Any) -> dict:
 def setup_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
-
-
-def env_path(path: str | os.PathLike) -> Path:
-    return Path(os.path.expanduser(os.fspath(path)))

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from sala.eval.config import NiahConfig
-from sala.eval.models import check_lengths, describe, eos_ids, greedy_generate, load_eval_model, setup_threads
+from sala.eval.models import describe, eos_ids, greedy_generate, load_checked, setup_threads
 from sala.eval.progress import Progress
 from sala.eval.prompts import Haystack, PromptFormat, check_filled, fit_largest, insert_at_depth
 from sala.eval.report import fmt_tokens, markdown_table, out_dir, plot_heatmaps, write_json
@@ -97,9 +97,7 @@ def run_niah(cfg: NiahConfig) -> dict:
                     "needle": NEEDLE, "question": QUESTION, "models": {}, "grids": {}, "records": []}
     tables = []
     for spec in cfg.model:
-        model, tokenizer, label = load_eval_model(spec, cfg.device, cfg.dtype, seed=cfg.model_seed,
-                                                  max_positions=cfg.max_positions)
-        check_lengths(model, label, cfg.length_list, chunk=cfg.chunk, budget_gib=cfg.gpu_mem)
+        model, tokenizer, label = load_checked(spec, cfg, cfg.length_list)
         fmt = PromptFormat(tokenizer, use_chat_template=not cfg.no_chat_template)
         report["models"][label] = {"spec": spec, "prompt_format": fmt.name, **describe(model)}
         stops, wpt = eos_ids(model, tokenizer), words_per_token(hay, tokenizer)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from sala.eval.config import PplConfig
-from sala.eval.models import check_lengths, describe, load_eval_model, model_device, prefill_chunks, setup_threads
+from sala.eval.models import describe, load_checked, model_device, prefill_chunks, setup_threads
 from sala.eval.progress import Progress
 from sala.eval.report import markdown_table, out_dir, plot_ppl, write_json
 
@@ -96,9 +96,7 @@ def run_ppl(cfg: PplConfig) -> dict:
     report: dict = {"command": "ppl", "text": str(path), "contexts": cfg.contexts, "stride": cfg.stride,
                     "batch": cfg.batch, "chunk": cfg.chunk, "models": {}, "results": []}
     for spec in cfg.model:
-        model, tokenizer, label = load_eval_model(spec, cfg.device, cfg.dtype, seed=cfg.model_seed,
-                                                  max_positions=cfg.max_positions)
-        check_lengths(model, label, cfg.contexts, batch=cfg.batch, chunk=cfg.chunk, budget_gib=cfg.gpu_mem)
+        model, tokenizer, label = load_checked(spec, cfg, cfg.contexts, batch=cfg.batch)
         tokens = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         plans = {c: plan_windows(len(tokens), c, cfg.stride, cfg.max_windows) for c in cfg.contexts}
         report["models"][label] = {"spec": spec, "text_tokens": len(tokens), **describe(model)}

@@ -99,8 +99,11 @@ class PromptFormat:
         return user + "\n" + answer_prefix.lstrip() if answer_prefix else user
 
     def ids(self, user: str, answer_prefix: str) -> list[int]:
-        # the chat template writes its own BOS; plain text gets the tokenizer's usual special tokens
-        return list(self.tokenizer(self.text(user, answer_prefix), add_special_tokens=not self.chat)["input_ids"])
+        """Token ids with the tokenizer's special tokens, BOS once (like ``sala chat``): not added again when the
+        chat template already wrote it."""
+        text = self.text(user, answer_prefix)
+        bos = getattr(self.tokenizer, "bos_token", None)
+        return list(self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"])
 
 
 def fit_largest(build: Callable[[int], T], count: Callable[[T], int], target: int, hi: int) -> tuple[int, T, int]:

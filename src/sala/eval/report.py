@@ -63,6 +63,9 @@ def plot_ppl(results: list[dict], path: Path) -> None:
         ax.set_title("perplexity vs context")
         ax.legend()
     ax.set_ylabel("perplexity")
+    values = [r["ppl"] for r in results]
+    if max(values) > 20 * min(values):  # e.g. a random model beside a trained one
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

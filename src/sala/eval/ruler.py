@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from sala.eval.config import RulerConfig
-from sala.eval.models import check_lengths, describe, eos_ids, greedy_generate, load_eval_model, setup_threads
+from sala.eval.models import describe, eos_ids, greedy_generate, load_checked, setup_threads
 from sala.eval.progress import Progress
 from sala.eval.prompts import Haystack, PromptFormat, check_filled, fit_largest, sentence_boundaries
 from sala.eval.report import fmt_tokens, markdown_table, out_dir, plot_ruler, write_json
@@ -324,9 +324,7 @@ def run_ruler(cfg: RulerConfig) -> dict:
                     "seed": cfg.seed, "haystack": cfg.haystack, "metric": "string_match_all x 100",
                     "skipped": {t: "needs --haystack (essay)" for t in skipped}, "models": {}, "results": [], "records": []}
     for spec in cfg.model:
-        model, tokenizer, label = load_eval_model(spec, cfg.device, cfg.dtype, seed=cfg.model_seed,
-                                                  max_positions=cfg.max_positions)
-        check_lengths(model, label, cfg.length_list, chunk=cfg.chunk, budget_gib=cfg.gpu_mem)
+        model, tokenizer, label = load_checked(spec, cfg, cfg.length_list)
         fmt = PromptFormat(tokenizer, use_chat_template=not cfg.no_chat_template)
         report["models"][label] = {"spec": spec, "prompt_format": fmt.name, **describe(model)}
         stops = eos_ids(model, tokenizer)
