@@ -115,6 +115,8 @@ class FusedLinears:
     @staticmethod
     def fusable(linears: list[nn.Linear]) -> bool:
         """One dtype and device for every weight and bias (``torch.cat`` would silently promote)."""
+        if any(type(m) is not nn.Linear for m in linears):  # subclasses (LoRA adapters) add terms of their own
+            return False
         tensors = [t for m in linears for t in (m.weight, m.bias) if t is not None]
         return len({(t.dtype, t.device) for t in tensors}) == 1
 

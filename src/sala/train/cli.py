@@ -15,6 +15,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="delete an existing run in --out and start over")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (torchrun: each rank takes cuda:LOCAL_RANK)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (checkpointed; --resume later)")
+    p.add_argument("--max-minutes", type=float, help="stop at the first step end past this many minutes (checkpointed)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field: model.student=DIR, data.train=[\"a.txt\"], stages.kl.tokens=1e6 ...")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -27,7 +28,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     from sala.train.recipe import parse_overrides
 
     cfg = TrainConfig(recipe=args.recipe, out=args.out, resume=args.resume, force=args.force, device=args.device,
-                      max_steps=args.max_steps, quiet=args.quiet, overrides=parse_overrides(args.set))
+                      max_steps=args.max_steps, max_minutes=args.max_minutes, quiet=args.quiet, overrides=parse_overrides(args.set))
     result = run_train(cfg)
     if not args.quiet:
         state = "finished" if result.finished else "stopped (resume with --resume)"

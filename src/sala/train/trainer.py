@@ -52,6 +52,8 @@ class TrainConfig:
     """auto (cuda when available), cpu, cuda."""
     max_steps: int | None = None
     """Stop (after a checkpoint) once this process has taken this many optimizer steps; the run resumes later."""
+    max_minutes: float | None = None
+    """Stop (after a checkpoint) at the first step end past this many minutes of wall time (a job's time limit)."""
     quiet: bool = False
     """No progress bar."""
     overrides: dict[str, str] = field(default_factory=dict)
@@ -62,6 +64,8 @@ class TrainConfig:
             raise ValueError("pass at most one of resume (continue the run in out) and force (start it over)")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
 
 
 @dataclass
@@ -220,6 +224,7 @@ class Trainer:
         self.dtype = getattr(torch, recipe.model.dtype) if self.device.type == "cuda" else torch.float32
         self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=info.is_main)
         self.show_bar = info.is_main and not cfg.quiet and sys.stderr.isatty()
+        self.started = time.time()
 
     # ---- set-up --------------------------------------------------------------------------------------------------
     def prepare_out(self) -> Path | None:
@@ -395,7 +400,7 @@ class Trainer:
                     last_print = time.time()
                     print(f"[{stage.name}] step {step}/{total} loss {loss_value:.4f} lr {lr:.2e} "
                           f"{tps:,.0f} tok/s" + (f" MFU {mfu:.1%}" if mfu else ""), file=sys.stderr, flush=True)
-            interrupted = self.cfg.max_steps is not None and self.steps_this_process + steps_taken >= self.cfg.max_steps
+            interrupted = self._out_of_time(steps_taken)
             if step == total or interrupted or (stage.save_every and step % stage.save_every == 0):
                 self._save(idx, stage, step, tokens_done, optimizer, loader)
             if interrupted and step < total:
@@ -408,6 +413,15 @@ class Trainer:
         self.steps_this_process += steps_taken
         return True, {"stage": stage.name, "steps": total, "tokens": tokens_done, "final_loss": losses[-1] if losses else None,
                       "trainable_params": n_trained, "flops_per_token": fpt}
+
+    def _out_of_time(self, steps_taken: int) -> bool:
+        """max_steps / max_minutes reached (rank 0 decides for all ranks, so they stop at the same step)."""
+        stop = self.cfg.max_steps is not None and self.steps_this_process + steps_taken >= self.cfg.max_steps
+        if self.cfg.max_minutes is not None:
+            stop |= (time.time() - self.started) / 60 >= self.cfg.max_minutes
+        flag = torch.tensor([int(stop)], device=self.device)
+        dist.broadcast(flag, 0)
+        return bool(flag.item())
 
     def _save(self, idx, stage, step, tokens, optimizer, loader) -> None:
         meta = {"stage_index": idx, "stage": stage.name, "step": step, "steps": stage.num_steps(self.info.world_size),
@@ -533,7 +547,7 @@ class Trainer:
             stage = self.recipe.stages[idx]
             finished, summary = self.run_stage(idx, stage, resume if idx == start else None)
             if not finished:
-                logger.info("stopped after %d steps (max_steps); resume with --resume", self.steps_this_process)
+                logger.info("stopped after %d steps (max_steps / max_minutes); resume with --resume", self.steps_this_process)
                 return TrainResult(out=self.out, finished=False, evals=evals)
             summaries.append(summary)
             if "heldout" in self.indexes:

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The SmolLM2 proof on one GPU, in device calls of at most 10 minutes each:
+#
+#   phase 1: convert SmolLM2-135M-Instruct (GGUF) to SALA with the given softmax layers; calibrate throughput with
+#            a few steps of every stage; size each stage's token budget to its share of TRAIN_SECONDS; train
+#            until PHASE1_MINUTES (checkpointed).
+#   phase 2: resume to the end (evaluation after every stage, export, trained delta), greedy chat answers of teacher
+#            and hybrid, then pack the report.
+#
+# Usage (repo root, PYTHONPATH=src):
+#   GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf RUN=/tmp/smol SPARSE=0,... bash scripts/smollm2_proof.sh 1
+#   GGUF=... RUN=/tmp/smol OUT=$OUT bash scripts/smollm2_proof.sh 2
+# Stage shares (seconds of the total): ALIGN_S, DISTILL_S, LONG_S.
+set -euo pipefail
+export PYTHONPATH=${PYTHONPATH:-src}
+PHASE=${1:?phase 1 or 2}
+GGUF=${GGUF:?path of SmolLM2-135M-Instruct.Q4_1.gguf}
+RUN=${RUN:-/tmp/smol}
+OUT=${OUT:-$RUN/out}
+SPARSE=${SPARSE:-0,4,8,12,16,20,25,29}
+ALIGN_S=${ALIGN_S:-90}
+DISTILL_S=${DISTILL_S:-560}
+LONG_S=${LONG_S:-100}
+PHASE1_MINUTES=${PHASE1_MINUTES:-6}
+PHASE2_MINUTES=${PHASE2_MINUTES:-8.5}
+SALA="python3 -m sala.cli -v"
+mkdir -p "$RUN" "$OUT"
+common=(--set "model.student=$RUN/converted" --set "model.teacher=$GGUF" --set "data.train=[\"data/text/train.txt\"]"
+        --set "data.heldout=data/text/heldout.txt" --set "data.cache_dir=$RUN/tokens")
+
+if [[ $PHASE == 1 ]]; then
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+    python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+    echo "== convert $(date +%T)"
+    $SALA convert --from "$GGUF" --out "$RUN/converted" --sparse-layers "$SPARSE" --z-proj-init zeros \
+        --context 32768 --device cuda 2>&1 | grep -v Warning | tail -n 6
+    echo "== calibrate $(date +%T)"
+    $SALA train smollm2 --out "$RUN/calib" --force --quiet "${common[@]}" \
+        --set stages.align.tokens=$((512 * 64 * 5)) --set stages.distill.tokens=$((2048 * 16 * 6)) \
+        --set stages.long.tokens=$((8192 * 4 * 4)) --set data.eval_windows=2 2>&1 | grep -E "stage|ppl|Error|error" || true
+    python3 - "$RUN" <<'EOF'
+import json, sys
+from pathlib import Path
+run = Path(sys.argv[1])
+recs = [json.loads(l) for l in (run / "calib" / "metrics.jsonl").read_text().splitlines()]
+tps = {}
+for stage in ("align", "distill", "long"):
+    rows = [r["tokens_per_s"] for r in recs if r["stage"] == stage][2:]  # first steps include compilation
+    tps[stage] = sorted(rows)[len(rows) // 2]
+    mfu = [r["mfu"] for r in recs if r["stage"] == stage][2:]
+    print(f"calibration {stage}: {tps[stage]:,.0f} tokens/s, MFU {sorted(mfu)[len(mfu) // 2]:.1%}")
+(run / "calibration.json").write_text(json.dumps(tps))
+EOF
+    python3 - "$RUN" "$ALIGN_S" "$DISTILL_S" "$LONG_S" <<'EOF'
+import json, sys
+from pathlib import Path
+run, shares = Path(sys.argv[1]), dict(zip(("align", "distill", "long"), map(float, sys.argv[2:5])))
+tps = json.loads((run / "calibration.json").read_text())
+per_step = {"align": 512 * 64, "distill": 2048 * 16, "long": 8192 * 4}
+lines = []
+for stage, secs in shares.items():
+    steps = max(1, int(0.92 * tps[stage] * secs / per_step[stage]))
+    lines.append(f"--set stages.{stage}.tokens={steps * per_step[stage]}")
+    print(f"budget {stage}: {steps} steps, {steps * per_step[stage] / 1e6:.1f}M tokens (~{secs:.0f} s)")
+(run / "budgets.args").write_text("\n".join(lines) + "\n")
+EOF
+    echo "== train (phase 1) $(date +%T)"
+    # shellcheck disable=SC2046
+    $SALA train smollm2 --out "$RUN/run" --force --quiet --max-minutes "$PHASE1_MINUTES" "${common[@]}" \
+        $(cat "$RUN/budgets.args") 2>&1 | grep -vE "Warning|Loading|Converting" | tail -n 12
+    tail -n 3 "$RUN/run/metrics.jsonl"
+else
+    echo "== train (phase 2) $(date +%T)"
+    # shellcheck disable=SC2046
+    $SALA train smollm2 --out "$RUN/run" --resume --quiet --max-minutes "$PHASE2_MINUTES" "${common[@]}" \
+        $(cat "$RUN/budgets.args") 2>&1 | grep -vE "Warning|Loading|Converting" | tail -n 12
+    echo "== chat $(date +%T)"
+    python3 benchmarks/chat_samples.py --teacher "$GGUF" --hybrid "$RUN/run/final" --out "$RUN/run/chat_samples.md" || true
+    cp "$RUN/run/delta/"* "$OUT/" 2>/dev/null || true
+    cp "$RUN/run/loss_curves.png" "$OUT/" 2>/dev/null || true
+    cp "$RUN/converted/conversion.json" "$RUN/run/" 2>/dev/null || true
+    cp "$RUN/calibration.json" "$RUN/budgets.args" "$RUN/run/" 2>/dev/null || true
+    tar czf "$OUT/report.tar.gz" -C "$RUN/run" evals.json metrics.jsonl results.json run.json chat_samples.md \
+        conversion.json calibration.json budgets.args 2>/dev/null || true
+    cat "$RUN/run/evals.json" || true
+    cat "$RUN/run/chat_samples.md" || true
+fi
