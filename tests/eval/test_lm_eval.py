@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-lm_eval = pytest.importorskip("lm_eval")
+lm_eval = pytest.importorskip("lm_eval", reason="lm-eval (the eval extra) is not installed", exc_type=ImportError)
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
