@@ -34,8 +34,8 @@ class Progress:
         eta = (self.total - self.n) / rate if rate > 0 else float("nan")
         pct = 100.0 * self.n / self.total if self.total else 100.0
         eta_s = _hms(eta) if eta == eta else "?"
-        return (f"{self.desc}: {self.n:,}/{self.total:,} {self.unit} ({pct:.0f}%) elapsed {_hms(elapsed)} "
-                f"ETA {eta_s} ({rate:,.1f} {self.unit}/s)")
+        speed = f"{rate:,.1f} {self.unit}/s" if rate >= 0.1 or rate == 0 else f"{1 / rate:,.1f} s/{self.unit}"
+        return f"{self.desc}: {self.n:,}/{self.total:,} {self.unit} ({pct:.0f}%) elapsed {_hms(elapsed)} ETA {eta_s} ({speed})"
 
     def update(self, n: int = 1) -> None:
         self.n += n
