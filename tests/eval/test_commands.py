@@ -161,3 +161,22 @@ def demo_sala_dir(tmp_path_factory):
     from sala.engine.demo import make_demo_checkpoint
 
     return make_demo_checkpoint(tmp_path_factory.mktemp("sala_demo"), preset="tiny", seed=0)
+
+
+
+def test_same_named_models_get_distinct_labels(tmp_path, haystack_file, capsys, monkeypatch):
+    from tests.eval.conftest import make_llama_dir
+
+    a, b = tmp_path / "a" / "model", tmp_path / "b" / "model"
+    a.mkdir(parents=True), b.mkdir(parents=True)
+    make_llama_dir(a, seed=1), make_llama_dir(b, seed=2)
+    (tmp_path / "tiny").mkdir()  # a directory named like a preset is a path, not the preset
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="has neither a config.json nor a .gguf file"):
+        model_kind("tiny")
+    out = tmp_path / "out"
+    rc, stdout, stderr = run(["eval", "ppl", "--model", str(a), "--model", str(b), "--text", str(haystack_file),
+                              "--context", "64", "--max-windows", "1", "--out", str(out)], capsys)
+    assert rc == 0, stderr
+    rows = json.loads((out / "ppl.json").read_text())["results"]
+    assert [r["model"] for r in rows] == ["model", "model#2"] and rows[0]["ppl"] != rows[1]["ppl"]

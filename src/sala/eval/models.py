@@ -34,9 +34,9 @@ def _gguf_in(directory: Path) -> Path | None:
 def model_kind(spec: Spec) -> str:
     """``sala`` (preset or ``minicpm_sala`` checkpoint), ``gguf`` (file or directory holding one, no config.json)
     or ``hf`` (any other transformers causal-LM directory)."""
-    if spec in PRESETS:
-        return "sala"
     path = Path(spec)
+    if spec in PRESETS and not path.exists():  # like sala.engine.loader: an existing path wins over a preset name
+        return "sala"
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"--model {spec!r} is a file but not a .gguf; give a checkpoint directory, a .gguf file "

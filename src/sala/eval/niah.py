@@ -19,7 +19,7 @@ from sala.eval.config import NiahConfig
 from sala.eval.models import describe, eos_ids, greedy_generate, load_checked, setup_threads
 from sala.eval.progress import Progress
 from sala.eval.prompts import Haystack, PromptFormat, check_filled, fit_largest, insert_at_depth
-from sala.eval.report import fmt_tokens, markdown_table, out_dir, plot_heatmaps, write_json
+from sala.eval.report import fmt_tokens, markdown_table, out_dir, plot_heatmaps, unique_label, write_json
 from sala.eval.scoring import exact_match
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ def run_niah(cfg: NiahConfig) -> dict:
     tables = []
     for spec in cfg.model:
         model, tokenizer, label = load_checked(spec, cfg, cfg.length_list)
+        label = unique_label(label, report["models"])
         fmt = PromptFormat(tokenizer, use_chat_template=not cfg.no_chat_template)
         report["models"][label] = {"spec": spec, "prompt_format": fmt.name, **describe(model)}
         stops, wpt = eos_ids(model, tokenizer), words_per_token(hay, tokenizer)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from sala.eval.config import PplConfig
 from sala.eval.models import describe, load_checked, model_device, prefill_chunks, setup_threads
 from sala.eval.progress import Progress
-from sala.eval.report import markdown_table, out_dir, plot_ppl, write_json
+from sala.eval.report import markdown_table, out_dir, plot_ppl, unique_label, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,7 @@ def run_ppl(cfg: PplConfig) -> dict:
                     "batch": cfg.batch, "chunk": cfg.chunk, "models": {}, "results": []}
     for spec in cfg.model:
         model, tokenizer, label = load_checked(spec, cfg, cfg.contexts, batch=cfg.batch)
+        label = unique_label(label, report["models"])
         tokens = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         plans = {c: plan_windows(len(tokens), c, cfg.stride, cfg.max_windows) for c in cfg.contexts}
         report["models"][label] = {"spec": spec, "text_tokens": len(tokens), **describe(model)}

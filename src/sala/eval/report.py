@@ -14,6 +14,15 @@ def out_dir(out: str | None, command: str) -> Path:
     return path
 
 
+def unique_label(label: str, taken) -> str:
+    """``label``, or ``label#2``, ``label#3``... when models of the same name are compared."""
+    n, out = 1, label
+    while out in taken:
+        n += 1
+        out = f"{label}#{n}"
+    return out
+
+
 def write_json(path: Path, report: dict) -> None:
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
 

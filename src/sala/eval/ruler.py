@@ -34,7 +34,7 @@ from sala.eval.config import RulerConfig
 from sala.eval.models import describe, eos_ids, greedy_generate, load_checked, setup_threads
 from sala.eval.progress import Progress
 from sala.eval.prompts import Haystack, PromptFormat, check_filled, fit_largest, sentence_boundaries
-from sala.eval.report import fmt_tokens, markdown_table, out_dir, plot_ruler, write_json
+from sala.eval.report import fmt_tokens, markdown_table, out_dir, plot_ruler, unique_label, write_json
 from sala.eval.scoring import string_match_all
 
 logger = logging.getLogger(__name__)
@@ -325,6 +325,7 @@ def run_ruler(cfg: RulerConfig) -> dict:
                     "skipped": {t: "needs --haystack (essay)" for t in skipped}, "models": {}, "results": [], "records": []}
     for spec in cfg.model:
         model, tokenizer, label = load_checked(spec, cfg, cfg.length_list)
+        label = unique_label(label, report["models"])
         fmt = PromptFormat(tokenizer, use_chat_template=not cfg.no_chat_template)
         report["models"][label] = {"spec": spec, "prompt_format": fmt.name, **describe(model)}
         stops = eos_ids(model, tokenizer)
