@@ -61,6 +61,46 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 # ---- subcommands: flags + runner --------------------------------------------------------------------------------
+def _demo_flags(p):
+    from sala.convert import parse_layers
+
+    p.add_argument("--model", help="your own dense model (HF directory, .gguf, or a directory holding one): converted and "
+                                   "compared, untrained unless --delta (default: SmolLM2-135M-Instruct + the bundled delta)")
+    p.add_argument("--delta", help="LoRA delta directory from sala train (<run>/delta), or 'none' for the untrained "
+                                   "conversion (default: the bundled one, when present)")
+    p.add_argument("--conversion", help="conversion.json the delta's base was made with (default: beside the delta)")
+    p.add_argument("--sparse-layers", type=parse_layers, help="with --model: softmax layers (default: a quarter, "
+                                                              "first and last included)")
+    p.add_argument("--quick", action="store_true", help="tiny lengths, few samples (CI): under a minute once cached")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float16 | float32")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (1 can be faster on a busy machine)")
+    p.add_argument("--lengths", help="NIAH lengths (default 2K,6K,10K; --quick 512,1K)")
+    p.add_argument("--depths", help="NIAH needle depths in percent (default 50)")
+    p.add_argument("--samples", type=int, help="needles per NIAH cell (default 1)")
+    p.add_argument("--chat-prompts", type=int, help="built-in chat prompts to answer, 1-3 (default 3; --quick 1)")
+    p.add_argument("--max-new-tokens", type=int, help="tokens per chat answer (default 32; --quick 8)")
+    p.add_argument("--time-contexts", help="speed/memory sweep contexts (default 512,1K,2K,4K,8K,16K,32K)")
+    p.add_argument("--prefill-max", help="longest context prefilled from real text; longer ones time decode on random "
+                                         "caches (default 4K)")
+    p.add_argument("--decode-steps", type=int, help="timed decode steps per context (default 4)")
+    p.add_argument("--time-budget", type=float, help="seconds for the sweep; later contexts are skipped (default 120)")
+    p.add_argument("--ppl-context", help="window of the held-out perplexity (default 1K)")
+    p.add_argument("--ppl-windows", type=int, help="held-out windows per model (default 4)")
+    p.add_argument("--text", help="text for haystack, perplexity and prefill (default: the held-out corpus)")
+    p.add_argument("--chunk", type=int, default=2048, help="prefill chunk in tokens (default 2048)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="sala-demo", help="report folder (default sala-demo/)")
+    p.add_argument("--quiet", action="store_true", help="no progress display; the summary table is still printed")
+
+
+def _demo(args):
+    from sala.demo import DemoConfig, run_demo
+
+    run_demo(_fill(DemoConfig, args))
+    return 0
+
+
 def _info_flags(p):
     p.add_argument("--model", help="also describe this checkpoint directory or preset")
 
@@ -271,6 +311,8 @@ def _train_flags(p):
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 BENCH_COMMANDS: dict[str, Command] = {
+    "demo": ("a real dense model beside its SALA hybrid: chat, needle in a haystack, perplexity, speed and memory "
+             "vs context; writes a report folder (CPU: a few minutes)", _demo_flags, _demo),
     "e2e": ("end-to-end TTFT / decode / memory vs context: sala vs dense baseline vs transformers", _bench_e2e_flags, _bench_e2e),
 }
 
@@ -284,6 +326,8 @@ def _bench_flags(p):
 
 
 COMMANDS: dict[str, Command] = {
+    "demo": ("a real dense model beside its SALA hybrid: chat, needle in a haystack, perplexity, speed and memory "
+             "vs context; writes a report folder (CPU: a few minutes)", _demo_flags, _demo),
     "info": ("versions, device, op backend; --model: config summary", _info_flags, _info),
     "plan": ("memory plan (weights / KV / state / activations) and whether it fits", _plan_flags, _plan),
     "generate": ("generate from a prompt, streaming, with TTFT and tokens/s", _generate_flags, _generate),

@@ -1,0 +1,155 @@
+"""The demo's report folder: ``report.md``, ``demo.json`` and four PNGs (NIAH heatmaps, time vs context, cache
+memory vs context, held-out perplexity), plus the rows of the printed summary table."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from sala.eval.report import fmt_tokens, markdown_table, plot_heatmaps, plot_ppl, write_json
+
+PNGS = ("niah.png", "time.png", "memory.png", "ppl.png")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: the demo runs on servers and in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _mib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+def _num(x: float | None, spec: str) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def decode_crossover(rows: list[dict], dense: str, hybrid: str) -> int | None:
+    """First context from which the hybrid's decode step stays faster than the dense model's (None: never)."""
+    by = {(r["model"], r["context"]): r["decode_ms"] for r in rows}
+    common = sorted(c for (m, c) in by if m == dense and (hybrid, c) in by)
+    faster = [by[(hybrid, c)] < by[(dense, c)] for c in common]
+    for i, c in enumerate(common):
+        if all(faster[i:]):
+            return c
+    return None
+
+
+def plot_time(rows: list[dict], path: Path, labels: list[str]) -> None:
+    """Two panels vs context: prefill seconds (real text) and decode ms/token (hollow markers: random caches)."""
+    plt = _pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11.0, 4.0))
+    for i, m in enumerate(labels):
+        mine = sorted((r for r in rows if r["model"] == m), key=lambda r: r["context"])
+        pre = [r for r in mine if r["prefill_s"] is not None]
+        a.plot([r["context"] for r in pre], [r["prefill_s"] for r in pre], "o-", color=f"C{i}", label=m)
+        b.plot([r["context"] for r in mine], [r["decode_ms"] for r in mine], "-", color=f"C{i}", label=m)
+        for r in mine:
+            b.plot(r["context"], r["decode_ms"], "o", color=f"C{i}", mfc=f"C{i}" if r["cache"] == "prefilled" else "white")
+    a.set_title("prefill time (real text)")
+    a.set_ylabel("seconds")
+    b.set_title("decode time per token (hollow: random-filled cache)")
+    b.set_ylabel("ms / token")
+    for ax in (a, b):
+        ax.set_xscale("log", base=2)
+        ctx = sorted({r["context"] for r in rows})
+        ax.set_xticks(ctx, [fmt_tokens(c) for c in ctx])
+        ax.set_xlabel("context (tokens)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_memory(rows: list[dict], path: Path, labels: list[str]) -> None:
+    """Cache bytes (K/V + compressed keys + Lightning states) vs context."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for i, m in enumerate(labels):
+        mine = sorted((r for r in rows if r["model"] == m), key=lambda r: r["context"])
+        ax.plot([r["context"] for r in mine], [r["cache_bytes"] / 2**20 for r in mine], "o-", color=f"C{i}", label=m)
+    ctx = sorted({r["context"] for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(ctx, [fmt_tokens(c) for c in ctx])
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("cache MiB (K/V + states)")
+    ax.set_title("decode cache memory vs context")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summary_rows(report: dict) -> list[list[str]]:
+    """model | NIAH inside window | NIAH past window | ppl | decode ms @ longest | cache @ longest."""
+    window = report["dense_window"]
+    rows = []
+    last = max((r["context"] for r in report["timing"]["rows"]), default=None)
+    for m in report["labels"]:
+        recs = [r for r in report["niah"]["records"] if r["model"] == m]
+
+        def acc(sel) -> str:
+            done = [r["correct"] for r in recs if sel(r) and r["correct"] is not None]
+            refused = sum(1 for r in recs if sel(r) and r["correct"] is None)
+            return f"{sum(done)}/{len(done)}" + (f" ({refused} refused)" if refused else "") if done or refused else "-"
+
+        inside = acc(lambda r: not r["past_window"])
+        past = acc(lambda r: r["past_window"])
+        ppl = next((r["ppl"] for r in report["ppl"] if r["model"] == m), None)
+        t = next((r for r in report["timing"]["rows"] if r["model"] == m and r["context"] == last), None)
+        rows.append([m, inside, past, _num(ppl, ".2f"), _num(t and t["decode_ms"], ".1f"),
+                     _mib(t and t["cache_bytes"])])
+    w, c = fmt_tokens(window) if window else "window", fmt_tokens(last) if last else "-"
+    head = ["model", f"NIAH <={w}", f"NIAH >{w}", "ppl", f"ms/tok @{c}", f"cache @{c}"]
+    return [head] + rows
+
+
+def _markdown(report: dict) -> str:
+    head, *rows = summary_rows(report)
+    lab = report["labels"]
+    lines = [f"# sala demo: {lab[0]} vs {lab[1]}", ""]
+    if not report["trained"]:
+        lines += ["**The hybrid is the UNTRAINED conversion** (no trained delta was found): expect poor answers; "
+                  "`sala train` is what makes it useful.", ""]
+    lines += [f"- source: `{report['source']}`; softmax layers {report['recipe']['sparse_layers']}, the rest "
+              f"Lightning; hybrid context {report['recipe']['context']}", f"- delta: `{report['delta']}`",
+              f"- device {report['device']}, dtype {report['dtype']}, torch threads {report['threads']}; total "
+              f"{report['seconds']:.0f} s", "", "## Summary", "", markdown_table(head, rows), "", "## Chat", ""]
+    for c in report["chat"]:
+        lines.append(f"**{c['prompt']}**\n")
+        for m in lab:
+            a = c["answers"][m]
+            lines.append(f"- *{m}* ({a['tokens']} tokens, {a['tokens_per_s']:.1f} tok/s): {a['answer'] or '(empty)'}")
+        lines.append("")
+    lines += ["## Needle in a haystack", "", report["niah"]["note"], "", "![niah](niah.png)", ""]
+    rows = [[r["model"], fmt_tokens(r["length"]), f"{r['depth']:g}%", r["value"], r["answer"][:60] or "-",
+             "refused" if r["correct"] is None else ("yes" if r["correct"] else "no")] for r in report["niah"]["records"]]
+    lines += [markdown_table(["model", "length", "depth", "needle", "answer", "correct"], rows), ""]
+    lines += ["## Held-out perplexity", "", report["ppl_note"], "", "![ppl](ppl.png)", ""]
+    lines += ["## Time and memory vs context", "", report["timing"]["note"], "", "![time](time.png)", "",
+              "![memory](memory.png)", ""]
+    rows = [[r["model"], fmt_tokens(r["context"]), r["cache"], _num(r["prefill_s"], ".2f"), _num(r["decode_ms"], ".1f"),
+             _mib(r["cache_bytes"])] for r in report["timing"]["rows"]]
+    lines += [markdown_table(["model", "context", "cache", "prefill s", "decode ms/tok", "cache"], rows), ""]
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out: Path) -> list[Path]:
+    """report.md, demo.json and the PNGs into ``out``; -> the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    labels = report["labels"]
+    grids = {m: g for m, g in report["niah"]["grids"].items()}
+    plot_heatmaps(grids, out / "niah.png")
+    plot_time(report["timing"]["rows"], out / "time.png", labels)
+    plot_memory(report["timing"]["rows"], out / "memory.png", labels)
+    plot_ppl(report["ppl"], out / "ppl.png")
+    write_json(out / "demo.json", report)
+    (out / "report.md").write_text(_markdown(report))
+    return [out / "report.md", out / "demo.json"] + [out / p for p in PNGS]
