@@ -121,7 +121,8 @@ def _markdown(report: dict) -> str:
     lines += [f"- source: `{report['source']}`; softmax layers {report['recipe']['sparse_layers']}, the rest "
               f"Lightning; hybrid context {report['recipe']['context']}", f"- delta: `{report['delta']}`",
               f"- device {report['device']}, dtype {report['dtype']}, torch threads {report['threads']}; total "
-              f"{report['seconds']:.0f} s", "", "## Summary", "", markdown_table(head, rows), "", "## Chat", ""]
+              f"{report['seconds']:.0f} s; peak process RSS {report['peak_rss_bytes'] / 2**30:.2f} GiB (both models loaded)",
+              "", "## Summary", "", markdown_table(head, rows), "", "## Chat", ""]
     for c in report["chat"]:
         lines.append(f"**{c['prompt']}**\n")
         for m in lab:
@@ -133,7 +134,10 @@ def _markdown(report: dict) -> str:
              "refused" if r["correct"] is None else ("yes" if r["correct"] else "no")] for r in report["niah"]["records"]]
     lines += [markdown_table(["model", "length", "depth", "needle", "answer", "correct"], rows), ""]
     lines += ["## Held-out perplexity", "", report["ppl_note"], "", "![ppl](ppl.png)", ""]
-    lines += ["## Time and memory vs context", "", report["timing"]["note"], "", "![time](time.png)", "",
+    cross = report["crossover"]
+    verdict = (f"The hybrid's decode step is faster than the dense model's from {fmt_tokens(cross)} tokens on."
+               if cross else "No decode crossover within the measured contexts.")
+    lines += ["## Time and memory vs context", "", report["timing"]["note"], "", verdict, "", "![time](time.png)", "",
               "![memory](memory.png)", ""]
     rows = [[r["model"], fmt_tokens(r["context"]), r["cache"], _num(r["prefill_s"], ".2f"), _num(r["decode_ms"], ".1f"),
              _mib(r["cache_bytes"])] for r in report["timing"]["rows"]]
