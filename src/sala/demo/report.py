@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from sala.eval.report import fmt_tokens, markdown_table, plot_heatmaps, plot_ppl, write_json
+from sala.eval.report import fmt_tokens, markdown_table, plot_ppl, write_json
 
 PNGS = ("niah.png", "time.png", "memory.png", "ppl.png")
 
@@ -37,6 +37,39 @@ def decode_crossover(rows: list[dict], dense: str, hybrid: str) -> int | None:
         if all(faster[i:]):
             return c
     return None
+
+
+def plot_niah(grids: dict[str, dict], windows: dict[str, int | None], path: Path) -> None:
+    """NIAH accuracy, one panel per model (x = length, y = depth); lengths past a model's window (``windows``:
+    label -> max positions, the dense model's only) are marked."""
+    plt = _pyplot()
+    from matplotlib.colors import LinearSegmentedColormap
+
+    cmap = LinearSegmentedColormap.from_list("niah", ["#F0496E", "#EBB839", "#0CD79F"])
+    first = next(iter(grids.values()))
+    lengths, depths = first["lengths"], first["depths"]
+    fig, axes = plt.subplots(1, len(grids), figsize=(max(4.5, 1.1 * len(lengths) + 2.2) * len(grids),
+                                                     0.5 * len(depths) + 2.4), squeeze=False)
+    for k, (ax, (label, g)) in enumerate(zip(axes[0], grids.items())):
+        window = windows.get(label)
+        acc = [[math.nan if v is None else v for v in row] for row in g["accuracy"]]
+        im = ax.imshow(acc, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+        for i, row in enumerate(acc):
+            for j, v in enumerate(row):
+                ax.text(j, i, "refused" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=9)
+        past = [j for j, L in enumerate(lengths) if window and L > window]
+        if past:  # where the dense model's training window ends
+            ax.axvline(past[0] - 0.5, color="black", ls="--", lw=1.2)
+        ticks = [fmt_tokens(L) + ("\npast " + fmt_tokens(window) if j in past else "") for j, L in enumerate(lengths)]
+        ax.set_xticks(range(len(lengths)), ticks)
+        ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        if k == 0:
+            ax.set_ylabel("needle depth")
+        ax.set_title(f"{label}\nmean accuracy {g['mean']:.2f}", fontsize=10)
+    fig.colorbar(im, ax=axes[0].tolist(), label="accuracy")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
 
 
 def plot_time(rows: list[dict], path: Path, labels: list[str]) -> None:
@@ -149,8 +182,7 @@ def write_report(report: dict, out: Path) -> list[Path]:
     """report.md, demo.json and the PNGs into ``out``; -> the files written."""
     out.mkdir(parents=True, exist_ok=True)
     labels = report["labels"]
-    grids = {m: g for m, g in report["niah"]["grids"].items()}
-    plot_heatmaps(grids, out / "niah.png")
+    plot_niah(report["niah"]["grids"], {labels[0]: report["dense_window"]}, out / "niah.png")
     plot_time(report["timing"]["rows"], out / "time.png", labels)
     plot_memory(report["timing"]["rows"], out / "memory.png", labels)
     plot_ppl(report["ppl"], out / "ppl.png")
