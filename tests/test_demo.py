@@ -171,3 +171,19 @@ def test_hybrid_context_is_checked(env, tmp_path, capsys):
     rc = main(["demo", "--model", str(env["dense"]), "--text", str(env["text"]), "--out", str(tmp_path), *FAST,
                "--lengths", "64K"])
     assert rc == 2 and "exceeds the hybrid's context" in capsys.readouterr().err
+
+
+def test_progress_without_a_terminal_prints_plain_lines():
+    import io
+
+    from rich.console import Console
+
+    from sala.demo.run import Display
+
+    ui = Display(quiet=False)
+    ui.err = Console(file=io.StringIO(), force_terminal=False)
+    with ui.progress() as bar:
+        task = bar.add_task("NIAH", total=2)
+        bar.update(task, description="NIAH dense 2K")
+        bar.advance(task)
+    assert "NIAH dense 2K: 1/2" in ui.err.file.getvalue()

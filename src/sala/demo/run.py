@@ -27,6 +27,27 @@ from sala.utils.corpus import heldout_path
 logger = logging.getLogger(__name__)
 
 
+class _PlainBar:
+    """rich.progress.Progress's add_task / update / advance as one printed line per step (logs, CI, nohup)."""
+
+    def __init__(self, console: Any) -> None:
+        self.console, self.tasks, self.t0 = console, {}, time.perf_counter()
+
+    def add_task(self, description: str, total: int) -> int:
+        self.tasks[len(self.tasks)] = [description, 0, total]
+        return len(self.tasks) - 1
+
+    def update(self, task: int, description: str | None = None, completed: int | None = None) -> None:
+        t = self.tasks[task]
+        t[0] = description or t[0]
+        t[1] = t[1] if completed is None else completed
+
+    def advance(self, task: int) -> None:
+        t = self.tasks[task]
+        t[1] += 1
+        self.console.print(f"[{time.perf_counter() - self.t0:6.0f} s] {t[0]}: {t[1]}/{t[2]}", highlight=False)
+
+
 class Display:
     """rich console output on stderr; everything but the final table is off when ``quiet``."""
 
@@ -44,6 +65,9 @@ class Display:
     def progress(self) -> Iterator[Any]:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        if not self.quiet and not self.err.is_terminal:  # a bar that redraws in place is unreadable in a log
+            yield _PlainBar(self.err)
+            return
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=self.err, disable=self.quiet, transient=False) as bar:
             yield bar
