@@ -18,6 +18,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-minutes", type=float, help="stop at the first step end past this many minutes (checkpointed)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field: model.student=DIR, data.train=[\"a.txt\"], stages.kl.tokens=1e6 ...")
+    p.add_argument("--profile-steps", type=int, default=0, help="profile this many steps of each stage (after 2 warm-up "
+                   "steps) with torch.profiler; tables in OUT/profile-<stage>.txt")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_from_args)
 
@@ -28,7 +30,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     from sala.train.recipe import parse_overrides
 
     cfg = TrainConfig(recipe=args.recipe, out=args.out, resume=args.resume, force=args.force, device=args.device,
-                      max_steps=args.max_steps, max_minutes=args.max_minutes, quiet=args.quiet, overrides=parse_overrides(args.set))
+                      max_steps=args.max_steps, max_minutes=args.max_minutes, profile_steps=args.profile_steps, quiet=args.quiet, overrides=parse_overrides(args.set))
     result = run_train(cfg)
     if not args.quiet:
         state = "finished" if result.finished else "stopped (resume with --resume)"

@@ -1,8 +1,9 @@
 """Process group and FSDP2 for training (torchrun or one process; NCCL on GPUs, gloo on CPU).
 
-Every run has a process group, one process included, so a single code path (FSDP2 ``fully_shard``) serves one CPU
-in CI and N GPUs alike. Units: each decoder layer's mixer and MLP (the alignment stage calls mixers on their own),
-then the root (embedding, final norm, lm_head, the layers' norms). The frozen teacher is sharded by decoder layer.
+Every run has a process group, one process included, so checkpoints (DCP) and metric reductions take one path.
+Several ranks shard with FSDP2 ``fully_shard``: each decoder layer's mixer and MLP (the alignment stage calls mixers on
+their own), then the root (embedding, final norm, lm_head, the layers' norms); the frozen teacher is sharded by
+decoder layer. One rank trains the plain module under autocast (FSDP2 would only add copies and DTensor dispatch).
 """
 
 from __future__ import annotations

@@ -56,6 +56,9 @@ class TrainConfig:
     """Stop (after a checkpoint) at the first step end past this many minutes of wall time (a job's time limit)."""
     quiet: bool = False
     """No progress bar."""
+    profile_steps: int = 0
+    """Profile this many optimizer steps (after 2 warm-up steps) of each stage with torch.profiler; the table of
+    kernel and operator times goes to ``out/profile-<stage>.txt`` (rank 0)."""
     overrides: dict[str, str] = field(default_factory=dict)
     """Recipe fields to replace, by dotted key (``model.student``, ``stages.kl.tokens``)."""
 
@@ -267,15 +270,21 @@ class Trainer:
         self.student = student
         self.student_dir = student_dir
         self.wrapper = StudentWithLoss(student).to(self.device)
+        # Several ranks: FSDP2 (bf16 compute, fp32 reduction). One rank: a plain module under autocast, since
+        # FSDP2 on one rank only adds copies and per-parameter DTensor dispatch (hundreds of adapter tensors).
+        self.sharded = self.info.world_size > 1
         policy = parallel.mixed_precision(self.dtype, self.device)
-        parallel.shard_student(self.wrapper, student.model.layers, policy)
+        if self.sharded:
+            parallel.shard_student(self.wrapper, student.model.layers, policy)
         self.teacher = None
         if r.model.teacher and any(s.loss in ("align", "kl") for s in r.stages):
-            teacher = load_teacher(r.model.teacher, torch.float32, self.device)
+            # the frozen teacher is stored in the compute dtype (bf16 on CUDA): half the memory and no casts
+            teacher = load_teacher(r.model.teacher, torch.float32 if self.sharded else self.dtype, self.device)
             self.teacher_weight = teacher.get_output_embeddings().weight.detach().to(self.dtype).clone()
             self.teacher_scale = logit_scale(teacher)
             self.teacher_linear = teacher  # for FLOP counts (shapes survive sharding)
-            parallel.shard_teacher(teacher, policy)
+            if self.sharded:
+                parallel.shard_teacher(teacher, policy)
             self.teacher = teacher
         from transformers import AutoTokenizer
 
@@ -360,7 +369,9 @@ class Trainer:
             bar = tqdm(total=total, initial=step, desc=f"{stage.name}", unit="step", dynamic_ncols=True)
         last_print, t_window, tok_window, steps_taken = time.time(), time.perf_counter(), 0, 0
         losses = []
+        profiler = None
         while step < total:
+            profiler = self._profile(stage, steps_taken, profiler)
             lr = lr_at(stage, step, total)
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -410,9 +421,36 @@ class Trainer:
                 return False, {}
         if bar is not None:
             bar.close()
+        if profiler is not None:
+            self._profile(stage, -1, profiler)
         self.steps_this_process += steps_taken
         return True, {"stage": stage.name, "steps": total, "tokens": tokens_done, "final_loss": losses[-1] if losses else None,
                       "trainable_params": n_trained, "flops_per_token": fpt}
+
+    def _profile(self, stage: StageConfig, steps_taken: int, profiler):
+        """Start torch.profiler after 2 warm-up steps; stop and write the table ``profile_steps`` later (or at -1)."""
+        n = self.cfg.profile_steps
+        if not n or not self.info.is_main:
+            return None
+        if profiler is None and steps_taken == 2:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            profiler = profile(activities=acts, record_shapes=False)
+            profiler.__enter__()
+            self._profile_start = time.perf_counter()
+        elif profiler is not None and (steps_taken == 2 + n or steps_taken == -1):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - self._profile_start
+            profiler.__exit__(None, None, None)
+            key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+            table = profiler.key_averages().table(sort_by=key, row_limit=45)
+            path = self.out / f"profile-{stage.name}.txt"
+            path.write_text(f"{stage.name}: {n} steps in {wall:.3f} s wall ({wall / n:.3f} s/step)\n{table}\n")
+            logger.info("profile of %d %s steps -> %s", n, stage.name, path)
+            return None
+        return profiler
 
     def _out_of_time(self, steps_taken: int) -> bool:
         """max_steps / max_minutes reached (rank 0 decides for all ranks, so they stop at the same step)."""
@@ -449,7 +487,8 @@ class Trainer:
             nll += loss.item() * count
             n += count
         self.wrapper.train()
-        self.wrapper.reshard()  # a no-grad forward leaves the FSDP root unsharded; optimizers and DCP need shards
+        if self.sharded:
+            self.wrapper.reshard()  # a no-grad forward leaves the FSDP root unsharded; optimizers and DCP need shards
         nll, n = parallel.all_reduce_sum([nll, n], self.device)
         result = {"student_ppl": math.exp(nll / n), "tokens": int(n), "seq_len": d.eval_seq_len}
         if self.teacher is not None and "teacher_ppl" not in getattr(self, "_teacher_eval", {}):
@@ -565,6 +604,8 @@ class Trainer:
 def run_train(cfg: TrainConfig) -> TrainResult:
     """Run ``cfg.recipe`` (one process, or each rank of a ``torchrun`` launch)."""
     info = parallel.init_distributed(cfg.device)
+    if info.device.type == "cuda":  # fp32 matmuls (the fused loss's logits) on tensor cores, as TF32
+        torch.backends.cuda.matmul.allow_tf32 = True
     try:
         recipe = load_recipe(cfg.recipe, {**cfg.overrides, "out": cfg.out})
         return Trainer(cfg, recipe, info).run()
