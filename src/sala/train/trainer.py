@@ -113,14 +113,12 @@ def select_trainable(model: SALAForCausalLM, groups: list[str], adapters: bool) 
     adapted = {n[: -len(".lora_A")] for n, _ in model.named_parameters() if n.endswith(".lora_A")}
     chosen = []
     for name, p in model.named_parameters():
-        mine = _group_of(name, model)
-        base_of_adapter = adapters and name.endswith(".weight") and name[: -len(".weight")] in adapted
-        is_adapter = "adapters" in mine
-        want = bool(mine & set(groups)) and not base_of_adapter
-        if adapters and is_adapter:
-            want = "adapters" in groups or bool((mine - {"adapters", "all"}) & set(groups)) or "all" in groups
-        if not adapters and is_adapter:
-            want = False
+        mine = _group_of(name, model)  # an adapter matrix is in "adapters" and in its layer's groups
+        if "adapters" in mine:
+            want = adapters and bool(mine & set(groups))
+        else:
+            base_of_adapter = name.endswith(".weight") and name[: -len(".weight")] in adapted
+            want = bool(mine & set(groups)) and not base_of_adapter
         p.requires_grad_(want)
         if want:
             chosen.append(name)
