@@ -75,7 +75,7 @@ def _demo_flags(p):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float16 | float32")
     p.add_argument("--threads", type=int, help="CPU threads for torch (1 can be faster on a busy machine)")
-    p.add_argument("--lengths", help="NIAH lengths (default 2K,6K,10K; --quick 512,1K)")
+    p.add_argument("--lengths", help="NIAH lengths (default 4K,9K: inside and past an 8K window; --quick 512,1K)")
     p.add_argument("--depths", help="NIAH needle depths in percent (default 50)")
     p.add_argument("--samples", type=int, help="needles per NIAH cell (default 1)")
     p.add_argument("--chat-prompts", type=int, help="built-in chat prompts to answer, 1-3 (default 3; --quick 1)")
@@ -84,7 +84,7 @@ def _demo_flags(p):
     p.add_argument("--prefill-max", help="longest context prefilled from real text; longer ones time decode on random "
                                          "caches (default 4K)")
     p.add_argument("--decode-steps", type=int, help="timed decode steps per context (default 4)")
-    p.add_argument("--time-budget", type=float, help="seconds for the sweep; later contexts are skipped (default 120)")
+    p.add_argument("--time-budget", type=float, help="seconds for the sweep; later contexts are skipped (default 90)")
     p.add_argument("--ppl-context", help="window of the held-out perplexity (default 1K)")
     p.add_argument("--ppl-windows", type=int, help="held-out windows per model (default 4)")
     p.add_argument("--text", help="text for haystack, perplexity and prefill (default: the held-out corpus)")

@@ -8,8 +8,8 @@ from dataclasses import dataclass, fields
 from sala.eval.scoring import parse_depths, parse_token_list
 
 # the full demo: a few minutes on 2 CPU cores (NIAH inside and past the 8K window of SmolLM2)
-FULL = dict(lengths="2K,6K,10K", depths="50", samples=1, chat_prompts=3, max_new_tokens=32,
-            time_contexts="512,1K,2K,4K,8K,16K,32K", prefill_max="4K", decode_steps=4, time_budget=120.0,
+FULL = dict(lengths="4K,9K", depths="50", samples=1, chat_prompts=3, max_new_tokens=32,
+            time_contexts="512,1K,2K,4K,8K,16K,32K", prefill_max="4K", decode_steps=4, time_budget=90.0,
             ppl_context="1K", ppl_windows=4)
 # --quick: well under a minute once the models are cached
 QUICK = dict(lengths="512,1K", depths="50", samples=1, chat_prompts=1, max_new_tokens=8,
@@ -49,7 +49,7 @@ class DemoConfig:
     quick: bool = False
     """Tiny lengths and few samples (CI): every ``None`` field below takes its ``QUICK`` value."""
     lengths: str | None = None
-    """NIAH context lengths in tokens, e.g. 2K,6K,10K (lengths past the dense model's window are run and marked)."""
+    """NIAH context lengths in tokens, e.g. 4K,9K (lengths past the dense model's window are run and marked)."""
     depths: str | None = None
     """NIAH needle depths in percent, e.g. 10,50,90."""
     samples: int | None = None

@@ -164,8 +164,9 @@ def random_cache(model: Any, length: int, seed: int) -> Any:
 @torch.no_grad()
 def time_context(model: Any, tokens: list[int], context: int, *, prefill: bool, decode_steps: int, chunk: int,
                  seed: int) -> dict:
-    """Prefill ``context`` real tokens (timed) or fill a random cache of that length, then time ``decode_steps``
-    one-token steps after one untimed step. -> prefill_s, decode_ms, cache_bytes, cache kind."""
+    """Prefill ``context`` real tokens (timed), or fill a random cache of ``context - decode_steps - 1`` tokens so
+    the steps end at ``context`` (a model whose window is ``context`` can run them); then time ``decode_steps``
+    one-token steps after one untimed step. -> prefill_s, decode_ms, cache_bytes (before the steps), cache kind."""
     dev = model_device(model)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -180,7 +181,7 @@ def time_context(model: Any, tokens: list[int], context: int, *, prefill: bool, 
         _sync(dev)
         prefill_s = time.perf_counter() - t0
     else:
-        cache = random_cache(model, context, seed)
+        cache = random_cache(model, max(1, context - decode_steps - 1), seed)
     size = cache_bytes(cache)
     step = torch.tensor([[tokens[context % len(tokens)]]], dtype=torch.long, device=dev)
     model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1)  # untimed: lazy set-up

@@ -209,12 +209,15 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def _check_hybrid_lengths(cfg: DemoConfig, dm: DemoModels) -> None:
-    """The dense model may run past its window (that is the point); the hybrid stays inside its context."""
+    """The dense model may run past its window (that is the point); the hybrid stays inside its context. Checked
+    before anything long runs: NIAH lengths, and the sweep's contexts plus the decode steps after a prefill."""
     limit = getattr(dm.hybrid.config, "max_position_embeddings", None)
-    longest = max(cfg.length_list + cfg.context_list)
-    if limit is not None and longest > limit:
-        raise ValueError(f"length {longest:,} (--lengths / --time-contexts) exceeds the hybrid's context {limit:,} "
-                         f"(the conversion's max_position_embeddings); use shorter lengths")
+    steps = cfg.decode_steps + 1
+    need = cfg.length_list + [c + steps if c <= cfg.prefill_max_tokens else c for c in cfg.context_list]
+    if limit is not None and max(need) > limit:
+        raise ValueError(f"{max(need):,} positions (--lengths, or --time-contexts plus {steps} decode steps after a "
+                         f"prefill) exceed the hybrid's context {limit:,} (the conversion's max_position_embeddings); "
+                         "use shorter lengths")
 
 
 def _tokens(tokenizer: Any, path: Path, need: int) -> list[int]:
