@@ -17,7 +17,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (checkpointed; --resume later)")
     p.add_argument("--max-minutes", type=float, help="stop at the first step end past this many minutes (checkpointed)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe field: model.student=DIR, data.train=[\"a.txt\"], stages.kl.tokens=1e6 ...")
+                   help="override a recipe field: model.student=DIR, data.train=[\"a.txt\"], stages.distill.tokens=2_000_000 ...")
     p.add_argument("--profile-steps", type=int, default=0, help="profile this many steps of each stage (after 2 warm-up "
                    "steps) with torch.profiler; tables in OUT/profile-<stage>.txt")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

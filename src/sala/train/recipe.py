@@ -284,14 +284,15 @@ def _build(cls, table: Any, where: str):
         raise RecipeError(f"{where} must be a table, got {type(table).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    prefix = f"{where}." if where else ""  # the top level (where == "") names keys bare: "seed", not ".seed"
     unknown = sorted(set(table) - set(fields))
     if unknown:
-        raise RecipeError(f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; {where} accepts "
+        raise RecipeError(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; {where or 'a recipe'} accepts "
                           f"{', '.join(sorted(fields))}")
     missing = [n for n, f in fields.items() if n not in table and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise RecipeError(f"missing required key(s) {', '.join(f'{where}.{k}' for k in missing)}")
+        raise RecipeError(f"missing required key(s) {', '.join(prefix + k for k in missing)}")
     kwargs = {}
     for k, v in table.items():
         if k in ("model", "data", "adapters", "stages") and cls is Recipe:
