@@ -95,6 +95,8 @@ def _prune(root: Path, keep: int) -> None:
     done = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob("step-*.tmp"):  # left by a killed save; the one just written is already renamed
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def latest_checkpoint(root: Path) -> Path | None:
