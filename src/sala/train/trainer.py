@@ -294,9 +294,10 @@ class Trainer:
         train = [resolve_path(p) for p in r.data.train]
         sft = [resolve_path(p) for p in r.data.sft]
         heldout = resolve_path(r.data.heldout) if r.data.heldout else None
-        for p in train + sft + ([heldout] if heldout else []):
-            if not p.exists():
-                raise RecipeError(f"data file {p} does not exist")
+        for key, paths in (("data.train", train), ("data.sft", sft), ("data.heldout", [heldout] if heldout else [])):
+            for p in paths:
+                if not p.exists():
+                    raise RecipeError(f"{key}: data file {p} does not exist")
         self.indexes = {}
         for key, files, is_sft in (("train", train, False), ("sft", sft, True), ("heldout", [heldout] if heldout else [], False)):
             if not files:
@@ -527,7 +528,7 @@ class Trainer:
             if r.adapters.enabled:
                 extra = self._ever_trained(model)
                 files = save_delta(self.out / "delta", model, extra_names=extra, base_fingerprint=self.fingerprint,
-                                   overwrite=True)
+                                   dtype=getattr(torch, r.model.dtype), overwrite=True)  # final/'s precision
                 paths["delta"] = [str(f) for f in files]
                 merge_lora(model)
             final, tmp = self.out / "final", self.out / "final.tmp"
@@ -548,6 +549,8 @@ class Trainer:
             tmp.replace(self.out / name)
 
     def run(self) -> TrainResult:
+        for stage in self.recipe.stages:  # a budget below one step fails now, not after the stages before it
+            stage.num_steps(self.info.world_size)
         latest = self.prepare_out()
         self.load_models()
         start, resume = 0, None
@@ -592,6 +595,9 @@ class Trainer:
                 self._write_json("evals.json", evals)
                 logger.info("after %s: held-out ppl %.3f (teacher %s)", stage.name, evals[stage.name]["student_ppl"],
                             evals[stage.name].get("teacher_ppl"))
+            if idx + 1 < len(self.recipe.stages) and self._out_of_time(0):  # ran out at this stage's last step
+                logger.info("stopped after %d steps (max_steps / max_minutes); resume with --resume", self.steps_this_process)
+                return TrainResult(out=self.out, finished=False, evals=evals)
         paths = self.export()
         if self.info.is_main:
             plot_losses(self.out / "metrics.jsonl", self.out / "loss_curves.png")
