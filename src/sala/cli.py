@@ -84,7 +84,7 @@ def _demo_flags(p):
     p.add_argument("--prefill-max", help="longest context prefilled from real text; longer ones time decode on random "
                                          "caches (default 4K)")
     p.add_argument("--decode-steps", type=int, help="timed decode steps per context (default 4)")
-    p.add_argument("--time-budget", type=float, help="seconds for the sweep; later contexts are skipped (default 90)")
+    p.add_argument("--time-budget", type=float, help="seconds the sweep may spend prefilling; later contexts time decode on random caches (default 90)")
     p.add_argument("--ppl-context", help="window of the held-out perplexity (default 1K)")
     p.add_argument("--ppl-windows", type=int, help="held-out windows per model (default 4)")
     p.add_argument("--text", help="text for haystack, perplexity and prefill (default: the held-out corpus)")

@@ -66,7 +66,8 @@ class DemoConfig:
     decode_steps: int | None = None
     """Timed decode steps per context (after one untimed step)."""
     time_budget: float | None = None
-    """Seconds the speed/memory sweep may take; contexts past it are skipped and listed in the report."""
+    """Seconds the sweep may spend prefilling: contexts reached after it time decode on random caches instead
+    (listed in the report); the decode-only contexts always run (a few steps each)."""
     ppl_context: str | None = None
     """Window of the held-out perplexity, e.g. 1K."""
     ppl_windows: int | None = None

@@ -133,8 +133,9 @@ def summary_rows(report: dict) -> list[list[str]]:
             refused = sum(1 for r in recs if sel(r) and r["correct"] is None)
             return f"{sum(done)}/{len(done)}" + (f" ({refused} refused)" if refused else "") if done or refused else "-"
 
-        inside = acc(lambda r: not r["past_window"])
-        past = acc(lambda r: r["past_window"])
+        # columns split by length at the dense model's window, for both models (the hybrid has no such limit)
+        inside = acc(lambda r: window is None or r["length"] <= window)
+        past = acc(lambda r: window is not None and r["length"] > window)
         ppl = next((r["ppl"] for r in report["ppl"] if r["model"] == m), None)
         t = next((r for r in report["timing"]["rows"] if r["model"] == m and r["context"] == last), None)
         rows.append([m, inside, past, _num(ppl, ".2f"), _num(t and t["decode_ms"], ".1f"),
@@ -160,10 +161,11 @@ def _markdown(report: dict) -> str:
         lines.append(f"**{c['prompt']}**\n")
         for m in lab:
             a = c["answers"][m]
-            lines.append(f"- *{m}* ({a['tokens']} tokens, {a['tokens_per_s']:.1f} tok/s): {a['answer'] or '(empty)'}")
+            text = " ".join(a["answer"].split()) or "(empty)"  # one line: answers with newlines break the list
+            lines.append(f"- *{m}* ({a['tokens']} tokens, {a['tokens_per_s']:.1f} tok/s): {text}")
         lines.append("")
     lines += ["## Needle in a haystack", "", report["niah"]["note"], "", "![niah](niah.png)", ""]
-    rows = [[r["model"], fmt_tokens(r["length"]), f"{r['depth']:g}%", r["value"], r["answer"][:60] or "-",
+    rows = [[r["model"], fmt_tokens(r["length"]), f"{r['depth']:g}%", r["value"], " ".join(r["answer"].split())[:60] or "-",
              "refused" if r["correct"] is None else ("yes" if r["correct"] else "no")] for r in report["niah"]["records"]]
     lines += [markdown_table(["model", "length", "depth", "needle", "answer", "correct"], rows), ""]
     lines += ["## Held-out perplexity", "", report["ppl_note"], "", "![ppl](ppl.png)", ""]
