@@ -100,15 +100,15 @@ def plot_time(rows: list[dict], path: Path, labels: list[str]) -> None:
 
 
 def plot_memory(rows: list[dict], path: Path, labels: list[str]) -> None:
-    """Cache bytes (K/V + compressed keys + Lightning states) vs context."""
+    """Cache bytes (K/V + compressed keys + Lightning states) vs context: the hybrid keeps K/V in its softmax
+    layers only and a fixed-size state in each Lightning layer."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for i, m in enumerate(labels):
         mine = sorted((r for r in rows if r["model"] == m), key=lambda r: r["context"])
         ax.plot([r["context"] for r in mine], [r["cache_bytes"] / 2**20 for r in mine], "o-", color=f"C{i}", label=m)
     ctx = sorted({r["context"] for r in rows})
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+    ax.set_xscale("log", base=2)  # linear y: the slopes (bytes per token) are the point
     ax.set_xticks(ctx, [fmt_tokens(c) for c in ctx])
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("cache MiB (K/V + states)")
