@@ -288,9 +288,9 @@ class Trainer:
 
         self.tokenizer = AutoTokenizer.from_pretrained(student_dir)
 
-    def prepare_data(self) -> None:
+    def data_files(self) -> tuple[list[Path], list[Path], Path | None]:
+        """(train, sft, heldout) paths, each checked to exist (before any model is loaded: a typo fails at once)."""
         r = self.recipe
-        cache = Path(r.data.cache_dir) if r.data.cache_dir else self.out / "tokens"
         train = [resolve_path(p) for p in r.data.train]
         sft = [resolve_path(p) for p in r.data.sft]
         heldout = resolve_path(r.data.heldout) if r.data.heldout else None
@@ -298,6 +298,12 @@ class Trainer:
             for p in paths:
                 if not p.exists():
                     raise RecipeError(f"{key}: data file {p} does not exist")
+        return train, sft, heldout
+
+    def prepare_data(self) -> None:
+        r = self.recipe
+        cache = Path(r.data.cache_dir) if r.data.cache_dir else self.out / "tokens"
+        train, sft, heldout = self.data_files()
         self.indexes = {}
         for key, files, is_sft in (("train", train, False), ("sft", sft, True), ("heldout", [heldout] if heldout else [], False)):
             if not files:
@@ -551,6 +557,7 @@ class Trainer:
     def run(self) -> TrainResult:
         for stage in self.recipe.stages:  # a budget below one step fails now, not after the stages before it
             stage.num_steps(self.info.world_size)
+        self.data_files()  # a missing file fails before anything is deleted or loaded
         latest = self.prepare_out()
         self.load_models()
         start, resume = 0, None
