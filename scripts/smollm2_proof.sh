@@ -10,7 +10,9 @@
 # Usage (repo root, PYTHONPATH=src):
 #   GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf RUN=/tmp/smol SPARSE=0,... bash scripts/smollm2_proof.sh 1
 #   GGUF=... RUN=/tmp/smol OUT=$OUT bash scripts/smollm2_proof.sh 2
-# Stage shares (seconds of the total): ALIGN_S, DISTILL_S, LONG_S.
+# Stage shares (seconds of the total): ALIGN_S, DISTILL_S, LONG_S. SPARSE=halo runs HALO layer selection on the GPU
+# first (8 of 30 layers, first and last forced) and converts with its choice; PROFILE=N writes torch.profiler tables
+# of N steps per stage of the calibration run ($RUN/calib/profile-<stage>.txt).
 set -euo pipefail
 export PYTHONPATH=${PYTHONPATH:-src}
 PHASE=${1:?phase 1 or 2}
@@ -18,6 +20,7 @@ GGUF=${GGUF:?path of SmolLM2-135M-Instruct.Q4_1.gguf}
 RUN=${RUN:-/tmp/smol}
 OUT=${OUT:-$RUN/out}
 SPARSE=${SPARSE:-0,4,8,12,16,20,25,29}
+PROFILE=${PROFILE:-0}
 ALIGN_S=${ALIGN_S:-90}
 DISTILL_S=${DISTILL_S:-560}
 LONG_S=${LONG_S:-100}
@@ -31,11 +34,18 @@ common=(--set "model.student=$RUN/converted" --set "model.teacher=$GGUF" --set "
 if [[ $PHASE == 1 ]]; then
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+    if [[ $SPARSE == halo ]]; then
+        echo "== HALO layer selection $(date +%T)"
+        $SALA select-layers --from "$GGUF" --out "$RUN/selection" --text data/text/train.txt --num-sparse 8 \
+            --device cuda --quiet 2>&1 | grep -vE "Warning|Loading|Converting" | tail -n 40
+        SPARSE=$(python3 -c "import json; print(','.join(map(str, json.load(open('$RUN/selection/layer_selection.json'))['sparse_layers'])))")
+        echo "HALO picked softmax layers $SPARSE"
+    fi
     echo "== convert $(date +%T)"
     $SALA convert --from "$GGUF" --out "$RUN/converted" --sparse-layers "$SPARSE" --z-proj-init zeros \
         --context 32768 --device cuda 2>&1 | grep -v Warning | tail -n 6
     echo "== calibrate $(date +%T)"
-    $SALA train smollm2 --out "$RUN/calib" --force --quiet "${common[@]}" \
+    $SALA train smollm2 --out "$RUN/calib" --force --quiet --profile-steps "$PROFILE" "${common[@]}" \
         --set stages.align.tokens=$((512 * 64 * 5)) --set stages.distill.tokens=$((2048 * 16 * 6)) \
         --set stages.long.tokens=$((8192 * 4 * 4)) --set data.eval_windows=2 2>&1 | grep -E "stage|ppl|Error|error" || true
     python3 - "$RUN" <<'EOF'
