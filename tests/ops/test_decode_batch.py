@@ -155,22 +155,40 @@ def test_decode_batch_selection_reads_each_rows_slot():
             assert torch.equal(idx[h, t, :n].long(), ref.long()), f"row {t} head {h}"
 
 
+class _GridSpy:
+    """Stands in for a Triton kernel: records each launch grid, then launches the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return self.kernel[grid]
+
+
 @pytest.mark.parametrize("dense_len", [DENSE_LEN, None], ids=["sparse-model", "dense-model"])
-def test_decode_batch_single_row_splits_by_its_own_length(dense_len):
+def test_decode_batch_single_row_splits_by_its_own_length(dense_len, monkeypatch):
     """Batch 1 in a large cache: the LSE and attention work is split over several programs sized for the
     capacity, and each program re-splits the row's own (shorter) lists; the merge must equal the reference."""
-    from sala.ops.infllm_v2.topk import num_sms
+    from sala.ops.infllm_v2 import sparse_attn, topk
 
     S, C, H, Hkv, D = 2, 1600, 4, 2, 16
     keys, values = _slots(S, C, Hkv, D, torch.float32, seed=13)
     ck1, ck2 = _full_compression(keys, C) if dense_len else (None, None)
     q = torch.randn(1, H, D, generator=torch.Generator().manual_seed(14)).to(DEV)
+    lse, attn = _GridSpy(topk._stage1_lse_kernel), _GridSpy(sparse_attn._sparse_token_kernel)
     for p in (1000, 150, 40):
         slot, pos = torch.tensor([1], device=DEV), torch.tensor([p], device=DEV)
-        got = decode_attention_batch(q, keys, values, ck1, ck2, slot, pos, P, 0.25, dense_len, backend="triton")
+        with monkeypatch.context() as m:
+            m.setattr(topk, "_stage1_lse_kernel", lse)
+            m.setattr(sparse_attn, "_sparse_token_kernel", attn)
+            got = decode_attention_batch(q, keys, values, ck1, ck2, slot, pos, P, 0.25, dense_len, backend="triton")
         ref = decode_attention_batch(q, keys, values, ck1, ck2, slot, pos, P, 0.25, dense_len, backend="naive")
         assert_close(got, ref, 1e-5, f"position {p}")
-    assert 4 * num_sms(q.device) // Hkv > 1  # the capacity-sized split is really > 1 program here
+    # the capacity-sized split really runs > 1 program per (row, KV head): the grids' last axis
+    assert len(attn.grids) == 3 and all(g[:2] == (1, Hkv) and g[2] > 1 for g in attn.grids), attn.grids
+    if dense_len:
+        assert len(lse.grids) == 3 and all(g[2] > 1 for g in lse.grids), lse.grids
 
 
 def test_decode_batch_errors():

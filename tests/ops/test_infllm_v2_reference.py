@@ -16,7 +16,7 @@ from sala.ops import (
     stage1_block_scores,
 )
 from sala.ops.infllm_v2 import InfLLMv2Params, num_windows
-from sala.utils.testing import assert_close
+from sala.utils.testing import assert_close, rel_l2
 
 P = InfLLMv2Params(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, local_blocks=2, topk=3)
 
@@ -153,13 +153,21 @@ def test_block_sparse_attention_matches_oracle(L, T):
 
 
 def test_sparse_equals_dense_when_all_blocks_fit():
-    """A query whose block index is below K_sel selects every past block: InfLLM-v2 == dense causal (spec §5.5.5)."""
-    L = 80  # 5 blocks of 16 = K_sel
+    """A query whose block index is below K_sel selects every past block: InfLLM-v2 == dense causal (spec §5.5.5).
+
+    Runs the selecting path itself (stage 1, select, block-sparse), not the entry's dense routing of such queries,
+    over 10 blocks: the first 5 blocks' queries keep every block and match dense; later ones really drop blocks."""
+    L, easy = 160, 80  # 10 blocks of 16; K_sel = topk + local_blocks = 5 blocks
     q, k, v = _rand(L, 4, 8, seed=6), _rand(L, 2, 8, seed=7), _rand(L, 2, 8, seed=8)
     pos = torch.arange(L)
-    o_sparse = infllm_v2_attention(q, k, v, compress_keys(k, 8, 4), compress_keys(k, 32, 16), pos, P, 0.3)
+    idx = select_blocks(stage1_block_scores(q, compress_keys(k, 8, 4), compress_keys(k, 32, 16), pos, P, 0.3), pos, L, P)
+    kept = (idx >= 0).sum(-1)  # [Hkv, T] blocks each query attends to
+    assert torch.equal(kept[:, :easy], (pos[:easy] // 16 + 1).expand(2, -1))  # every past block
+    assert (kept[:, easy:] < (pos[easy:] // 16 + 1)).all()  # the sparse path drops blocks past the prefix
+    o_sparse = block_sparse_attention(q, k, v, idx, pos, 16, 0.3)
     o_dense = dense_causal_attention(q[None], k[None], v[None], None, 0.3)[0]
-    assert_close(o_sparse, o_dense, 1e-12)
+    assert_close(o_sparse[:easy], o_dense[:easy], 1e-12)
+    assert rel_l2(o_sparse[easy:], o_dense[easy:]) > 1e-2  # and those queries really differ from dense
 
 
 def test_dense_causal_with_left_padding_matches_unpadded():
