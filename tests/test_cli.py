@@ -96,7 +96,7 @@ def test_console_script_entry_point():
     assert r.returncode == 0 and "generate" in r.stdout
 
 
-def test_decode_attention_flag(capsys):
+def test_decode_attention_flag(capsys, monkeypatch):
     """--decode-attention reaches the engine (fused/pieces/auto), --fused-decode stays an alias, bad values exit 2."""
     from sala.engine.types import EngineConfig, fused_flag
 
@@ -108,8 +108,14 @@ def test_decode_attention_flag(capsys):
         fused_flag("graph")
     with pytest.raises(ValueError, match="fused_attention must be True, False or None"):
         EngineConfig(fused_attention="yes")
-    code, out, err = run(capsys, "generate", "--demo", "--prompt", "Hi", "--max-tokens", "4", "--decode-attention", "fused", "--quiet")
-    assert code == 0 and out.strip()
+    from sala.engine.runner import ModelRunner
+
+    runners, init = [], ModelRunner.__init__
+    monkeypatch.setattr(ModelRunner, "__init__", lambda self, *a, **kw: runners.append(self) or init(self, *a, **kw))
+    for mode, fused in (("fused", True), ("pieces", False)):
+        code, out, err = run(capsys, "generate", "--demo", "--prompt", "Hi", "--max-tokens", "4", "--decode-attention", mode, "--quiet")
+        assert code == 0 and out.strip()
+        assert len(runners) == 1 and runners.pop().fused is fused  # the engine's runner decodes as asked
     with pytest.raises(SystemExit) as e:
         parser.parse_args(["generate", "--demo", "--prompt", "x", "--decode-attention", "graph"])
     assert e.value.code == 2

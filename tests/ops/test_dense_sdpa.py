@@ -27,8 +27,15 @@ def test_sdpa_matches_reference(T, L, padded):
     assert_close(got[rows], ref[rows], 1e-5)
 
 
-def test_entry_dispatches_to_sdpa_under_triton_backend():
+def test_entry_dispatches_to_sdpa_under_triton_backend(monkeypatch):
+    """backend="triton" runs the SDPA path (one call, same result as the reference); "naive" never reaches it."""
+    import sala.ops.infllm_v2.dense as dense
+
+    calls = []
+    monkeypatch.setattr(dense, "sdpa_dense_causal_attention", lambda *a: calls.append(a) or sdpa_dense_causal_attention(*a))
     q, k = torch.randn(1, 5, 4, 16), torch.randn(1, 12, 2, 16)
-    a = dense_causal_attention(q, k, k, None, 0.3, backend="triton")
     b = dense_causal_attention(q, k, k, None, 0.3, backend="naive")
+    assert not calls
+    a = dense_causal_attention(q, k, k, None, 0.3, backend="triton")
+    assert len(calls) == 1 and calls[0][0] is q
     assert_close(a, b, 1e-5)

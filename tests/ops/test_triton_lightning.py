@@ -19,6 +19,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
+def _rtol(dtype: torch.dtype, result: torch.Tensor) -> float:
+    """Tolerance for ``result`` of a run on ``dtype`` inputs. CUDA feeds 16-bit inputs to bf16 dots (the fp32
+    state rounded for them): the input dtype's tolerance. The CPU interpreter runs every dot in fp32 on the
+    rounded inputs, so only the result's own rounding remains: fp32 results (measured <= 2e-7 at bf16 inputs)
+    get the fp32 tolerance, bf16 results (measured <= 3.6e-3, bf16 rounding) the bf16 one."""
+    return RTOL[dtype] if DEVICE == "cuda" else RTOL[result.dtype]
+
+
 def _chunk():
     from sala.ops.lightning.chunk import triton_chunk_lightning
 
@@ -58,8 +66,8 @@ def test_chunk_forward_matches_reference(B, T, K, V, seg, with_h0, dtype):
     o, final = _chunk()(q, k, v, slopes, K**-0.5, h0, True, None, torch.float32, seg_chunks=seg)
     ro, rf = _reference(q, k, v, slopes, K**-0.5, h0)
     assert o.dtype == torch.float32 and final.dtype == torch.float32
-    assert_close(o, ro, RTOL[dtype], "o")
-    assert_close(final, rf, RTOL[dtype], "final_state")
+    assert_close(o, ro, _rtol(dtype, o), "o")
+    assert_close(final, rf, _rtol(dtype, final), "final_state")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -73,8 +81,8 @@ def test_chunk_varlen_matches_reference(seg, with_h0, dtype):
     o, final = _chunk()(q, k, v, slopes, 0.3, h0, True, cu, dtype, seg_chunks=seg)
     ro, rf = _reference(q, k, v, slopes, 0.3, h0, cu)
     assert o.dtype == dtype
-    assert_close(o, ro, RTOL[dtype], "o")
-    assert_close(final, rf, RTOL[dtype], "final_state")
+    assert_close(o, ro, _rtol(dtype, o), "o")
+    assert_close(final, rf, _rtol(dtype, final), "final_state")
     if not with_h0:  # the empty sequence's final state is its (zero) initial state
         assert torch.count_nonzero(final[2]) == 0
 
@@ -85,7 +93,7 @@ def test_entry_dispatches_to_triton_and_drops_final_state():
     o, final = chunk_lightning(q, k, v, slopes, 0.2, h0, output_final_state=False, backend="triton")
     assert final is None and o.dtype == torch.bfloat16
     ro, _ = _reference(q, k, v, slopes, 0.2, h0)
-    assert_close(o, ro, RTOL[torch.bfloat16], "o")
+    assert_close(o, ro, _rtol(torch.bfloat16, o), "o")
 
 
 def test_chunked_prefill_carries_state():
@@ -123,10 +131,10 @@ def test_chunk_backward_matches_reference(B, T, cu, seg, dtype):
     ro, rf = chunk_lightning(*ref[:3], slopes, 0.3, ref[3], True, cu_t, backend="naive")
     ((ro * do.double()).sum() + (rf * dht.double()).sum()).backward()
 
-    assert_close(o, ro, RTOL[dtype], "o")
+    assert_close(o, ro, _rtol(dtype, o), "o")
     for name, a, b in zip(("dq", "dk", "dv", "dh0"), ours, ref):
         assert a.grad.dtype == a.dtype
-        assert_close(a.grad, b.grad, RTOL[dtype], name)
+        assert_close(a.grad, b.grad, _rtol(dtype, a.grad), name)
 
 
 @pytest.mark.parametrize("use", ["o", "final"])
@@ -166,7 +174,7 @@ def test_step_matches_recurrence_and_updates_state_in_place(N, K, V, dtype):
     o = torch.stack(outs, 1)
     assert o.dtype == dtype
     # the output is rounded to ``dtype``; the state stays fp32
-    assert_close(o, ro, RTOL[dtype], "o")
+    assert_close(o, ro, _rtol(dtype, o), "o")
     assert_close(state, rf, 1e-5, "state")
 
 
@@ -195,8 +203,8 @@ def test_prefill_then_step_equals_longer_prefill():
     _, state = _chunk()(q[:, :80], k[:, :80], v[:, :80], slopes, 0.2, None, True, None, torch.float32)
     o_step = lightning_step(q[:, 80], k[:, 80], v[:, 80], slopes, 0.2, state, torch.float32, backend="triton")
     ro, rf = _reference(q, k, v, slopes, 0.2, None)
-    assert_close(o_step, ro[:, 80], 1e-2, "o")
-    assert_close(state, rf, 1e-2, "state")
+    assert_close(o_step, ro[:, 80], _rtol(torch.bfloat16, o_step), "o")
+    assert_close(state, rf, _rtol(torch.bfloat16, state), "state")
 
 
 def test_step_rejects_non_contiguous_state():
@@ -225,7 +233,7 @@ def test_step_with_state_rows_steps_only_those_rows(backend, dtype):
     before, ptr = pool.clone(), pool.data_ptr()
     o = lightning_step(q, k, v, slopes, 0.7, pool, dtype, backend=backend, state_rows=rows)
     assert pool.data_ptr() == ptr and o.shape == (N, H, V) and o.dtype == dtype
-    assert_close(o, want[0][:, 0], RTOL[dtype], "o")
+    assert_close(o, want[0][:, 0], _rtol(dtype, o), "o")
     assert_close(pool[rows], want[1], 1e-5, "stepped rows")
     others = [s for s in range(S) if s not in rows.tolist()]
     assert torch.equal(pool[others], before[others])
