@@ -96,12 +96,25 @@ def test_selection_is_deterministic(sources, selection):
     assert all(torch.equal(again.students[k], first.students[k]) for k in first.students)
 
 
-def test_more_layers_forced_and_ranked(sources):
-    res = run_select_layers(SelectConfig(source=str(sources["minicpm"]), num_sparse=3, **FAST))
-    assert res.forced_layers == [0, 3] and len(res.sparse_layers) == 3
-    middle = [layer for layer in res.layers if layer.layer in (1, 2)]
-    chosen = [layer.layer for layer in middle if layer.sparse]
-    assert chosen == [max(middle, key=lambda l: (l.score, -l.layer)).layer]
+def test_more_layers_forced_and_ranked(sources, monkeypatch):
+    """A middle layer is chosen by its score. The random sources' recall is noise (single-swap drops ~1e-3 nats),
+    so M(2) is made to lose one nat of answer log-prob (its LM loss untouched) and eps = 0.1 keeps noise-level
+    general drops from blowing scores up to the cap: layer 2 must win on score, against the tie-break to layer 1."""
+    import sala.convert.select as select
+
+    probe = select.probe_single_swaps
+
+    def worse_recall_at_2(*args, **kwargs):
+        base, swaps = probe(*args, **kwargs)
+        swaps[2] = {**swaps[2], "recall": swaps[2]["recall"] - 1.0}
+        return base, swaps
+
+    monkeypatch.setattr(select, "probe_single_swaps", worse_recall_at_2)
+    res = run_select_layers(SelectConfig(source=str(sources["minicpm"]), num_sparse=3, eps=0.1, **FAST))
+    assert res.forced_layers == [0, 3] and res.sparse_layers == [0, 2, 3]
+    one, two = res.layers[1], res.layers[2]
+    assert two.sparse and not two.forced and not one.sparse and two.recall_drop > 0.99
+    assert two.score == pytest.approx(two.recall_drop / (two.general_drop + 0.1)) and two.score > 10 * one.score
 
 
 def test_convert_select_auto_uses_aligned_students(sources, tmp_path):

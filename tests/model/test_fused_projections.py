@@ -116,7 +116,12 @@ def test_autocast_mixed_residual_dtypes(tiny_sparse_config, monkeypatch):
     model = _model(tiny_sparse_config, seed=8)
     ids = _ids(tiny_sparse_config, B=1, T=20)
     seen, add_norm = set(), modeling.residual_rms_norm
-    monkeypatch.setattr(modeling, "residual_rms_norm", lambda h, y, *a, **k: seen.add((h.dtype, y.dtype)) or add_norm(h, y, *a, **k))
+
+    def spy(h, y, *args, **kwargs):
+        seen.add((h.dtype, y.dtype))
+        return add_norm(h, y, *args, **kwargs)
+
+    monkeypatch.setattr(modeling, "residual_rms_norm", spy)
     with torch.no_grad():
         want = model(ids).logits  # fp32 throughout
         with torch.autocast("cpu", dtype=torch.bfloat16):
