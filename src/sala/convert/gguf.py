@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sala.convert.adapters import ConversionError, UnsupportedArchitectureError
+from sala.utils.env import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +62,7 @@ class GGUFSource:
 
 def cache_root() -> Path:
     """Where GGUF sources are materialised: ``$SALA_CACHE_DIR/gguf``, default ``~/.cache/sala/gguf``."""
-    base = os.environ.get("SALA_CACHE_DIR", "").strip()
-    return (Path(base).expanduser() if base else Path.home() / ".cache" / "sala") / "gguf"
+    return cache_dir() / "gguf"
 
 
 def _check_magic(file: Path) -> None:

@@ -30,6 +30,8 @@ import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sala.utils import env
+
 logger = logging.getLogger(__name__)
 
 PACKAGE = "python3.11-doc"
@@ -38,7 +40,6 @@ CHANGELOG = "usr/share/doc/python3.11-doc/changelog.Debian.gz"
 DOC_SEPARATOR = "\f"
 SPLIT_RULE = "files sorted by relative path; index i -> heldout iff i % 10 == 9, else train"
 FORMAT_VERSION = 1  # bump when the converter or the layout changes: cached corpora are rebuilt
-ENV_VAR = "SALA_CORPUS_DIR"
 _MISSING_HINT = "run `bash scripts/bootstrap.sh` or `python -m sala.utils.corpus` to create it"
 
 
@@ -538,9 +539,9 @@ def _build(out: Path, root: Path) -> CorpusInfo:
 def default_corpus_dir() -> Path:
     """``$SALA_CORPUS_DIR``, else ``<repo>/data/text`` in a checkout (a ``pyproject.toml`` above the package),
     else ``~/.cache/sala/text``."""
-    env = os.environ.get(ENV_VAR)
-    if env:
-        return Path(env).expanduser()
+    forced = env.corpus_dir()
+    if forced is not None:
+        return forced
     for base in Path(__file__).resolve().parents:
         if (base / "pyproject.toml").is_file():
             return base / "data" / "text"

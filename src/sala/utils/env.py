@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 BACKENDS = ("auto", "naive", "triton")
 
@@ -31,3 +32,16 @@ def sparse_backward() -> str:
 def triton_interpret() -> bool:
     """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cache_dir() -> Path:
+    """Root of sala's caches (dequantised GGUF sources, the demo's conversions): ``SALA_CACHE_DIR``, default
+    ``~/.cache/sala``."""
+    base = os.environ.get("SALA_CACHE_DIR", "").strip()
+    return Path(base).expanduser() if base else Path.home() / ".cache" / "sala"
+
+
+def corpus_dir() -> Path | None:
+    """The text corpus folder forced by ``SALA_CORPUS_DIR`` (None: the default location)."""
+    value = os.environ.get("SALA_CORPUS_DIR", "").strip()
+    return Path(value).expanduser() if value else None
