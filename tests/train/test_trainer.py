@@ -256,6 +256,7 @@ def test_teacher_on_packed_rows_sees_separate_documents(tiny, tmp_path):
     assert [i for i in range(pos.numel()) if pos[i] == 0] == cu[:-1]  # the student's segments == the restarts
     stub = types.SimpleNamespace(teacher=teacher, dtype=torch.float32, device=torch.device("cpu"),
                                  teacher_weight=teacher.lm_head.weight, teacher_scale=logit_scale(teacher))
+    stub._autocast = lambda: Trainer._autocast(stub)
     batch = {"input_ids": b.input_ids, "labels": b.labels, "position_ids": b.position_ids, "cu_seqlens": b.cu_seqlens}
     packed = Trainer._teacher_outputs(stub, stage, batch)
     n_layers = len(teacher.model.layers)

@@ -157,16 +157,16 @@ class StudentWithLoss(nn.Module):
         model = self.student
         N = batch["input_ids"].shape[1]
         layout = SALAModel._packed_layout(batch["cu_seqlens"], 1, N, batch["input_ids"].device)
-        losses = []
-        for i, layer in enumerate(model.model.layers):
-            if layer.is_sparse:
-                continue
-            x = teacher["x"][i].reshape(1, N, -1).detach()
-            rope = rope_cos_sin(layout.positions, model.config.head_dim, model.config.rope_theta, x.dtype)
-            y = layer.self_attn(x, layout, rope, None)
-            losses.append(alignment_mse(y, teacher["y"][i].reshape(1, N, -1).detach()))
-        if not losses:
+        lightning = [i for i, layer in enumerate(model.model.layers) if not layer.is_sparse]
+        if not lightning:
             raise RecipeError("an align stage needs Lightning layers, and this student has none")
+        dtype = teacher["x"][lightning[0]].dtype  # every layer's input has the teacher's compute dtype
+        rope = rope_cos_sin(layout.positions, model.config.head_dim, model.config.rope_theta, dtype)  # once per batch
+        losses = []
+        for i in lightning:
+            x = teacher["x"][i].reshape(1, N, -1).detach()
+            y = model.model.layers[i].self_attn(x, layout, rope, None)
+            losses.append(alignment_mse(y, teacher["y"][i].reshape(1, N, -1).detach()))
         return torch.stack(losses).mean()
 
 
@@ -226,6 +226,7 @@ class Trainer:
         self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=info.is_main)
         self.show_bar = info.is_main and not cfg.quiet and sys.stderr.isatty()
         self.started = time.time()
+        self.teacher_eval: dict = {}  # the teacher's held-out ppl, measured once per process
 
     # ---- set-up --------------------------------------------------------------------------------------------------
     def prepare_out(self) -> Path | None:
@@ -280,7 +281,6 @@ class Trainer:
             teacher = load_teacher(r.model.teacher, torch.float32 if self.sharded else self.dtype, self.device)
             self.teacher_weight = teacher.get_output_embeddings().weight.detach().to(self.dtype).clone()
             self.teacher_scale = logit_scale(teacher)
-            self.teacher_linear = teacher  # for FLOP counts (shapes survive sharding)
             if self.sharded:
                 parallel.shard_teacher(teacher, policy)
             self.teacher = teacher
@@ -318,13 +318,17 @@ class Trainer:
         return {"input_ids": b.input_ids.to(self.device), "labels": b.labels.to(self.device),
                 "position_ids": b.position_ids.to(self.device), "cu_seqlens": b.cu_seqlens.to(self.device)}
 
+    def _autocast(self):
+        """Mixed precision on CUDA (the recipe's dtype); a no-op on CPU, which computes in fp32."""
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda")
+
     def _teacher_outputs(self, stage: StageConfig, batch: dict) -> dict | None:
         if stage.loss not in ("align", "kl"):
             return None
         rows = stage.micro_batch
         ids = batch["input_ids"].view(rows, -1)
         pos = batch["position_ids"].view(rows, -1)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda"):
+        with self._autocast():
             out = teacher_forward(self.teacher, ids, pos, attention_io=stage.loss == "align")
         return {"hidden": out["hidden"].reshape(-1, out["hidden"].shape[-1]), "x": out["x"], "y": out["y"],
                 "weight": self.teacher_weight, "scale": self.teacher_scale}
@@ -362,7 +366,7 @@ class Trainer:
             loader.load_state_dict(state["rank"]["loader"])
             ckpt.set_rng_state(state["rank"]["rng"])
         n_trained = sum(p.numel() for n, p in self.student.named_parameters() if n in set(trained))
-        fpt = flops_per_token(stage, self.student, getattr(self, "teacher_linear", None))
+        fpt = flops_per_token(stage, self.student, self.teacher)  # DTensor numel is the global size: sharding-proof
         logger.info("stage %s (%d/%d): loss %s, %d optimizer steps of %d tokens, %.2fM trainable parameters, "
                     "sparse attention %s", stage.name, idx + 1, len(self.recipe.stages), stage.loss, total,
                     stage.tokens_per_step(world), n_trained / 1e6, "on" if stage.sparse_attention else "off")
@@ -384,7 +388,7 @@ class Trainer:
             for _ in range(stage.grad_accum):
                 batch = self._batch(next(it))
                 teacher = self._teacher_outputs(stage, batch)
-                with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda"):
+                with self._autocast():
                     loss, _ = self.wrapper(stage.loss, batch, teacher, chunk=stage.kl_chunk,
                                            temperature=stage.temperature)
                 (loss / stage.grad_accum).backward()
@@ -487,7 +491,7 @@ class Trainer:
         for row in mine:
             ids = row[None].to(self.device)
             batch = {"input_ids": ids, "labels": ids, "cu_seqlens": torch.tensor([0, ids.shape[1]], device=self.device)}
-            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda"):
+            with self._autocast():
                 loss, count = self.wrapper("ce", batch)
             nll += loss.item() * count
             n += count
@@ -496,17 +500,17 @@ class Trainer:
             self.wrapper.reshard()  # a no-grad forward leaves the FSDP root unsharded; optimizers and DCP need shards
         nll, n = parallel.all_reduce_sum([nll, n], self.device)
         result = {"student_ppl": math.exp(nll / n), "tokens": int(n), "seq_len": d.eval_seq_len}
-        if self.teacher is not None and "teacher_ppl" not in getattr(self, "_teacher_eval", {}):
+        if self.teacher is not None and not self.teacher_eval:
             tnll = tn = 0.0
             for row in mine:
                 ids = row[None].to(self.device)
-                with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda"):
+                with self._autocast():
                     out = self.teacher(input_ids=ids, labels=ids, use_cache=False)
                 tnll += out.loss.item() * (ids.shape[1] - 1)
                 tn += ids.shape[1] - 1
             tnll, tn = parallel.all_reduce_sum([tnll, tn], self.device)
-            self._teacher_eval = {"teacher_ppl": math.exp(tnll / tn)}
-        result.update(getattr(self, "_teacher_eval", {}))
+            self.teacher_eval = {"teacher_ppl": math.exp(tnll / tn)}
+        result.update(self.teacher_eval)
         return result
 
     # ---- export --------------------------------------------------------------------------------------------------
