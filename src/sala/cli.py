@@ -365,6 +365,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # an EngineError (e.g. non-finite logits): says why, exits non-zero
+        from sala.engine.types import EngineError
+
+        if not isinstance(e, EngineError) or args.verbose >= 2:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -86,7 +86,18 @@ def test_banned_tokens_are_never_picked():
 @pytest.mark.parametrize("kw, match", [
     (dict(temperature=-0.1), "temperature"), (dict(top_k=-1), "top_k"), (dict(repetition_penalty=0), "repetition_penalty"),
     (dict(stop=[""]), "stop strings"), (dict(stop_token_ids=[-1]), "stop_token_ids"), (dict(min_tokens=5, max_tokens=2), "min_tokens"),
+    (dict(temperature=float("inf")), "temperature must be a finite number"), (dict(temperature=float("nan")), "temperature"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty must be a finite number"),
 ])
 def test_bad_sampling_params(kw, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kw)
+
+
+def test_tiny_temperature_is_greedy_not_the_last_token():
+    """issue 17 item 5: temperature 1e-300 overflowed logits / T to inf/NaN and always picked the last vocab id."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(3))
+    for t in (1e-300, 1e-30, 1e-6):
+        p = SamplingParams(temperature=t)
+        assert p.greedy
+        assert draw(logits, [p] * 3, [0, 1, 2]) == logits.argmax(-1).tolist()

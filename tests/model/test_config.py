@@ -77,6 +77,13 @@ def test_partial_sparse_config_falls_back_to_defaults():
         (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling"),
         (dict(vocab_size=0), "vocab_size must be a positive integer"),
         (dict(num_hidden_layers=4), "mixer_types is required"),
+        # issue 17 item 5: these loaded and then produced NaN logits (or ZeroDivisionError)
+        (dict(rms_norm_eps=-1e-6), r"rms_norm_eps must be a finite number > 0, got -1e-06"),
+        (dict(rope_theta=0), "rope_theta must be a finite number > 0, got 0"),
+        (dict(scale_emb=float("nan")), "scale_emb must be a finite number > 0, got nan"),
+        (dict(scale_depth=float("inf")), "scale_depth must be a finite number > 0"),
+        (dict(dim_model_base=0), "dim_model_base must be a finite number > 0, got 0"),
+        (dict(lightning_scale=float("nan")), "lightning_scale must be"),
     ],
 )
 def test_invalid_configs_raise_specific_errors(overrides, message):

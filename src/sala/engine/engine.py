@@ -29,7 +29,8 @@ from sala.engine.planner import MemoryPlan, plan_memory
 from sala.engine.runner import ModelRunner
 from sala.engine.sampling import make_generator, sample
 from sala.engine.scheduler import Scheduler
-from sala.engine.types import EngineConfig, FinishReason, RequestError, RequestOutput, SamplingParams
+from sala.engine.types import (EngineConfig, FinishReason, NonFiniteLogitsError, RequestError, RequestOutput,
+                               SamplingParams)
 from sala.model import SALAForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class Completion:
     finish_reason: FinishReason
     ttft: float
     latency: float
+    error: str | None = None
+    """Why the request failed (finish_reason ERROR), e.g. non-finite logits."""
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -73,11 +76,12 @@ class _Live:
     first_token: float | None = None
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
+    error: str | None = None
 
     def completion(self, reason: FinishReason) -> Completion:
         return Completion(self.request_id, self.prompt_ids, self.output_ids, self.text, reason,
                           self.first_token if self.first_token is not None else float("nan"),
-                          time.perf_counter() - self.arrival)
+                          time.perf_counter() - self.arrival, self.error)
 
 
 class Engine:
@@ -199,8 +203,10 @@ class Engine:
         for out in outputs:
             live = self._live[out.request_id]
             reason = finished.get(out.request_id)
+            if out.error is not None:
+                reason = FinishReason.ERROR  # the scheduler freed it as stopped
             if reason is not None:
-                if live.stream is not None:
+                if live.stream is not None and out.error is None:
                     tail = live.stream.flush()
                     out.text += tail
                     live.text += tail
@@ -215,12 +221,30 @@ class Engine:
     def _sample(self, rows: list[tuple[_Live, torch.Tensor]]) -> tuple[list[RequestOutput], set[str]]:
         if not rows:
             return [], set()
+        logits = torch.cat([lg for _, lg in rows])  # [N, V]
+        # NaN/inf logits (non-finite weights, an overflow) would be sampled as an arbitrary id and stream garbage with
+        # success; such a row ends its request with an error instead, the others go on (issue 17 item 5)
+        finite = torch.isfinite(logits).all(dim=-1).tolist()  # [N]; a host sync, like the tokens' below
+        outputs, stopped = [], set()
+        for (live, _), ok in zip(rows, finite):
+            if not ok:
+                live.error = (f"the model produced non-finite logits (NaN/inf) for request {live.request_id} at output "
+                              f"token {len(live.output_ids)}; check the checkpoint's weights (sala convert/train "
+                              "--check-weights) and its config's scales")
+                logger.error("%s", live.error)
+                stopped.add(live.request_id)
+                outputs.append(RequestOutput(live.request_id, [], "", prompt_tokens=len(live.prompt_ids),
+                                             completion_tokens=len(live.output_ids), error=live.error))
+        if stopped:
+            keep = [i for i, ok in enumerate(finite) if ok]
+            rows, logits = [rows[i] for i in keep], logits[keep]
+        if not rows:
+            return outputs, stopped
         lives = [lv for lv, _ in rows]
         banned = [sorted(lv.stop_ids) if len(lv.output_ids) < lv.params.min_tokens else [] for lv in lives]
-        tokens = sample(torch.cat([lg for _, lg in rows]), [lv.params for lv in lives], [lv.generator for lv in lives],
-                        [lv.seen for lv in lives], banned)
+        tokens = sample(logits, [lv.params for lv in lives], [lv.generator for lv in lives], [lv.seen for lv in lives],
+                        banned)
         now = time.perf_counter()
-        outputs, stopped = [], set()
         for live, tok in zip(lives, tokens):
             live.output_ids.append(tok)
             if live.first_token is None:
@@ -260,4 +284,7 @@ class Engine:
             raise
         finally:
             results = [self._collect.pop(r, None) for r in rids]
+        failed = [c for c in results if c is not None and c.error is not None]
+        if failed:
+            raise NonFiniteLogitsError(failed[0].error)
         return results

@@ -7,11 +7,21 @@ server's protocol layer can use these types without touching tensors.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
+
+GREEDY_BELOW = 1e-5
+"""Temperatures under this pick the argmax (vLLM's ``_SAMPLING_EPS``): ``logits / 1e-300`` overflows fp32 to
+inf/NaN, which the sampler then turned into the last vocabulary id (issue 17 item 5)."""
 
 
 class EngineError(RuntimeError):
     """Base class of engine failures that are not the caller's fault."""
+
+
+class NonFiniteLogitsError(EngineError):
+    """A step produced NaN/inf logits for a request (non-finite weights, an overflow): that request ends with this
+    error instead of streaming an arbitrary token; the engine keeps serving the others."""
 
 
 class RequestError(ValueError):
@@ -34,7 +44,7 @@ class SamplingParams:
     max_tokens: int = 256
     """Most new tokens to generate (>= 1)."""
     temperature: float = 1.0
-    """Softmax temperature; 0 means greedy (argmax)."""
+    """Softmax temperature; 0 (or anything under ``GREEDY_BELOW``) means greedy (argmax)."""
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (0 < top_p <= 1)."""
     top_k: int = 0
@@ -57,15 +67,16 @@ class SamplingParams:
             self.stop = [self.stop]
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             raise RequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "invalid_max_tokens", "max_tokens")
-        if not self.temperature >= 0:
-            raise RequestError(f"temperature must be >= 0, got {self.temperature!r}", "invalid_temperature", "temperature")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise RequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}", "invalid_temperature",
+                               "temperature")
         if not 0 < self.top_p <= 1:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}", "invalid_top_p", "top_p")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise RequestError(f"top_k must be an integer >= 0 (0 disables), got {self.top_k!r}", "invalid_top_k", "top_k")
-        if not self.repetition_penalty > 0:
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
             raise RequestError(
-                f"repetition_penalty must be > 0 (1 disables), got {self.repetition_penalty!r}", "invalid_repetition_penalty",
+                f"repetition_penalty must be a finite number > 0 (1 disables), got {self.repetition_penalty!r}", "invalid_repetition_penalty",
                 "repetition_penalty",
             )
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -79,7 +90,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(kw_only=True)
@@ -124,6 +135,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # a stop token or stop string
     LENGTH = "length"  # max_tokens reached (or the slot is full)
     ABORT = "abort"  # cancelled by the caller
+    ERROR = "error"  # the request failed (``RequestOutput.error`` says why); the engine runs on
 
 
 @dataclass
@@ -132,6 +144,7 @@ class RequestOutput:
 
     ``token_ids``/``text`` are this step's new pieces (text is empty without a tokenizer, and may lag a token
     while a multi-byte character or a possible stop string is pending); ``finished`` is set on the last one.
+    ``error`` is set (with ``finish_reason`` ERROR and no token) when the request failed, e.g. non-finite logits.
     """
 
     request_id: str
@@ -141,6 +154,7 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    error: str | None = None
 
 
 DECODE_ATTENTION_MODES = {"auto": None, "fused": True, "pieces": False}

@@ -156,9 +156,18 @@ class SALAConfig(PretrainedConfig):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
+        def finite_positive(name: str, value: Any) -> None:
+            # NaN, inf, 0 or a negative here loads fine and then yields NaN logits (or a ZeroDivisionError):
+            # refuse it at load instead of generating silent garbage (issue 17 item 5)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+            if not ok:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "head_dim", "max_position_embeddings"):
             positive(name, getattr(self, name))
+        for name in ("rms_norm_eps", "rope_theta", "scale_emb", "scale_depth", "dim_model_base"):
+            finite_positive(name, getattr(self, name))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
@@ -217,6 +226,8 @@ class SALAConfig(PretrainedConfig):
         """The Lightning q.k scale: ``"1/sqrt(d)"`` -> head_dim^-0.5, or a number."""
         s = self.lightning_scale
         if isinstance(s, (int, float)) and not isinstance(s, bool):
+            if not (math.isfinite(s) and s > 0):
+                raise ValueError(f"lightning_scale must be '1/sqrt(d)' or a finite number > 0, got {s!r}")
             return float(s)
         if isinstance(s, str) and s.replace(" ", "") in ("1/sqrt(d)", "1/sqrt(head_dim)"):
             return 1.0 / math.sqrt(self.head_dim)

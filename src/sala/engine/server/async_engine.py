@@ -16,7 +16,7 @@ import uuid
 from typing import AsyncIterator
 
 from sala.engine.engine import Engine
-from sala.engine.types import EngineError, RequestError, RequestOutput, SamplingParams
+from sala.engine.types import EngineError, NonFiniteLogitsError, RequestError, RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +136,8 @@ class AsyncEngine:
             return
         if isinstance(item, Exception) or item.finished:
             del self._sinks[rid]
+        if isinstance(item, RequestOutput) and item.error is not None:
+            item = NonFiniteLogitsError(item.error)  # the stream raises it; the other requests go on
         self._safe_call(sink, item)
 
     # ---- asyncio side ------------------------------------------------------------------------------------------
