@@ -277,19 +277,21 @@ def _convert_flags(p):
     p.add_argument("--context", help="max_position_embeddings of the hybrid, e.g. 32K, 1M or 131072 (default: the source's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out (files sala wrote there are "
+                                                        "replaced, others kept; refused otherwise)")
+    p.add_argument("--check-weights", action=argparse.BooleanOptionalAction, default=True,
+                   help="refuse to write NaN/inf tensors (default on)")
     _select_option_flags(p)
 
 
 def _convert(args):
-    from pathlib import Path
-
     from sala.convert import ConvertConfig, SelectConfig, run_convert
 
     args.text_files = tuple(args.text_files)
     selection = None
     if args.select == "auto":
         selection = _fill(SelectConfig, args)
-        selection.out = str(Path(args.out) / "selection")
+        selection.out = None  # the report goes into the output folder (its temporary sibling while written)
     cfg = _fill(ConvertConfig, args)
     cfg.selection = selection
     print(run_convert(cfg).summary())

@@ -28,7 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sala.convert.adapters import ConversionError, SourceSpec, SourceTensorError
-from sala.model.checkpoint_io import SAFE_INDEX, SAFE_SINGLE, expected_shapes, verify_checkpoint, write_official_config
+from sala.model.checkpoint_io import (SAFE_INDEX, SAFE_SINGLE, check_finite_weights, expected_shapes, verify_checkpoint,
+                                      write_official_config)
 from sala.model.configuration_sala import SALAConfig
 from sala.model.modeling_sala import SALAForCausalLM
 
@@ -224,13 +225,25 @@ def write_sala_checkpoint(
     overrides: Mapping[str, torch.Tensor] | None = None,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 4 * 2**30,
+    force: bool = False,
+    check_weights: bool = True,
 ) -> list[Path]:
     """Write ``config.json`` + safetensors (sharded past ``max_shard_bytes``, with an index) + the source's
-    tokenizer files into ``out_dir``; verify the result's names and shapes against ``config``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in list(out.glob("*.safetensors")) + [out / SAFE_INDEX]:
-        stale.unlink(missing_ok=True)
+    tokenizer files into ``out_dir``; verify the result's names and shapes against ``config``, and with
+    ``check_weights`` that no tensor holds NaN/inf. Written as a temporary sibling, then moved into place
+    (:func:`sala.utils.fs.atomic_dir`): a non-empty ``out_dir`` is refused unless ``force``, and only files sala
+    wrote there are ever replaced or removed."""
+    from sala.utils.fs import atomic_dir
+
+    with atomic_dir(out_dir, force=force) as work:
+        files = _write_checkpoint(spec, config, work, opts, overrides, dtype, max_shard_bytes, check_weights)
+    return [Path(out_dir) / f.name for f in files]
+
+
+def _write_checkpoint(spec: SourceSpec, config: SALAConfig, out: Path, opts: InitOptions,
+                      overrides: Mapping[str, torch.Tensor] | None, dtype: torch.dtype | None, max_shard_bytes: int,
+                      check_weights: bool) -> list[Path]:
+    """Fill the empty folder ``out`` (see :func:`write_sala_checkpoint`)."""
     parts: list[Path] = []
     weight_map: dict[str, int] = {}
     buf: dict[str, torch.Tensor] = {}
@@ -244,6 +257,8 @@ def write_sala_checkpoint(
         buf, size = {}, 0
 
     for name, t in iter_sala_tensors(spec, config, opts, overrides=overrides, dtype=dtype):
+        if check_weights:  # NaN/inf weights would load and then generate garbage
+            check_finite_weights([(name, t)], f"the converted checkpoint (from {spec.path})")
         if buf and size + _nbytes(t) > max_shard_bytes:
             flush()
         buf[name] = t

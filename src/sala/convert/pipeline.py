@@ -20,6 +20,7 @@ from sala.convert.report import CONVERSION_JSON, write_json
 from sala.convert.select import SelectConfig, SelectionResult, run_select_layers
 from sala.convert.verify import IdentityReport, reference_model, verify_identity
 from sala.model.configuration_sala import mixer_schedule
+from sala.utils.fs import atomic_dir, check_out_dir
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,11 @@ class ConvertConfig:
     """Device for ``verify`` / ``select=auto``: auto, cpu, cuda."""
     quiet: bool = False
     """No progress bars."""
+    force: bool = False
+    """Write into a non-empty ``out`` (refused otherwise): files sala wrote there before are replaced or removed,
+    any other file is kept."""
+    check_weights: bool = True
+    """Refuse to write a checkpoint with a NaN/inf tensor (the source's or an initialisation's)."""
 
     def __post_init__(self) -> None:
         if (self.sparse_layers is None) == (self.select is None):
@@ -226,14 +232,17 @@ def _max_positions(cfg: ConvertConfig, spec: SourceSpec) -> int:
     return max_pos
 
 
-def _choose_layers(cfg: ConvertConfig, spec: SourceSpec, out: Path) -> tuple[list[int], SelectionResult | None, dict | None]:
-    """(softmax layers, HALO selection or None, Lightning weight overrides or None)."""
+def _choose_layers(cfg: ConvertConfig, spec: SourceSpec, work: Path) -> tuple[list[int], SelectionResult | None, dict | None]:
+    """(softmax layers, HALO selection or None, Lightning weight overrides or None). ``work`` is the temporary
+    sibling of ``out`` being filled: the selection report goes to ``work/selection`` unless given a folder."""
     if cfg.select != "auto":
         sparse = list(cfg.sparse_layers)
         return sparse, None, _load_students(cfg.students, sparse) if cfg.students is not None else None
-    sel_cfg = cfg.selection or SelectConfig(source=str(spec.path), out=str(out / "selection"), seed=cfg.seed,
+    sel_cfg = cfg.selection or SelectConfig(source=str(spec.path), seed=cfg.seed,
                                             z_proj_init=cfg.z_proj_init, device=cfg.device, quiet=cfg.quiet,
                                             text_files=cfg.text_files, tokenizer=cfg.tokenizer)
+    if sel_cfg.out is None:
+        sel_cfg.out = str(work / "selection")
     sel_cfg.source = str(spec.path)  # a GGUF source is read once, through its dense copy
     selection = run_select_layers(sel_cfg)
     sparse = selection.sparse_layers
@@ -253,6 +262,7 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
     out = Path(cfg.out)
     if out.resolve() == spec.path.resolve():
         raise ConversionError(f"out ({out}) must differ from the source directory")
+    check_out_dir(out, cfg.force)  # before minutes of selection / verification
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     max_pos = _max_positions(cfg, spec)
@@ -262,6 +272,17 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
         windows, text, skipped = _heldout_windows(cfg, spec)
         if windows is not None:
             source_loss = _source_loss(spec, windows, device)
+    with atomic_dir(out, force=cfg.force) as work:  # a killed or failed run leaves out as it was
+        result = _convert_into(cfg, spec, work, t0, max_pos, device, identity, windows, text, skipped, source_loss)
+    result.out, result.files = out, [out / f.name for f in result.files]
+    logger.info("converted %s -> %s: softmax layers %s", spec.path, out, result.sparse_layers)
+    return result
+
+
+def _convert_into(cfg: ConvertConfig, spec: SourceSpec, out: Path, t0: float, max_pos: int, device: torch.device,
+                  identity: IdentityReport | None, windows: torch.Tensor | None, text: str, skipped: str | None,
+                  source_loss: float | None) -> ConvertResult:
+    """The steps of :func:`run_convert` that write: into the empty temporary folder ``out``."""
     sparse, selection, overrides = _choose_layers(cfg, spec, out)
     mixers = mixer_schedule(spec.num_layers, sparse)
     config = sala_config(spec, mixers, tie_word_embeddings=False if cfg.untie_embeddings else None,
@@ -277,7 +298,8 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
         src_dtype = getattr(torch, spec.torch_dtype) if spec.torch_dtype in ("float32", "bfloat16", "float16") else None
         overrides = {k: v.to(src_dtype) if src_dtype else v for k, v in overrides.items()}
     files = write_sala_checkpoint(spec, config, out, opts, overrides=overrides, dtype=dtype,
-                                  max_shard_bytes=parse_size(cfg.max_shard_size))
+                                  max_shard_bytes=parse_size(cfg.max_shard_size), check_weights=cfg.check_weights,
+                                  force=True)  # out is our own temporary folder (it may hold selection/)
     finite, heldout = None, None
     if cfg.verify:
         finite, hybrid_loss = _run_hybrid(out, spec.vocab_size, device, windows)
@@ -302,7 +324,6 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
         "config": {k: v for k, v in asdict(cfg).items() if k != "selection"},
     }
     write_json(out / CONVERSION_JSON, report)
-    logger.info("converted %s -> %s: softmax layers %s", spec.path, out, sparse)
     return ConvertResult(out=out, sparse_layers=sparse, mixer_types=mixers, files=files, growth=growth,
                          max_position_embeddings=max_pos, identity=identity, heldout=heldout, heldout_skipped=skipped,
                          selection=selection, hybrid_logits_finite=finite, gguf=spec.gguf, seconds=seconds)

@@ -6,9 +6,9 @@ import json
 import logging
 from pathlib import Path
 
-from safetensors.torch import save_file
 
 from sala.convert.select import SelectionResult
+from sala.utils import fs
 
 logger = logging.getLogger(__name__)
 
@@ -19,9 +19,7 @@ CONVERSION_JSON = "conversion.json"
 
 
 def write_json(path: Path, payload: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    return path
+    return fs.write_json(path, payload)  # temporary sibling, then rename (issue 17)
 
 
 def plot_scores(result: SelectionResult, path: Path) -> Path | None:
@@ -48,8 +46,8 @@ def plot_scores(result: SelectionResult, path: Path) -> Path | None:
     ax.set_xticks(layers)
     ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with fs.atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 
@@ -65,7 +63,7 @@ def write_selection_report(result: SelectionResult, out: str | Path, *, save_stu
     if save_students:
         if not result.students:
             raise ValueError("the selection result carries no students to save")
-        save_file(result.students, str(out / STUDENTS_FILE), metadata={"format": "pt"})
+        fs.save_safetensors(result.students, out / STUDENTS_FILE, metadata={"format": "pt"})
         files["students"] = out / STUDENTS_FILE
     logger.info("selection report: %s", ", ".join(str(p) for p in files.values()))
     return files
