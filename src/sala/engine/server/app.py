@@ -3,8 +3,11 @@
 
 Bad requests get a 4xx with an OpenAI-style body ``{"error": {"message", "type", "param", "code"}}``:
 400 malformed JSON / invalid fields / context or max_tokens limits, 401 missing or wrong API key,
-404 unknown model or route, 413 body too large, 429 queue full. A client that disconnects cancels its
-request, which frees its cache slot at the next engine step.
+404 unknown model or route, 413 body too large, 429 queue full, 500 anything unexpected (never a plain-text
+page: a catch-all middleware answers with the same JSON object and keeps the connection usable). A request whose
+logits turn non-finite ends with a 500 (or, once streaming, an SSE ``error`` event); the others go on. A client
+that disconnects cancels its request, which frees its cache slot at the next engine step. With an API key the
+docs pages (``/docs``, ``/redoc``, ``/openapi.json``) are off.
 """
 
 from __future__ import annotations
@@ -20,14 +23,14 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sala.engine.chat import render_chat
 from sala.engine.server.async_engine import AsyncEngine
 from sala.engine.server.protocol import ChatCompletionRequest, CompletionRequest
-from sala.engine.types import EngineError, FinishReason, RequestError, RequestOutput, SamplingParams
+from sala.engine.types import EngineError, FinishReason, NonFiniteLogitsError, RequestError, RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,9 @@ class ServerConfig:
     """Largest max_tokens accepted; None: the engine's context capacity."""
     max_prompts: int = 16
     """Most prompts in one /v1/completions call."""
+    max_json_depth: int = 64
+    """Deepest nesting of arrays/objects accepted in a body (a request needs 4; Python's parser overflows near
+    1,000)."""
 
 
 class APIError(Exception):
@@ -54,9 +60,98 @@ class APIError(Exception):
         self.status, self.message, self.code, self.param, self.type = status, message, code, param, type_
 
 
+class _AsciiJSON(JSONResponse):
+    """JSON with non-ASCII escaped: a message quoting client text (even a lone surrogate, which UTF-8 cannot
+    encode) always renders."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def _error_body(message: str, code: str, param: str | None = None, type_: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
 def _error_response(status: int, message: str, code: str, param: str | None = None,
                     type_: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status)
+    return _AsciiJSON(_error_body(message, code, param, type_), status_code=status)
+
+
+class _CatchAll:
+    """ASGI middleware: an exception no handler took becomes a 500 with the OpenAI error object (logged with its
+    traceback) instead of Starlette's plain-text page and a reset keep-alive connection. After a response has
+    started (a stream) there is nothing left to replace, so it is re-raised."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watch(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as e:
+            if started:
+                raise
+            logger.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            await _error_response(500, f"internal server error ({type(e).__name__}); the server logged the details",
+                                  "internal_error", type_="server_error")(scope, receive, send)
+
+
+def _json_depth(body: bytes) -> int:
+    """Deepest ``[``/``{`` nesting of a JSON text, brackets inside strings excluded (a linear scan, no recursion)."""
+    depth = deepest = 0
+    in_str = escaped = False
+    for b in body:
+        if in_str:
+            if escaped:
+                escaped = False
+            elif b == 0x5C:  # backslash
+                escaped = True
+            elif b == 0x22:
+                in_str = False
+        elif b == 0x22:
+            in_str = True
+        elif b in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif b in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def _bad_text(data: Any) -> str | None:
+    """Path of the first string in ``data`` that is not valid Unicode (a lone UTF-16 surrogate such as ``\ud800``,
+    which JSON allows but no tokenizer or UTF-8 encoder takes), else None."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, x = stack.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "body"
+        elif isinstance(x, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in x.items())
+            stack.extend((f"{path}.<key>" if path else "<key>", k) for k in x)
+        elif isinstance(x, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(x))
+    return None
+
+
+def _max_token_bytes(tokenizer: Any) -> int:
+    """Longest token of the vocabulary in UTF-8 bytes (+1 for a word-start marker that decoding drops): a text of
+    B bytes has at least B / this many tokens, so longer prompts are refused before any tokenising."""
+    n = len(tokenizer)
+    pieces = tokenizer.batch_decode([[i] for i in range(n)])
+    return max(len(p.encode("utf-8", "replace")) for p in pieces) + 1
 
 
 def _finish(reason: FinishReason | None) -> str | None:
@@ -65,6 +160,21 @@ def _finish(reason: FinishReason | None) -> str | None:
 
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj)}\n\n"
+
+
+def _engine_code(e: EngineError) -> str:
+    return "non_finite_logits" if isinstance(e, NonFiniteLogitsError) else "engine_error"
+
+
+async def _sse_guard(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """An engine error after streaming began (headers sent: no status left to set) ends the stream with an
+    ``error`` event, as OpenAI and vLLM do, then ``[DONE]``."""
+    try:
+        async for e in events:
+            yield e
+    except EngineError as e:
+        yield _sse(_error_body(str(e), _engine_code(e), type_="server_error"))
+        yield "data: [DONE]\n\n"
 
 
 def create_app(engine: AsyncEngine, tokenizer: Any, config: ServerConfig | None = None) -> FastAPI:
@@ -79,7 +189,10 @@ def create_app(engine: AsyncEngine, tokenizer: Any, config: ServerConfig | None 
         yield
         engine.shutdown()
 
-    app = FastAPI(title="sala", lifespan=lifespan)
+    docs = {} if cfg.api_key is None else dict(docs_url=None, redoc_url=None, openapi_url=None)  # no key-less pages
+    app = FastAPI(title="sala", lifespan=lifespan, **docs)
+    app.add_middleware(_CatchAll)
+    max_prompt_bytes = capacity * _max_token_bytes(tokenizer) * 2  # x2: room for normalisers that shrink text
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -93,6 +206,10 @@ def create_app(engine: AsyncEngine, tokenizer: Any, config: ServerConfig | None 
     async def _http_error(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error_response(exc.status_code, str(exc.detail), code)
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(request: Request, exc: EngineError):
+        return _error_response(500, str(exc), _engine_code(exc), type_="server_error")
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -112,15 +229,29 @@ def create_app(engine: AsyncEngine, tokenizer: Any, config: ServerConfig | None 
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > cfg.max_request_bytes:
             raise APIError(413, f"request body of {declared} bytes exceeds the limit of {cfg.max_request_bytes}", "request_too_large")
-        body = await request.body()
-        if len(body) > cfg.max_request_bytes:
-            raise APIError(413, f"request body of {len(body)} bytes exceeds the limit of {cfg.max_request_bytes}", "request_too_large")
+        # read chunk by chunk: a chunked upload (no content-length) is refused as soon as it passes the limit,
+        # not after it has been held whole in memory (issue 17 item 4)
+        parts, size = [], 0
+        async for part in request.stream():
+            size += len(part)
+            if size > cfg.max_request_bytes:
+                raise APIError(413, f"request body exceeds the limit of {cfg.max_request_bytes} bytes", "request_too_large")
+            parts.append(part)
+        body = b"".join(parts)
+        del parts
+        depth = _json_depth(body)
+        if depth > cfg.max_json_depth:  # json.loads would raise RecursionError near 1,000 levels
+            raise APIError(400, f"JSON body nested {depth} levels deep; the limit is {cfg.max_json_depth}", "invalid_json")
         try:
             data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise APIError(400, f"malformed JSON body: {e}", "invalid_json") from e
         if not isinstance(data, dict):
             raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}", "invalid_json")
+        bad = _bad_text(data)
+        if bad is not None:
+            raise APIError(400, f"field '{bad}' is not valid Unicode (a lone UTF-16 surrogate such as \\ud800); send "
+                                "UTF-8 text", "invalid_text", bad)
         try:
             req = schema.model_validate(data)
         except ValidationError as e:
@@ -134,6 +265,14 @@ def create_app(engine: AsyncEngine, tokenizer: Any, config: ServerConfig | None 
 
     def tokenize(prompt: str | list[int]) -> list[int]:
         return list(tokenizer(prompt)["input_ids"]) if isinstance(prompt, str) else list(prompt)
+
+    def check_text_size(texts: list[str], param: str) -> None:
+        """Refuse text that cannot fit the context before tokenising it: an 8 MB prompt took 14-22 s of CPU and
+        2 GB of memory to tokenise just to be refused (issue 17 item 4)."""
+        n = sum(len(t.encode("utf-8")) for t in texts)
+        if n > max_prompt_bytes:
+            raise APIError(400, f"prompt is {n:,} bytes of text, more than this server's {capacity}-token context can "
+                                f"hold (over {max_prompt_bytes:,} bytes is always too long)", "context_length_exceeded", param)
 
     def resolve_max_tokens(requested: int | None, prompt_len: int) -> int:
         if requested is not None and requested > max_tokens_limit:
@@ -151,7 +290,7 @@ def create_app(engine: AsyncEngine, tokenizer: Any, config: ServerConfig | None 
         except StopAsyncIteration:
             first = None
         except EngineError as e:
-            raise APIError(500, str(e), "engine_error", type_="server_error") from e
+            raise APIError(500, str(e), _engine_code(e), type_="server_error") from e
         return stream, first
 
     async def outputs(stream, first) -> AsyncIterator[RequestOutput]:
@@ -245,6 +384,7 @@ def create_app(engine: AsyncEngine, tokenizer: Any, config: ServerConfig | None 
         prompts = req.prompts()
         if len(prompts) > cfg.max_prompts:
             raise APIError(400, f"{len(prompts)} prompts in one request; the limit is {cfg.max_prompts}", "too_many_prompts", "prompt")
+        check_text_size([p for p in prompts if isinstance(p, str)], "prompt")
         ids = [await asyncio.to_thread(tokenize, p) for p in prompts]
         if any(not x for x in ids):
             raise APIError(400, "prompt is empty", "empty_prompt", "prompt")
@@ -269,12 +409,13 @@ def create_app(engine: AsyncEngine, tokenizer: Any, config: ServerConfig | None 
                 yield _sse({**base, "choices": [], "usage": usage(sum(len(x) for x in ids), sum(tokens))})
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(sse(), media_type="text/event-stream")
+        return StreamingResponse(_sse_guard(sse()), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
         messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in req.messages]
+        check_text_size([m["content"] for m in messages], "messages")
         try:
             ids = await asyncio.to_thread(render_chat, tokenizer, messages)
         except Exception as e:  # jinja errors raised by the model's own template (e.g. role order)
@@ -302,7 +443,7 @@ def create_app(engine: AsyncEngine, tokenizer: Any, config: ServerConfig | None 
                 yield _sse({**chunk, "choices": [], "usage": usage(len(ids), tokens)})
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(sse(), media_type="text/event-stream")
+        return StreamingResponse(_sse_guard(sse()), media_type="text/event-stream")
 
     return app
 
