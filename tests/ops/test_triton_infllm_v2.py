@@ -337,14 +337,23 @@ def test_triton_sparse_backward_work_items():
 
 def test_tile_config_fits_small_shared_memory_cards(monkeypatch):
     """99 KB-per-block cards (RTX 4090 / 5090) get 64-key tile steps; H100-class cards keep 128."""
+    from sala.ops.common import launch
     from sala.ops.infllm_v2 import sparse_attn
 
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(sparse_attn, "_smem_per_block", lambda index: 101376)
-    assert sparse_attn._cfg(torch.device("cuda", 0))["tile_keys"] == 64
-    monkeypatch.setattr(sparse_attn, "_smem_per_block", lambda index: 232448)
-    assert sparse_attn._cfg(torch.device("cuda", 0)) is sparse_attn.GPU_CONFIG
-    assert sparse_attn._cfg(torch.device("cpu")) is sparse_attn.GPU_CONFIG
+    with monkeypatch.context() as m:
+        m.setenv("TRITON_INTERPRET", "0")
+        m.setattr(launch, "_cuda_smem_per_block", lambda index: 101376)
+        assert sparse_attn._cfg(torch.device("cuda", 0))["tile_keys"] == 64
+        m.setattr(launch, "_cuda_smem_per_block", lambda index: 232448)
+        assert sparse_attn._cfg(torch.device("cuda", 0)) is sparse_attn.GPU_CONFIG
+        assert sparse_attn._cfg(torch.device("cpu")) is sparse_attn.GPU_CONFIG
+    # the interpreter plans like either card inside gpu_launch_configs(), and small otherwise
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with launch.gpu_launch_configs(launch.RTX_4090):
+        assert sparse_attn._cfg(torch.device("cpu")) is sparse_attn.SMALL_SMEM_CONFIG
+    with launch.gpu_launch_configs(launch.H200):
+        assert sparse_attn._cfg(torch.device("cpu")) is sparse_attn.GPU_CONFIG
+    assert sparse_attn._cfg(torch.device("cpu")) is sparse_attn._INTERP_CONFIG
 
 
 def test_sparse_backward_mode(monkeypatch):

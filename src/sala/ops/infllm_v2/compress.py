@@ -10,9 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
+from sala.ops.common.launch import interpreter_configs
 from sala.ops.infllm_v2.naive import num_windows
 from sala.ops.infllm_v2.topk import interp_rne, rne_bf16
-from sala.utils.env import triton_interpret
 
 
 # lengths change every decode step: no per-value specialisation, so no recompiles mid-decode
@@ -64,7 +64,7 @@ def triton_compress_keys(k: torch.Tensor, kernel_size: int, kernel_stride: int, 
     if k.stride(-1) != 1:
         k = k.contiguous()
     BD = triton.next_power_of_2(D)
-    BW = 16 if triton_interpret() else max(1, min(64, 8192 // BD))
+    BW = 16 if interpreter_configs() else max(1, min(64, 8192 // BD))
     grid = (triton.cdiv(n_out, BW), Hkv)
     _compress_kernel[grid](
         k, out, n_out, start, k.stride(0), k.stride(1), out.stride(0), out.stride(1),

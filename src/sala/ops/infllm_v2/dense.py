@@ -1,7 +1,7 @@
 """Dense causal GQA attention on GPU through torch SDPA (cuDNN / flash backends pick themselves).
 
 Same contract as :func:`sala.ops.infllm_v2.naive.naive_dense_causal_attention` (the twin tests compare
-against). Three cases, cheapest first:
+against). Four cases, cheapest first:
 
 * no padding, T == L (one-shot prefill): ``is_causal=True``, GQA inside SDPA;
 * no padding, T == 1 (decode): no mask at all, the query sees every key;

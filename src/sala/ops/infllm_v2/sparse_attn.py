@@ -19,24 +19,26 @@ Two strategies, picked by the number of queries:
   writing (o, lse) partials that ``_merge_partials_kernel`` combines. ``triton_sparse_decode_batch`` is the
   same with one cache slot per row (graph-safe batched decode).
 
-Backward: recompute-based PyTorch over the selected blocks, in query chunks (``_sparse_backward_torch``; exact
-softmax gradients in fp32, memory bounded per chunk), or the Triton kernels of ``sparse_attn_bwd`` (dq per
-token; dk/dv over inverted selection lists): by default on CUDA, and wherever ``SALA_SPARSE_BACKWARD=triton``.
+Backward (``SALA_SPARSE_BACKWARD``): the Triton kernels of ``sparse_attn_bwd`` (dq per token; dk/dv over
+inverted selection lists), by default on CUDA and wherever ``SALA_SPARSE_BACKWARD=triton`` (block_size >= 16);
+otherwise a recompute-based PyTorch backward over the selected blocks, in query chunks
+(``_sparse_backward_torch``; exact softmax gradients in fp32, memory bounded per chunk): by default off CUDA
+(the CPU interpreter), for blocks under 16 keys, and with ``SALA_SPARSE_BACKWARD=torch``.
 
 Contract: block indices in a row must be unique (``select_blocks`` guarantees it); -1 marks an unused slot.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
 import triton
 import triton.language as tl
 
+from sala.ops.common.launch import interpreter_configs, num_sms, smem_per_block
 from sala.ops.infllm_v2.tma import head_block_descriptor
-from sala.ops.infllm_v2.topk import load_group_rows, check_dtype, dot_precision, interp_rne, num_sms, rne_bf16
+from sala.ops.infllm_v2.topk import load_group_rows, check_dtype, dot_precision, interp_rne, rne_bf16
 from sala.utils.env import sparse_backward, triton_interpret
 
 logger = logging.getLogger(__name__)
@@ -313,6 +315,7 @@ def _sparse_token_kernel(
 # on an H200 at 128K (results/sparse_tma_*): 64-row tiles (4 tokens) with 4 warps and 3 stages, a block to
 # the tile from 2 of its 4 tokens (attend 68.9 -> 64.0 ms random, 51.9 -> 50.8 clustered
 # against 128 rows / 8 warps / share_min 4; 2 blocks per step, 32- or 256-row tiles and share_min 1 or 3 lose).
+# The interpreter takes _INTERP_CONFIG unless sala.ops.common.launch.gpu_launch_configs() asks for these.
 GPU_CONFIG = dict(rows=128, tile_keys=128, tile_warps=8, tile_stages=2, tok_keys=128, tok_warps=4, tok_stages=2,
                   share=True, share_min=4, tma=True, tma_rows=64, tma_tile_warps=4, tma_tile_stages=3,
                   tma_tok_stages=2, tma_share_min=2)
@@ -330,19 +333,12 @@ SMALL_SMEM_CONFIG = {**GPU_CONFIG, "tile_keys": 64, "tma": False}
 _TILE_SMEM_BYTES = 165 * 1024  # what GPU_CONFIG's tile kernel needs on sm_90, with a little margin
 
 
-@functools.cache
-def _smem_per_block(index: int) -> int:
-    props = torch.cuda.get_device_properties(index)
-    return int(getattr(props, "shared_memory_per_block_optin", 0) or 227 * 1024)
-
-
 def _cfg(device: torch.device | None = None) -> dict:
-    if triton_interpret():
+    if interpreter_configs():
         return _INTERP_CONFIG
-    if device is not None and device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if _smem_per_block(index) < _TILE_SMEM_BYTES:
-            return SMALL_SMEM_CONFIG
+    smem = smem_per_block(device)  # CUDA's, or the emulated GPU's in the interpreter
+    if smem is not None and smem < _TILE_SMEM_BYTES:
+        return SMALL_SMEM_CONFIG
     return GPU_CONFIG
 
 
@@ -610,8 +606,9 @@ def triton_block_sparse_attention(
     """Softmax attention over the tokens of each query's selected blocks, keys at positions <= p (spec §5.6).
 
     q: [T, H, D]; k, v: [L, Hkv, D]; topk_idx: [Hkv, T, K] int32 (unique per row, -1 unused); q_pos: [T]
-    -> o: [T, H, D] in q's dtype. Forward in Triton; differentiable in q, k, v through a recompute-based
-    PyTorch backward (module docstring). block_size: a power of two >= 8; head dim >= 16.
+    -> o: [T, H, D] in q's dtype. Forward in Triton; differentiable in q, k, v: Triton backward kernels on
+    CUDA, a recompute-based PyTorch backward elsewhere (``SALA_SPARSE_BACKWARD``, module docstring).
+    block_size: a power of two >= 8; head dim >= 16.
     """
     check_dtype(q, k, v)
     if block_size & (block_size - 1) or block_size < 8:

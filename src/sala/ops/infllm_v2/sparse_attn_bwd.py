@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sala.ops.common.launch import interpreter_configs
 from sala.ops.infllm_v2.topk import dot_precision, load_group_rows
 from sala.utils.env import triton_interpret
 
@@ -148,7 +149,7 @@ def _bwd_dkdv_kernel(
 
 # GPU launch configuration, not yet timed on a GPU; chosen so that ptxas (triton 3.6, sm_90a) reports no spills
 # at D=128 and 64: fp32 inputs need 16-row dk/dv tiles and one stage (64 rows spill ~30 KB per thread).
-# The interpreter uses small tiles.
+# The interpreter uses small tiles unless sala.ops.common.launch.gpu_launch_configs() asks for these.
 GPU_CONFIG = dict(dq_keys=64, dq_warps=4, dkdv_rows=64, dkdv_stages=3, dkdv_rows_fp32=16, dkdv_stages_fp32=1,
                   dkdv_warps=8, chunk=256)
 _INTERP_CONFIG = dict(dq_keys=16, dq_warps=4, dkdv_rows=16, dkdv_stages=1, dkdv_rows_fp32=16, dkdv_stages_fp32=1,
@@ -156,7 +157,7 @@ _INTERP_CONFIG = dict(dq_keys=16, dq_warps=4, dkdv_rows=16, dkdv_stages=1, dkdv_
 
 
 def _cfg() -> dict:
-    return _INTERP_CONFIG if triton_interpret() else GPU_CONFIG
+    return _INTERP_CONFIG if interpreter_configs() else GPU_CONFIG
 
 
 def _work_items(topk_idx: torch.Tensor, n_blk: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:

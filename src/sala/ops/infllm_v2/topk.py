@@ -23,7 +23,6 @@ dots in IEEE fp32 so selections match the reference bit for bit up to summation 
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 
@@ -31,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sala.ops.common.launch import interpreter_configs, num_sms
 from sala.ops.common.triton_utils import interp_rne, rne_bf16  # noqa: F401 (re-exported to the other kernels)
 from sala.ops.infllm_v2.naive import InfLLMv2Params
 from sala.ops.infllm_v2.tma import head_block_descriptor
@@ -39,18 +39,6 @@ from sala.utils.env import triton_interpret
 logger = logging.getLogger(__name__)
 
 _LOG2E = 1.4426950408889634
-
-
-@functools.cache
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (a small constant on CPU, where the interpreter runs)."""
-    if device.type != "cuda":
-        return 4
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -287,7 +275,8 @@ def _select_kernel(
         tl.store(cnt_ptr + i_h * s_ch + o_r, n_sel, mask=m_r)
 
 
-# GPU launch configuration (tuned on H200 with triton 3.6 at T=32K and 128K; the interpreter uses small tiles). Keys:
+# GPU launch configuration (tuned on H200 with triton 3.6 at T=32K and 128K; the interpreter uses small tiles
+# unless sala.ops.common.launch.gpu_launch_configs() asks for these). Keys:
 # rows = tokens x heads per tile, bn = windows per step, warps/stages per kernel, select_elems = max row elements
 # per select program, score_steps = most bn-steps per score program (fewer when T is too short to fill the GPU).
 GPU_CONFIG = dict(rows=128, bn=64, lse_warps=8, lse_stages=2, score_warps=4, score_stages=2, select_elems=4096,
@@ -297,7 +286,7 @@ _INTERP_CONFIG = dict(rows=16, bn=16, lse_warps=4, lse_stages=1, score_warps=4, 
 
 
 def _cfg() -> dict:
-    return _INTERP_CONFIG if triton_interpret() else GPU_CONFIG
+    return _INTERP_CONFIG if interpreter_configs() else GPU_CONFIG
 
 
 def _stage1_tiles(G: int, batched: bool = False) -> tuple[int, int, int]:

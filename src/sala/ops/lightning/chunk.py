@@ -28,7 +28,9 @@ Precision: 16-bit inputs feed ``tl.dot`` in their own dtype (the fp32 state and 
 are rounded to it for the dot) with fp32 accumulation, like fla. fp32 inputs use 3xTF32 dots (about
 fp32 accuracy on tensor cores, but register-heavy and several times slower than bf16): pass bf16 q/k/v
 when they are bf16 values anyway (spec §4.1). fp64 inputs fall back to the PyTorch reference. Under
-the CPU interpreter (``TRITON_INTERPRET=1``) all dots run in fp32.
+the CPU interpreter (``TRITON_INTERPRET=1``) all dots run in fp32, with a fixed small launch plan (64-wide V
+tiles, 2-chunk segments) unless ``sala.ops.common.launch.gpu_launch_configs()`` asks for the GPU's (the tuner's
+candidates, segments sized for the emulated SM count).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ import triton.language as tl
 import triton.testing
 from triton.runtime.errors import OutOfResources
 
+from sala.ops.common.fallback import log_fp64_fallback, map_sequences
+from sala.ops.common.launch import gpu_plan, num_sms
 from sala.utils.env import triton_interpret
 
 logger = logging.getLogger(__name__)
@@ -257,11 +261,8 @@ _TUNE_MIN_TOKENS = 1 << 17  # below total tokens x heads, take the default confi
 _MAX_SEGMENTS = 64  # per sequence: bounds the quadratic cost of folding dS
 _BEST: dict[tuple, _Config] = {}
 _BEST_SEG: dict[tuple, _SegConfig] = {}
-
-
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+_INTERP_CONFIG = _Config(64, 4, 1)  # the interpreter's fixed plan (with 2-chunk segments) outside gpu_launch_configs()
+_INTERP_SEG_CHUNKS = 2
 
 
 def _choose_seg_chunks(lens: tuple[int, ...], programs_per_segment: int, target_programs: int) -> int:
@@ -303,22 +304,25 @@ def _uniform_cu(batch: int, length: int, device: torch.device) -> torch.Tensor:
     return torch.arange(0, (batch + 1) * length, length, dtype=torch.int32).to(device)
 
 
-def _dot_dtype(*tensors: torch.Tensor) -> tuple[torch.dtype, bool]:
-    """Dot operand dtype and whether it is fp32: 16-bit when all inputs share one 16-bit dtype, else fp32."""
-    if triton_interpret():
-        return torch.float32, True
+def _gpu_dot_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """Dot operand dtype on a GPU: 16-bit when all inputs share one 16-bit dtype, else fp32 (it also picks the
+    launch config class, in the interpreter too)."""
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) == 1 and dtypes <= {torch.float16, torch.bfloat16}:
-        return dtypes.pop(), False
-    return torch.float32, True
+        return dtypes.pop()
+    return torch.float32
+
+
+def _dot_dtype(*tensors: torch.Tensor) -> tuple[torch.dtype, bool]:
+    """Dot operand dtype and whether it is fp32: ``_gpu_dot_dtype``, but fp32 in the interpreter (its bf16 dots
+    are wrong)."""
+    if triton_interpret():
+        return torch.float32, True
+    dt = _gpu_dot_dtype(*tensors)
+    return dt, dt == torch.float32
 
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
-def _gpu_plan(t: torch.Tensor) -> bool:
-    """Compiled kernels on a GPU (tuned launch plan), as opposed to the CPU interpreter (fixed small plan)."""
-    return t.device.type == "cuda" and not triton_interpret()
 
 
 def _pick(cache: dict, key: tuple | None, candidates: tuple, run) -> object:
@@ -359,11 +363,11 @@ def _lightning_pass(
     out = torch.empty(*c.shape, dtype=out_dtype, device=c.device)
     final = torch.empty(len(lens), H, DK, DV, dtype=torch.float32, device=c.device) if store_final else None
     dt, f32 = _dot_dtype(a, b, c)
-    cls = "fp32" if dt == torch.float32 else "16bit"
-    on_gpu = _gpu_plan(c)
-    # tune per shape class on the GPU, for problems big enough to be worth it
+    cls = "fp32" if _gpu_dot_dtype(a, b, c) == torch.float32 else "16bit"
+    on_gpu = gpu_plan(c.device)  # the GPU's plan: compiled, or emulated by the interpreter
+    # tune per shape class on the GPU, for problems big enough to be worth it (never in the interpreter)
     key = None
-    if on_gpu and sum(lens) * H >= _TUNE_MIN_TOKENS:
+    if on_gpu and not triton_interpret() and sum(lens) * H >= _TUNE_MIN_TOKENS:
         key = (c.device.index, H, DK, DV, dt, reverse, s0 is not None, len(lens) > 1,
                triton.next_power_of_2(sum(lens)))  # fmt: skip
 
@@ -373,9 +377,9 @@ def _lightning_pass(
         if seg_chunks is not None:
             seg = seg_chunks
         elif not on_gpu:
-            seg = 2
+            seg = _INTERP_SEG_CHUNKS
         else:
-            seg = _choose_seg_chunks(lens, H * nv, cfg.waves * _num_sms(c.device.index or 0))
+            seg = _choose_seg_chunks(lens, H * nv, cfg.waves * num_sms(c.device))
         return (bv, nv, seg * BT, *_work_tables(lens, seg * BT, c.device))
 
     def run_seg(p, scfg: _SegConfig, dstate: torch.Tensor) -> None:
@@ -403,7 +407,7 @@ def _lightning_pass(
         )  # fmt: skip
 
     if not on_gpu:
-        launch(_Config(64, 4, 1))
+        launch(_INTERP_CONFIG)
         return out, final
     cfg = _pick(_BEST, key, _GPU_CONFIGS[cls], launch)
     p = plan(cfg)
@@ -477,7 +481,7 @@ def triton_chunk_lightning(
     (tests); by default it is chosen to fill the GPU.
     """
     if q.dtype == torch.float64 or k.dtype == torch.float64 or v.dtype == torch.float64:
-        _log_fp64_fallback()
+        log_fp64_fallback("lightning chunk", "Triton kernels compute in fp32")
         from sala.ops.lightning.naive import naive_chunk_lightning
 
         return _naive_varlen(naive_chunk_lightning, q, k, v, slopes, scale, initial_state, output_final_state,
@@ -505,19 +509,10 @@ def triton_chunk_lightning(
     return o, (final if output_final_state else None)
 
 
-@functools.cache
-def _log_fp64_fallback() -> None:
-    logger.info("lightning chunk: fp64 inputs run the PyTorch reference (Triton kernels compute in fp32)")
-
-
 def _naive_varlen(fn, q, k, v, slopes, scale, h0, output_final_state, cu_seqlens, out_dtype):
     if cu_seqlens is None:
         o, final = fn(q, k, v, slopes, scale, h0)
-        return o.to(out_dtype), (final if output_final_state else None)
-    outs, finals = [], []
-    bounds = cu_seqlens.tolist()
-    for n, (s, e) in enumerate(zip(bounds, bounds[1:])):
-        o, final = fn(q[:, s:e], k[:, s:e], v[:, s:e], slopes, scale, None if h0 is None else h0[n : n + 1])
-        outs.append(o)
-        finals.append(final)
-    return torch.cat(outs, 1).to(out_dtype), (torch.cat(finals, 0) if output_final_state else None)
+    else:
+        o, final = map_sequences(lambda q_, k_, v_, h0_: fn(q_, k_, v_, slopes, scale, h0_),
+                                 cu_seqlens, (q, k, v), (h0,))  # fmt: skip
+    return o.to(out_dtype), (final if output_final_state else None)

@@ -17,6 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from sala.ops.common.fallback import log_fp64_fallback
+from sala.ops.common.launch import num_sms
+
 logger = logging.getLogger(__name__)
 
 
@@ -64,24 +67,12 @@ def _lightning_step_kernel(
     tl.store(o + i_nh.to(tl.int64) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
 
 
-@functools.cache
-def _log_fp64_fallback() -> None:
-    logger.info("lightning step: fp64 state runs the PyTorch reference (Triton's exp is fp32-accurate only)")
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 @functools.lru_cache(maxsize=256)
-def _plan(device: torch.device, n: int, h: int, kd: int, vd: int) -> tuple[int, int, int, tuple[int, int]]:
+def _plan(sms: int, n: int, h: int, kd: int, vd: int) -> tuple[int, int, int, tuple[int, int]]:
     """(BK, BV, num_warps, grid): the widest V tile that still gives >= 2 programs per SM."""
     bk = triton.next_power_of_2(kd)
     bv = min(64, triton.next_power_of_2(vd))
-    while bv > 16 and n * h * triton.cdiv(vd, bv) < 2 * _num_sms(device):
+    while bv > 16 and n * h * triton.cdiv(vd, bv) < 2 * sms:
         bv //= 2
     warps = 4 if bk * bv >= 4096 else 2
     return bk, bv, warps, (triton.cdiv(vd, bv), n * h)
@@ -104,7 +95,7 @@ def triton_lightning_step(
     the PyTorch reference.
     """
     if state.dtype == torch.float64:
-        _log_fp64_fallback()
+        log_fp64_fallback("lightning step", "Triton's exp is fp32-accurate only")
         from sala.ops.lightning.naive import naive_lightning_step_rows
 
         return naive_lightning_step_rows(q, k, v, slopes, scale, state, state_rows).to(output_dtype)
@@ -120,7 +111,7 @@ def triton_lightning_step(
     N, H, K = q.shape
     V = v.shape[-1]
     o = torch.empty(N, H, V, dtype=output_dtype, device=q.device)
-    bk, bv, warps, grid = _plan(q.device, N, H, K, V)
+    bk, bv, warps, grid = _plan(num_sms(q.device), N, H, K, V)
     _lightning_step_kernel[grid](
         q, k, v, slopes, state, state_rows if state_rows is not None else o, o, scale, H,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
