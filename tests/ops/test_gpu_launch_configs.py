@@ -99,9 +99,11 @@ def _random_lists(T, K, q_pos, n_blk, bs, seed):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gpu", [H200, RTX_4090], ids=["H200", "RTX4090"])
 def test_sparse_prefill_gpu_config(gpu, dtype, launches):
-    """T = 45 queries over L = 420 keys (13 full 32-key blocks + 4 keys): 45 x 3 groups fill 132 SMs, so the tile
-    split runs; 16-token tiles (the last holds 13), 9-slot lists, several blocks per pointer-load step."""
-    T, L, K, bs = 45, 420, 9, P.block_size
+    """T = 45 queries over L = 1000 keys (31 full 32-key blocks + 8 keys): 45 x 3 groups fill 132 SMs, so the tile
+    split runs; 16-token tiles (the last holds 13), 9-slot lists drawn from ~31 blocks so that a block is shared by
+    about a quarter of a tile's tokens (both the tile and the private lists are long), several blocks per
+    pointer-load step."""
+    T, L, K, bs = 45, 1000, 9, P.block_size
     q, k, v = _qkv(T, L, dtype, seed=1)
     q_pos = torch.arange(L - T, L, device=DEV)
     idx = _random_lists(T, K, q_pos, math.ceil(L / bs), bs, seed=2)
