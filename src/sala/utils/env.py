@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-BACKENDS = ("auto", "naive", "triton")
+BACKENDS = ("auto", "naive", "cpu", "triton")
 
 
 def op_backend() -> str:
-    """Backend forced for all ops by ``SALA_BACKEND`` (``auto`` | ``naive`` | ``triton``); default ``auto``."""
+    """Backend forced for all ops by ``SALA_BACKEND`` (``auto`` | ``naive`` | ``cpu`` | ``triton``); default ``auto``."""
     value = os.environ.get("SALA_BACKEND", "auto").strip().lower() or "auto"
     if value not in BACKENDS:
         raise ValueError(f"SALA_BACKEND must be one of {BACKENDS}, got {value!r}")
