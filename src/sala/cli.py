@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
+import re
 import sys
 from typing import Callable
 
@@ -18,24 +20,71 @@ def _fill(cls, args: argparse.Namespace):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
 
 
+# ---- flag value types: nonsense is refused while parsing, with one line naming the flag and what it expects -----
+def _int_from(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"expected a whole number {bound}, got {text}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its own messages
+    return parse
+
+
+def _float_above(lo: float, inclusive: bool = False, hi: float | None = None) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        ok = math.isfinite(value) and (value >= lo if inclusive else value > lo) and (hi is None or value <= hi)
+        if not ok:
+            bound = f"{'>=' if inclusive else '>'} {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
+            raise argparse.ArgumentTypeError(f"expected a finite number {bound}, got {text}")
+        return value
+
+    parse.__name__ = "float"
+    return parse
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text.strip()):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text.strip()
+
+
+_POSITIVE = _int_from(1)
+_NON_NEGATIVE = _int_from(0)
+_PORT = _int_from(1, 65535)
+_GIB = _float_above(0.0)
+
+
 # ---- shared flag groups -----------------------------------------------------------------------------------------
 def _model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", help="checkpoint directory or preset (minicpm-sala-9b, tiny, tiny-sparse, small: random weights)")
     g.add_argument("--demo", action="store_true", help="build a tiny random checkpoint with the bundled tokenizer and use it "
                                                        "(--model then names the preset, default tiny)")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    g.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float16 | float32")
     g.add_argument("--seed", type=int, default=0, help="seed of random (preset/demo) weights")
-    g.add_argument("--threads", type=int, help="CPU threads for torch (default torch's; 1 with --demo)")
+    g.add_argument("--threads", type=_POSITIVE, help="CPU threads for torch (default: the usable CPUs minus one, 1-8, or "
+                                                "SALA_NUM_THREADS; 1 with --demo)")
+    g.add_argument("--check-weights", action="store_true", help="refuse a checkpoint with NaN/inf weights at load "
+                                                                "(reads every weight once)")
 
 
 def _engine_flags(p: argparse.ArgumentParser, batch: int = 1) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--context", help="tokens per sequence, e.g. 32K or 1M (default: what the prompt needs)")
-    g.add_argument("--batch", type=int, default=batch, help=f"sequence slots decoding together (default {batch})")
-    g.add_argument("--chunk", type=int, default=8192, help="prefill chunk in tokens (default 8192)")
-    g.add_argument("--gpu-mem", type=float, help="memory budget in GiB (default: the GPU's memory)")
+    g.add_argument("--batch", type=_POSITIVE, default=batch, help=f"sequence slots decoding together (default {batch})")
+    g.add_argument("--chunk", type=_POSITIVE, default=8192, help="prefill chunk in tokens (default 8192)")
+    g.add_argument("--gpu-mem", type=_GIB, help="memory budget in GiB (default: the GPU's memory)")
     g.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
     _decode_attention_flag(g)
 
@@ -50,11 +99,11 @@ def _decode_attention_flag(g) -> None:
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=128, help="most new tokens (default 128)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0 disables")
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--max-tokens", type=_POSITIVE, default=128, help="most new tokens (default 128)")
+    g.add_argument("--temperature", type=_float_above(0.0, inclusive=True), default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=_float_above(0.0, hi=1.0), default=1.0)
+    g.add_argument("--top-k", type=_NON_NEGATIVE, default=0, help="0 disables")
+    g.add_argument("--repetition-penalty", type=_float_above(0.0), default=1.0)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--sample-seed", type=int, help="seed of the sampler")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
@@ -72,23 +121,24 @@ def _demo_flags(p):
     p.add_argument("--sparse-layers", type=parse_layers, help="with --model: softmax layers (default: a quarter, "
                                                               "first and last included)")
     p.add_argument("--quick", action="store_true", help="tiny lengths, few samples (CI): under a minute once cached")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float16 | float32")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (1 can be faster on a busy machine)")
+    p.add_argument("--threads", type=_POSITIVE, help="CPU threads for torch (default: the usable CPUs minus one, 1-8, or "
+                                                "SALA_NUM_THREADS)")
     p.add_argument("--lengths", help="NIAH lengths (default 4K,9K: inside and past an 8K window; --quick 512,1K)")
     p.add_argument("--depths", help="NIAH needle depths in percent (default 50)")
-    p.add_argument("--samples", type=int, help="needles per NIAH cell (default 1)")
-    p.add_argument("--chat-prompts", type=int, help="built-in chat prompts to answer, 1-3 (default 3; --quick 1)")
-    p.add_argument("--max-new-tokens", type=int, help="tokens per chat answer (default 32; --quick 8)")
+    p.add_argument("--samples", type=_POSITIVE, help="needles per NIAH cell (default 1)")
+    p.add_argument("--chat-prompts", type=_int_from(1, 3), help="built-in chat prompts to answer, 1-3 (default 3; --quick 1)")
+    p.add_argument("--max-new-tokens", type=_POSITIVE, help="tokens per chat answer (default 32; --quick 8)")
     p.add_argument("--time-contexts", help="speed/memory sweep contexts (default 512,1K,2K,4K,8K,16K,32K)")
     p.add_argument("--prefill-max", help="longest context prefilled from real text; longer ones time decode on random "
                                          "caches (default 4K)")
-    p.add_argument("--decode-steps", type=int, help="timed decode steps per context (default 4)")
-    p.add_argument("--time-budget", type=float, help="seconds the sweep may spend prefilling; later contexts time decode on random caches (default 90)")
+    p.add_argument("--decode-steps", type=_POSITIVE, help="timed decode steps per context (default 4)")
+    p.add_argument("--time-budget", type=_float_above(0.0), help="seconds the sweep may spend prefilling; later contexts time decode on random caches (default 90)")
     p.add_argument("--ppl-context", help="window of the held-out perplexity (default 1K)")
-    p.add_argument("--ppl-windows", type=int, help="held-out windows per model (default 4)")
+    p.add_argument("--ppl-windows", type=_POSITIVE, help="held-out windows per model (default 4)")
     p.add_argument("--text", help="text for haystack, perplexity and prefill (default: the held-out corpus)")
-    p.add_argument("--chunk", type=int, default=2048, help="prefill chunk in tokens (default 2048)")
+    p.add_argument("--chunk", type=_POSITIVE, default=2048, help="prefill chunk in tokens (default 2048)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="sala-demo", help="report folder (default sala-demo/)")
     p.add_argument("--quiet", action="store_true", help="no progress display; the summary table is still printed")
@@ -114,9 +164,9 @@ def _info(args):
 def _plan_flags(p):
     p.add_argument("--model", required=True, help="checkpoint directory or preset")
     p.add_argument("--context", default="1M", help="tokens per sequence (default 1M)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--chunk", type=int, default=8192, help="prefill chunk (default 8192)")
-    p.add_argument("--gpu-mem", type=float, help="GPU memory in GiB (default: this machine's GPU, if any)")
+    p.add_argument("--batch", type=_POSITIVE, default=1)
+    p.add_argument("--chunk", type=_POSITIVE, default=8192, help="prefill chunk (default 8192)")
+    p.add_argument("--gpu-mem", type=_GIB, help="GPU memory in GiB (default: this machine's GPU, if any)")
     p.add_argument("--dtype", default="bfloat16", help="weights/KV dtype (default bfloat16)")
 
 
@@ -162,10 +212,10 @@ def _serve_flags(p):
     _model_flags(p)
     _engine_flags(p, batch=8)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_PORT, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
     p.add_argument("--served-model-name", help="model name clients must send (default: the directory name)")
-    p.add_argument("--max-request-bytes", type=int, default=8 * 2**20, help="largest request body (default 8 MiB)")
+    p.add_argument("--max-request-bytes", type=_POSITIVE, default=8 * 2**20, help="largest request body (default 8 MiB)")
     p.add_argument("--log-level", default="info")
 
 
@@ -179,14 +229,14 @@ def _bench_e2e_flags(p):
     p.add_argument("--shape", default="released", choices=("released", "small", "tiny"),
                    help="model shapes: released (SALA-9B vs Qwen3-8B), or small/tiny for CPU smoke runs")
     p.add_argument("--contexts", default="32K,64K,128K,256K,512K,1M", help="comma-separated prompt lengths")
-    p.add_argument("--layers", type=int, help="override the number of layers")
-    p.add_argument("--decode-steps", type=int, default=32)
-    p.add_argument("--decode-batch", type=int, default=8, help="the larger decode batch (default 8)")
-    p.add_argument("--chunk", type=int, default=8192)
+    p.add_argument("--layers", type=_POSITIVE, help="override the number of layers")
+    p.add_argument("--decode-steps", type=_POSITIVE, default=32)
+    p.add_argument("--decode-batch", type=_POSITIVE, default=8, help="the larger decode batch (default 8)")
+    p.add_argument("--chunk", type=_POSITIVE, default=8192)
     p.add_argument("--systems", default="sala,dense,hf", help="subset of sala,dense,hf")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=_device, default="auto")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--gpu-mem", type=float)
+    p.add_argument("--gpu-mem", type=_GIB)
     p.add_argument("--no-cuda-graphs", action="store_true")
     _decode_attention_flag(p)
     p.add_argument("--decode-only", action="store_true",
@@ -212,9 +262,9 @@ def _select_option_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sparse-fraction", type=float, default=0.25, help="fraction of layers kept as softmax (default 0.25)")
     g.add_argument("--num-sparse", type=int, help="exact number of softmax layers (overrides --sparse-fraction)")
     g.add_argument("--no-force-first-last", dest="force_first_last", action="store_false", help="do not force the first and last layers")
-    g.add_argument("--steps", type=int, default=200, help="alignment steps per student (default 200)")
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--seq-len", type=int, default=512)
+    g.add_argument("--steps", type=_POSITIVE, default=200, help="alignment steps per student (default 200)")
+    g.add_argument("--batch-size", type=_POSITIVE, default=8)
+    g.add_argument("--seq-len", type=_POSITIVE, default=512)
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--min-lr", type=float, default=1e-5)
     g.add_argument("--warmup-steps", type=int, default=20)
@@ -238,7 +288,7 @@ def _select_layers_flags(p):
     _select_option_flags(p)
     p.add_argument("--z-proj-init", default="random", choices=("random", "zeros"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=_device, default="auto")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -267,7 +317,7 @@ def _convert_flags(p):
     p.add_argument("--verify", action="store_true",
                    help="identity check against the source (the weight mapping), then load and run the result and "
                         "compare its held-out perplexity with the source's (text: --text, default built-in)")
-    p.add_argument("--verify-tolerance", type=float, default=1e-4)
+    p.add_argument("--verify-tolerance", type=_float_above(0.0), default=1e-4)
     p.add_argument("--z-proj-init", default="random", choices=("random", "zeros"))
     p.add_argument("--o-gate-init", default="compensated", choices=("compensated", "random"))
     p.add_argument("--seed", type=int, default=0)
@@ -275,7 +325,7 @@ def _convert_flags(p):
     p.add_argument("--untie-embeddings", action="store_true")
     p.add_argument("--max-shard-size", default="4GB")
     p.add_argument("--context", help="max_position_embeddings of the hybrid, e.g. 32K, 1M or 131072 (default: the source's)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=_device, default="auto")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out (files sala wrote there are "
                                                         "replaced, others kept; refused otherwise)")
@@ -367,12 +417,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # an EngineError (e.g. non-finite logits): says why, exits non-zero
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # an EngineError (e.g. non-finite logits) or a bug: one line, the traceback with -vv
         from sala.engine.types import EngineError
 
-        if not isinstance(e, EngineError) or args.verbose >= 2:
+        if args.verbose >= 2:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if isinstance(e, EngineError):
+            print(f"error: {e}", file=sys.stderr)
+        else:
+            logging.getLogger("sala").debug("unexpected error", exc_info=True)
+            print(f"error: {type(e).__name__}: {e} (unexpected; run with -vv for the traceback)", file=sys.stderr)
         return 1
 
 

@@ -23,6 +23,7 @@ from sala.engine.loader import dtype_name, resolve_device, resolve_dtype
 from sala.eval.prompts import Haystack
 from sala.eval.report import fmt_tokens
 from sala.utils.corpus import heldout_path
+from sala.utils.env import set_cpu_threads
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +168,7 @@ def _sweep(cfg: DemoConfig, pair: list[tuple[str, Any]], tokens: list[int], bar:
 def run_demo(cfg: DemoConfig) -> dict:
     """Run every part of the demo and write the report folder ``cfg.out``; returns the report."""
     t0 = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_cpu_threads(cfg.threads)  # default: sala.utils.env.default_cpu_threads
     ui = Display(cfg.quiet)
     text_path = _text(cfg)
     device = resolve_device(cfg.device)

@@ -32,7 +32,10 @@ class ModelOptions:
     seed: int = 0
     """Seed of preset/demo random weights."""
     threads: int | None = None
-    """CPU threads for torch (default: torch's choice; 1 for --demo)."""
+    """CPU threads for torch (default: :func:`sala.utils.env.default_cpu_threads`, the usable CPUs minus one, 1-8;
+    1 for --demo)."""
+    check_weights: bool = False
+    """Refuse the checkpoint if a weight holds NaN/inf (such weights load, then every request fails)."""
 
 
 @dataclass(kw_only=True)
@@ -129,17 +132,19 @@ def _model_source(opts: ModelOptions) -> Iterator[str]:
 
 
 def _load(opts: ModelOptions, path: str, context: int | None = None):
-    import torch
-
-    from sala.engine.loader import load_model
-
     from sala.engine.demo import quiet_hf_progress
+    from sala.engine.loader import load_model
+    from sala.utils.env import set_cpu_threads
 
-    threads = opts.threads if opts.threads is not None else (1 if opts.demo else None)
-    if threads:
-        torch.set_num_threads(threads)
+    set_cpu_threads(opts.threads if opts.threads is not None else (1 if opts.demo else None))
     with quiet_hf_progress(opts.demo or getattr(opts, "quiet", False)):
-        return load_model(path, device=opts.device, dtype=opts.dtype, seed=opts.seed, max_position_embeddings=context)
+        model, tokenizer = load_model(path, device=opts.device, dtype=opts.dtype, seed=opts.seed,
+                                      max_position_embeddings=context)
+    if opts.check_weights:
+        from sala.model.checkpoint_io import check_finite_weights
+
+        check_finite_weights(model.named_parameters(), f"checkpoint {path}")
+    return model, tokenizer
 
 
 def _engine(model, tokenizer, opts: EngineOptions, max_seq_len: int, progress=None):

@@ -218,5 +218,6 @@ def describe(model: Any) -> dict:
 
 
 def setup_threads(threads: int | None) -> None:
-    if threads:
-        torch.set_num_threads(threads)
+    from sala.utils.env import set_cpu_threads
+
+    set_cpu_threads(threads)  # default: sala.utils.env.default_cpu_threads

@@ -45,3 +45,61 @@ def corpus_dir() -> Path | None:
     """The text corpus folder forced by ``SALA_CORPUS_DIR`` (None: the default location)."""
     value = os.environ.get("SALA_CORPUS_DIR", "").strip()
     return Path(value).expanduser() if value else None
+
+
+MAX_DEFAULT_THREADS = 8
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota (containers)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def default_cpu_threads() -> tuple[int, str]:
+    """Torch CPU threads when no ``--threads`` is given, with the reason (logged by the caller).
+
+    Rule (issue 17 item 1): ``SALA_NUM_THREADS`` if set, else ``OMP_NUM_THREADS`` if set (torch already honours
+    it); else the usable CPUs minus one, between 1 and 8. The one left over serves the HTTP loop, the tokenizer
+    and whatever else runs on the machine: OpenMP threads spin at their barriers, so one more thread than there
+    are free cores turns each matmul into a wait for the preempted thread. Measured with
+    ``benchmarks/serve_load.py`` on 2 cores beside one CPU hog: torch's default (2 threads) gave 26 tok/s and a
+    p99 of 13.9 s; 1 thread 549 tok/s and 0.44 s. Past 8 threads decode (memory-bound, small matmuls) stops
+    gaining and the barriers cost more. Whether the machine is shared cannot be told reliably at start-up, so the
+    rule assumes it may be; pass ``--threads N`` (or set ``SALA_NUM_THREADS``) on a dedicated machine.
+    """
+    for var in ("SALA_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(var, "").strip()
+        if value:
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"{var} must be a whole number >= 1, got {value!r}")
+            return int(value), f"{var}={value}"
+    cpus = usable_cpus()
+    n = max(1, min(cpus - 1, MAX_DEFAULT_THREADS))
+    return n, f"{cpus} usable CPUs: one left for the server/tokenizer threads and other jobs, at most {MAX_DEFAULT_THREADS}"
+
+
+def set_cpu_threads(requested: int | None = None) -> int:
+    """Set torch's CPU thread count: ``requested`` (``--threads``) or :func:`default_cpu_threads`; returns it."""
+    import logging
+
+    import torch
+
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--threads must be >= 1, got {requested}")
+        n, why = requested, "--threads"
+    else:
+        n, why = default_cpu_threads()
+    torch.set_num_threads(n)
+    logging.getLogger(__name__).info("torch CPU threads: %d (%s)", n, why)
+    return n
