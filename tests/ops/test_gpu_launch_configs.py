@@ -96,8 +96,8 @@ def _random_lists(T, K, q_pos, n_blk, bs, seed):
 # block-sparse attention forward: prefill (split lists, tile + token kernels) and decode (flash-decoding split)
 # -------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow  # 2-4 s per case in the interpreter
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("gpu", [H200, RTX_4090], ids=["H200", "RTX4090"])
+@pytest.mark.parametrize("gpu, dtype", [(H200, torch.float32), (H200, torch.bfloat16), (RTX_4090, torch.bfloat16)],
+                         ids=["H200-fp32", "H200-bf16", "RTX4090-bf16"])  # RTX 4090 fp32 differs only in tile NBI 1
 def test_sparse_prefill_gpu_config(gpu, dtype, launches):
     """T = 45 queries over L = 1000 keys (31 full 32-key blocks + 8 keys): 45 x 3 groups fill 132 SMs, so the tile
     split runs; 16-token tiles (the last holds 13), 9-slot lists drawn from ~31 blocks so that a block is shared by
@@ -388,3 +388,25 @@ def test_lightning_step_gpu_plan(dtype, launches):
     if not CUDA:
         assert launches.of("_lightning_step_kernel")[0]["BV"] == 16
         assert launches.grids("_lightning_step_kernel")[0] == (4, N * H)
+
+
+def test_emulated_gpu_facts():
+    """What launch plans read inside and outside ``gpu_launch_configs()`` (CPU tensors)."""
+    from sala.ops.common import launch
+    from sala.ops.infllm_v2.tma import head_block_descriptor
+
+    cpu = torch.device("cpu")
+    x = torch.zeros(40, HKV, D, dtype=torch.bfloat16)
+    with launch.gpu_launch_configs(RTX_4090):
+        assert (launch.num_sms(cpu), launch.smem_per_block(cpu), launch.has_tma(cpu)) == (128, 101376, False)
+        assert head_block_descriptor(x, 32) is None  # no TMA on an sm_89 card
+        with launch.gpu_launch_configs(H200):  # nests, and restores the outer one
+            assert launch.num_sms(cpu) == 132 and launch.has_tma(cpu) and head_block_descriptor(x, 32) is not None
+        assert launch.num_sms(cpu) == 128
+    if not CUDA:
+        assert not launch.gpu_plan(cpu) and launch.interpreter_configs()
+        assert (launch.num_sms(cpu), launch.smem_per_block(cpu), launch.has_tma(cpu)) == (4, None, True)
+        with launch.gpu_launch_configs():
+            assert launch.gpu_plan(cpu) and not launch.interpreter_configs()
+            assert topk._cfg() is topk.GPU_CONFIG and sparse_attn_bwd._cfg() is sparse_attn_bwd.GPU_CONFIG
+        assert topk._cfg() is topk._INTERP_CONFIG and sparse_attn_bwd._cfg() is sparse_attn_bwd._INTERP_CONFIG

@@ -30,10 +30,11 @@ class EmulatedGPU:
     name: str
     sms: int
     smem_per_block: int  # bytes a block may opt into
+    tma: bool  # tensor-memory-accelerator descriptors (compute capability >= 9)
 
 
-H200 = EmulatedGPU("H200", sms=132, smem_per_block=232448)
-RTX_4090 = EmulatedGPU("RTX 4090", sms=128, smem_per_block=101376)  # 99 KB per block: the small-smem configs
+H200 = EmulatedGPU("H200", sms=132, smem_per_block=232448, tma=True)
+RTX_4090 = EmulatedGPU("RTX 4090", sms=128, smem_per_block=101376, tma=False)  # 99 KB per block: small-smem configs
 
 _emulated: EmulatedGPU | None = None
 
@@ -75,6 +76,11 @@ def _cuda_smem_per_block(index: int) -> int:
     return int(getattr(props, "shared_memory_per_block_optin", 0) or 227 * 1024)
 
 
+@functools.cache
+def _cuda_has_tma(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
 def _index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
@@ -93,3 +99,11 @@ def smem_per_block(device: torch.device | None) -> int | None:
     if device is not None and device.type == "cuda":
         return _cuda_smem_per_block(_index(device))
     return _emulated.smem_per_block if _emulated is not None else None
+
+
+def has_tma(device: torch.device) -> bool:
+    """Whether kernels on ``device`` may load through TMA descriptors: Hopper and newer on CUDA; the emulated GPU's
+    answer inside ``gpu_launch_configs()``; else True (the interpreter emulates descriptors)."""
+    if device.type == "cuda":
+        return _cuda_has_tma(_index(device))
+    return _emulated.tma if _emulated is not None else True

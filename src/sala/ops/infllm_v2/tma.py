@@ -7,19 +7,14 @@ emulates descriptors, so the same kernel code runs in the CPU tests.
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from sala.ops.common.launch import has_tma
 
 try:  # host-side descriptors: triton >= 3.3
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older triton: every kernel keeps its pointer loads
     TensorDescriptor = None
-
-
-@functools.cache
-def _has_tma(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def head_block_descriptor(x: torch.Tensor, rows: int):
@@ -32,7 +27,7 @@ def head_block_descriptor(x: torch.Tensor, rows: int):
         return None
     if D & (D - 1) or not 16 <= D <= 256 or not 1 <= rows <= 256:
         return None
-    if x.device.type == "cuda" and not _has_tma(x.device.index if x.device.index is not None else torch.cuda.current_device()):
+    if not has_tma(x.device):
         return None
     packed = x.stride(2) == 1 and x.stride(1) == D and x.stride(0) >= x.shape[1] * D  # rows may not overlap
     if not packed or (x.stride(0) * x.element_size()) % 16 or x.data_ptr() % 16:
