@@ -21,6 +21,13 @@ from sala.utils.testing import assert_close, rel_l2
 P = InfLLMv2Params(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, local_blocks=2, topk=3)
 
 
+@pytest.fixture(autouse=True, params=["naive", "cpu"])
+def op_backend(request, monkeypatch):
+    """Every oracle test runs against the reference and against the CPU backend (``auto`` calls follow it)."""
+    monkeypatch.setenv("SALA_BACKEND", request.param)
+    return request.param
+
+
 def _rand(*shape, dtype=torch.float64, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
 

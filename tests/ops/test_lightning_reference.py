@@ -17,6 +17,13 @@ from sala.ops.lightning import (
 from sala.utils.testing import assert_close, rel_l2
 
 
+@pytest.fixture(autouse=True, params=["naive", "cpu"])
+def op_backend(request, monkeypatch):
+    """Every oracle test runs against the reference and against the CPU backend (``auto`` calls follow it)."""
+    monkeypatch.setenv("SALA_BACKEND", request.param)
+    return request.param
+
+
 def _inputs(B, T, H, D, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, T, H, D, generator=g, dtype=torch.float64).to(dtype) for _ in range(3))

@@ -1,7 +1,8 @@
 """``HybridCache``: per-layer decode state of a SALA model (spec §6).
 
 * Lightning layers: one fp32 state ``[B, H, K, V]`` per layer (2 MiB per sequence per layer at released shapes).
-* Sparse layers: raw K/V ``[B, L, Hkv, D]`` in the padded (left-padding) layout, grown by concatenation, plus
+* Sparse layers: raw K/V ``[B, L, Hkv, D]`` in the padded (left-padding) layout, appended into buffers with spare
+  room (amortised O(1) per token), plus
   per-sequence compressed keys ``ck1``/``ck2`` (spec §5.3). The compressed tiers are extended lazily, window by
   window, from the full K cache the first time a sequence needs the sparse path and on every later sparse call.
   Invariant (spec §6.2): after any sequence of calls, ``ck1``/``ck2`` equal the compression of the sequence's
@@ -32,23 +33,38 @@ class LightningLayerCache:
 
 
 class SparseLayerCache:
-    """K/V of one softmax layer plus per-sequence compressed keys."""
+    """K/V of one softmax layer plus per-sequence compressed keys.
+
+    ``keys``/``values`` [B, L, Hkv, D] are views of buffers with spare room after the first append: a decode step
+    writes one row instead of copying the whole cache (``torch.cat`` per token made decode O(L) in memory traffic).
+    """
+
+    GROWTH = 0.25
+    """Spare room added when a buffer fills: a quarter of its length (at least 256 rows), so appends amortise to
+    O(1) copies per row at <= 25% extra memory."""
 
     def __init__(self) -> None:
-        self.keys: torch.Tensor | None = None  # [B, L, Hkv, D]
+        self.keys: torch.Tensor | None = None  # [B, L, Hkv, D], a view of _k_buf
         self.values: torch.Tensor | None = None
+        self._k_buf: torch.Tensor | None = None  # [B, capacity, Hkv, D]
+        self._v_buf: torch.Tensor | None = None
         self.ck1: dict[int, torch.Tensor] = {}  # sequence -> [n1, Hkv, D]
         self.ck2: dict[int, torch.Tensor] = {}  # sequence -> [n2, Hkv, D]
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``k, v`` [B, T, Hkv, D]; return the whole cache [B, L, Hkv, D]."""
-        if self.keys is None:
-            self.keys, self.values = k, v
-        else:
-            if k.shape[0] != self.keys.shape[0]:
-                raise ValueError(f"batch size changed from {self.keys.shape[0]} to {k.shape[0]} within one cache")
-            self.keys = torch.cat([self.keys, k], dim=1)
-            self.values = torch.cat([self.values, v], dim=1)
+        """Append ``k, v`` [B, T, Hkv, D]; return the whole cache [B, L, Hkv, D] (views: read, do not write)."""
+        if self.keys is None:  # the first call keeps the tensors (a one-shot prefill copies nothing)
+            self.keys, self.values = k.contiguous(), v.contiguous()
+            return self.keys, self.values
+        if k.shape[0] != self.keys.shape[0]:
+            raise ValueError(f"batch size changed from {self.keys.shape[0]} to {k.shape[0]} within one cache")
+        L, T = self.keys.shape[1], k.shape[1]
+        if self._k_buf is None or L + T > self._k_buf.shape[1]:
+            capacity = L + T + max(256, int(self.GROWTH * (L + T)))
+            self._k_buf, self._v_buf = (x.new_empty(x.shape[0], capacity, *x.shape[2:]) for x in (self.keys, self.values))
+            self._k_buf[:, :L], self._v_buf[:, :L] = self.keys, self.values
+        self._k_buf[:, L : L + T], self._v_buf[:, L : L + T] = k, v
+        self.keys, self.values = self._k_buf[:, : L + T], self._v_buf[:, : L + T]
         return self.keys, self.values
 
     def compressed(

@@ -106,10 +106,15 @@ def block_sparse_attention(
     """Stage 2. q: [T, H, D]; k, v: [L, Hkv, D]; topk_idx: [Hkv, T, K] -> o: [T, H, D] (q dtype).
     ``first_pos``: optional promise that q_pos = first_pos + arange(T) (skips a host sync)."""
     _check_seq(q, k, v, q_pos, first_pos)
-    if resolve_backend(backend, q.device) == "triton":
+    chosen = resolve_backend(backend, q.device)
+    if chosen == "triton":
         from sala.ops.infllm_v2.sparse_attn import triton_block_sparse_attention
 
         return triton_block_sparse_attention(q, k, v, topk_idx, q_pos, block_size, scale)
+    if chosen == "cpu":
+        from sala.ops.infllm_v2.cpu import cpu_block_sparse_attention
+
+        return cpu_block_sparse_attention(q, k, v, topk_idx, q_pos, block_size, scale)
     return naive_block_sparse_attention(q, k, v, topk_idx, q_pos, block_size, scale)
 
 
@@ -150,7 +155,12 @@ def infllm_v2_attention(
             return head
         tail = infllm_v2_attention(q[easy:], k, v, ck1, ck2, q_pos[easy:], params, scale, backend, first + easy)
         return torch.cat([head, tail], dim=0)
-    if resolve_backend(backend, q.device) == "triton":
+    chosen = resolve_backend(backend, q.device)
+    if chosen == "cpu":  # selection and attention a query chunk at a time
+        from sala.ops.infllm_v2.cpu import cpu_infllm_v2_attention
+
+        return cpu_infllm_v2_attention(q, k, v, ck1, ck2, q_pos, params, scale)
+    if chosen == "triton":
         from sala.ops.infllm_v2.topk import triton_select_from_queries
 
         topk_idx = triton_select_from_queries(q, ck1, ck2, q_pos, k.shape[0], params, scale)
@@ -172,7 +182,8 @@ def dense_causal_attention(
     """Causal GQA attention of the last T positions over L keys.
 
     q: [B, T, H, D]; k, v: [B, L, Hkv, D]; key_valid: [B, L] bool or None -> o: [B, T, H, D] (q dtype).
-    On CUDA this runs torch SDPA (cuDNN/flash); elsewhere the chunked reference.
+    ``triton`` (CUDA) and ``cpu`` run torch SDPA (cuDNN/flash on GPUs, the flash CPU kernel on CPUs); ``naive`` the
+    chunked reference.
     """
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"dense attention wants q [B, T, H, D], k/v [B, L, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -180,7 +191,7 @@ def dense_causal_attention(
         raise ValueError(f"need at least as many keys ({k.shape[1]}) as queries ({q.shape[1]})")
     if q.shape[2] % k.shape[2] != 0:
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of KV heads ({k.shape[2]})")
-    if resolve_backend(backend, q.device) == "triton":
+    if resolve_backend(backend, q.device) in ("triton", "cpu"):
         from sala.ops.infllm_v2.dense import sdpa_dense_causal_attention
 
         return sdpa_dense_causal_attention(q, k, v, key_valid, scale)
@@ -237,7 +248,7 @@ def decode_attention_batch(
 
     The Triton path's shapes depend only on N and the cache shapes and it never syncs with the host, so a
     whole decode step can be captured in one CUDA graph; rows below ``dense_len`` run through the same
-    block-sparse kernel with every block selected. The reference loops over rows.
+    block-sparse kernel with every block selected. ``naive`` and ``cpu`` loop over rows.
     """
     if q.dim() != 3 or slot.shape != (q.shape[0],):
         raise ValueError(f"decode batch wants q [N, H, D] and slot/pos [N]; got q {tuple(q.shape)}, slot {tuple(slot.shape)}")
@@ -247,17 +258,20 @@ def decode_attention_batch(
     if q.shape[2] != keys.shape[3] or q.shape[1] % keys.shape[2]:
         raise ValueError(f"q [N, H, D] must share D with the keys and H must be a multiple of their {keys.shape[2]} "
                          f"KV heads; got q {tuple(q.shape)}, keys {tuple(keys.shape)}")
-    if resolve_backend(backend, q.device) == "triton":
+    chosen = resolve_backend(backend, q.device)
+    if chosen == "triton":
         return _triton_decode_batch(q, keys, values, ck1, ck2, slot, pos, params, scale, dense_len)
+    # naive / cpu: row by row (a CPU has no host sync to avoid); ``cpu`` reads only the selected blocks
     out = torch.empty_like(q)
     for t, (s, p) in enumerate(zip(slot.tolist(), pos.tolist())):
         kb, vb, L = keys[s, : p + 1], values[s, : p + 1], p + 1
         if dense_len is None or L < dense_len:
-            out[t] = naive_dense_causal_attention(q[None, t : t + 1], kb[None], vb[None], None, scale)[0, 0]
+            out[t] = dense_causal_attention(q[None, t : t + 1], kb[None], vb[None], None, scale, chosen)[0, 0]
         else:
             c1 = ck1[s, : num_windows(L, params.kernel_size, params.kernel_stride)]
             c2 = ck2[s, : num_windows(L, params.coarse_kernel_size, params.coarse_kernel_stride)]
-            out[t] = infllm_v2_attention(q[t : t + 1], kb, vb, c1, c2, pos[t : t + 1], params, scale, "naive")[0]
+            out[t] = infllm_v2_attention(q[t : t + 1], kb, vb, c1, c2, pos[t : t + 1], params, scale, chosen,
+                                         first_pos=p)[0]
     return out
 
 

@@ -83,13 +83,18 @@ def chunk_lightning(
     if initial_state is not None and tuple(initial_state.shape) != state_shape:
         raise ValueError(f"initial_state must be [N, H, K, V] = {state_shape}, got {tuple(initial_state.shape)}")
     out_dtype = output_dtype or q.dtype
-    if resolve_backend(backend, q.device) == "triton":
+    chosen = resolve_backend(backend, q.device)
+    if chosen == "triton":
         from sala.ops.lightning.chunk import triton_chunk_lightning
 
         o, final = triton_chunk_lightning(
             q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens, out_dtype
         )
         return o, final
+    if chosen == "cpu":
+        from sala.ops.lightning.cpu import cpu_chunk_lightning
+
+        return cpu_chunk_lightning(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens, out_dtype)
     if cu_seqlens is None:
         o, final = naive_chunk_lightning(q, k, v, slopes, scale, initial_state)
         return o.to(out_dtype), (final if output_final_state else None)
