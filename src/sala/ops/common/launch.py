@@ -1,12 +1,12 @@
 """What the Triton ops' launch plans read about the device, in one place: the SM count, shared memory per block,
-and whether kernels take their GPU launch configurations or the CPU interpreter's small ones.
+TMA support, and whether kernels take their GPU launch configurations or the CPU interpreter's small ones.
 
 Compiled kernels on a GPU always take the GPU configurations. The interpreter (``TRITON_INTERPRET=1``) takes
 small tiles by default, for speed; inside ``gpu_launch_configs()`` it takes the GPU ones instead: the same tile
 sizes, keys per step, split counts (from the emulated GPU's SM count) and so the same multi-block paths and masks
 a GPU executes, so that CPU tests vouch for the code that ships. num_warps / num_stages mean nothing to the
-interpreter, and it still computes 16-bit dots in fp32 (its bf16 ``tl.dot`` is wrong), so rounding of dot
-operands is the one thing it does not reproduce.
+interpreter, and it still computes 16-bit dots in fp32 (its bf16 ``tl.dot`` is wrong), so it does not reproduce
+the rounding of dot operands, nor races (it runs programs one after another, threads in lockstep).
 """
 
 from __future__ import annotations
