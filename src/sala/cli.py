@@ -226,12 +226,14 @@ def _serve(args):
 
 
 def _bench_e2e_flags(p):
-    p.add_argument("--shape", default="released", choices=("released", "small", "tiny"),
-                   help="model shapes: released (SALA-9B vs Qwen3-8B), or small/tiny for CPU smoke runs")
-    p.add_argument("--contexts", default="32K,64K,128K,256K,512K,1M", help="comma-separated prompt lengths")
+    p.add_argument("--shape", default="released", choices=("released", "smollm2", "small", "tiny"),
+                   help="model shapes: released (SALA-9B vs Qwen3-8B), smollm2 (SmolLM2-135M's hybrid vs SmolLM2 "
+                        "itself, the CPU comparison), or small/tiny for smoke runs")
+    p.add_argument("--contexts", help="comma-separated prompt lengths (default 32K,64K,128K,256K,512K,1M on a GPU, "
+                                      "1K,4K,8K,16K,32K on a CPU)")
     p.add_argument("--layers", type=_POSITIVE, help="override the number of layers")
-    p.add_argument("--decode-steps", type=_POSITIVE, default=32)
-    p.add_argument("--decode-batch", type=_POSITIVE, default=8, help="the larger decode batch (default 8)")
+    p.add_argument("--decode-steps", type=_POSITIVE, help="timed decode steps (default 32 on a GPU, 8 on a CPU)")
+    p.add_argument("--decode-batch", type=_POSITIVE, help="the larger decode batch (default 8 on a GPU, 1 on a CPU)")
     p.add_argument("--chunk", type=_POSITIVE, default=8192)
     p.add_argument("--systems", default="sala,dense,hf", help="subset of sala,dense,hf")
     p.add_argument("--device", type=_device, default="auto")
@@ -239,6 +241,7 @@ def _bench_e2e_flags(p):
     p.add_argument("--gpu-mem", type=_GIB)
     p.add_argument("--no-cuda-graphs", action="store_true")
     _decode_attention_flag(p)
+    p.add_argument("--threads", type=_POSITIVE, help="CPU threads for torch (default: usable CPUs minus one, 1-8)")
     p.add_argument("--decode-only", action="store_true",
                    help="skip the prefill (random caches of the context's length) and time decode only; no TTFT")
     p.add_argument("--seed", type=int, default=0)
