@@ -73,6 +73,9 @@ def test_generate_errors(capsys, tmp_path):
     code, _, err = run(capsys, "generate", "--prompt", "hi")
     assert code == 2 and "--model DIR|PRESET is required" in err
     code, _, err = run(capsys, "generate", "--model", str(tmp_path), "--prompt", "hi")
+    assert code == 2 and "has no config.json" in err
+    (tmp_path / "config.json").write_text('{"model_type": "minicpm_sala"}')
+    code, _, err = run(capsys, "generate", "--model", str(tmp_path), "--prompt", "hi")
     assert code == 2 and "has no tokenizer" in err
     code, _, err = run(capsys, "generate", "--demo", "--prompt", "hi", "--context", "16", "--max-tokens", "100")
     assert code == 2 and "exceeds the context capacity of 16" in err

@@ -69,3 +69,14 @@ def test_nan_weights_make_generate_fail_not_print_nothing(capsys, tmp_path):
     rc = cli.main(["generate", "--model", str(d), "--device", "cpu", "--prompt", "hello", "--check-weights"])
     err = capsys.readouterr().err
     assert rc == 2 and "model.norm.weight (64 of 64 values)" in err
+
+
+def test_folder_without_config_is_not_the_9b_defaults(capsys, tmp_path):
+    """Issue 17 item 6. Before: ``plan``/``info`` on a folder without config.json reported 9.48B parameters, exit 0."""
+    for cmd in (["plan", "--model", str(tmp_path)], ["info", "--model", str(tmp_path)]):
+        assert cli.main(cmd) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path} has no config.json, so it is not a checkpoint directory" in err
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}')
+    assert cli.main(["plan", "--model", str(tmp_path)]) == 2
+    assert "has model_type 'llama', expected 'minicpm_sala'; convert a dense checkpoint first" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -48,9 +49,26 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def check_checkpoint_dir(spec: str) -> None:
+    """A checkpoint directory must hold a SALA ``config.json``: without one transformers silently returned the 9B
+    defaults, and ``sala plan``/``info`` described a model that is not there (issue 17 item 6)."""
+    path = Path(spec) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{spec} has no config.json, so it is not a checkpoint directory (expected config.json + "
+                         f"*.safetensors; or a preset: {', '.join(PRESETS)})")
+    try:
+        model_type = json.loads(path.read_text()).get("model_type")
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{path} is not a JSON object: {e}") from None
+    if model_type != SALAConfig.model_type:
+        raise ValueError(f"{path} has model_type {model_type!r}, expected {SALAConfig.model_type!r}; convert a dense "
+                         "checkpoint first (sala convert --from DIR --out DIR ...)")
+
+
 def load_config(spec: str) -> SALAConfig:
     """Config of a checkpoint directory or preset, without weights."""
     if os.path.isdir(spec):
+        check_checkpoint_dir(spec)
         return SALAConfig.from_pretrained(spec)
     if spec in PRESETS:
         return preset(spec)
@@ -87,6 +105,7 @@ def load_model(spec: str, *, device: str | torch.device = "auto", dtype: str | t
     dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
     overrides = {} if max_position_embeddings is None else {"max_position_embeddings": max_position_embeddings}
     if os.path.isdir(spec):
+        check_checkpoint_dir(spec)
         if not has_tokenizer(spec):
             raise ValueError(f"{spec} has no tokenizer (tokenizer.json or tokenizer.model); copy the original model's "
                              "tokenizer files into it")
