@@ -213,7 +213,11 @@ def _serve_flags(p):
     _engine_flags(p, batch=8)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=_PORT, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (visible in the process list: prefer "
+                                     "--api-key-file or SALA_API_KEY); docs pages are off when a key is set")
+    p.add_argument("--api-key-file", help="read the API key from this file's first line")
+    p.add_argument("--shutdown-timeout", type=_float_above(0.0, inclusive=True), default=10.0,
+                   help="seconds in-flight requests get to finish after SIGTERM / Ctrl-C (default 10)")
     p.add_argument("--served-model-name", help="model name clients must send (default: the directory name)")
     p.add_argument("--max-request-bytes", type=_POSITIVE, default=8 * 2**20, help="largest request body (default 8 MiB)")
     p.add_argument("--log-level", default="info")

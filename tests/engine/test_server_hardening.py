@@ -156,3 +156,103 @@ def test_docs_pages_need_the_key(demo_model, client):
                 _error(c.get(path, headers={"authorization": "Bearer k"}), 404, "not_found")
     finally:
         s.stop()
+
+
+# ---- API key sources (item 8) -------------------------------------------------------------------------------------
+def _serve_cfg(**kw):
+    from sala.engine.commands import ServeConfig
+
+    return ServeConfig(model="tiny", **kw)
+
+
+def test_api_key_from_file_or_env_not_only_the_command_line(tmp_path, monkeypatch, caplog):
+    """Before: only --api-key, which every local user reads in /proc/PID/cmdline."""
+    from sala.engine.commands import resolve_api_key
+
+    monkeypatch.delenv("SALA_API_KEY", raising=False)
+    assert resolve_api_key(_serve_cfg()) is None
+    f = tmp_path / "key"
+    f.write_text("s3cret\nignored\n")
+    assert resolve_api_key(_serve_cfg(api_key_file=str(f))) == "s3cret"
+    monkeypatch.setenv("SALA_API_KEY", " from-env ")
+    assert resolve_api_key(_serve_cfg()) == "from-env"
+    with pytest.raises(ValueError, match="give the API key one way, got --api-key-file and SALA_API_KEY"):
+        resolve_api_key(_serve_cfg(api_key_file=str(f)))
+    monkeypatch.delenv("SALA_API_KEY")
+    with caplog.at_level("WARNING"):
+        assert resolve_api_key(_serve_cfg(api_key="k")) == "k"
+    assert "visible to every local user" in caplog.text
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="is empty; put the key on its first line"):
+        resolve_api_key(_serve_cfg(api_key_file=str(tmp_path / "empty")))
+    with pytest.raises(OSError):
+        resolve_api_key(_serve_cfg(api_key_file=str(tmp_path / "missing")))
+
+
+def test_serve_uses_the_env_key(monkeypatch):
+    import sala.engine.server as server_pkg
+    from sala.engine.commands import run_serve
+
+    seen = {}
+
+    def fake_serve(engine, tokenizer, config, **kw):
+        seen.update(key=config.api_key, **kw)
+
+    monkeypatch.setattr(server_pkg, "serve", fake_serve)
+    monkeypatch.setenv("SALA_API_KEY", "env-key")
+    assert run_serve(_serve_cfg(device="cpu", threads=1, shutdown_timeout=3.0)) == 0
+    assert seen["key"] == "env-key" and seen["shutdown_timeout"] == 3.0
+
+
+# ---- graceful shutdown (item 7) -----------------------------------------------------------------------------------
+def test_sigterm_stops_within_the_deadline_and_exits_0():
+    """Before: SIGTERM waited for every in-flight stream without a deadline (12 s to 90+ s), then the process died
+    of the signal (status 143)."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from .test_server import _free_port
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "sala.cli", "serve", "--model", "tiny", "--device", "cpu", "--threads",
+                             "1", "--batch", "1", "--port", str(port), "--served-model-name", MODEL, "--log-level",
+                             "warning", "--shutdown-timeout", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline and proc.poll() is None, "server did not start"
+            time.sleep(0.1)
+        first = threading.Event()
+
+        def stream():  # three 4,000-token streams on one slot: ~12,000 tokens of work queued
+            body = {"model": MODEL, "prompt": "Hello", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+            try:
+                with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+                    for _ in r.iter_lines():
+                        first.set()
+            except httpx.HTTPError:
+                pass  # cut at the deadline
+
+        threads = [threading.Thread(target=stream, daemon=True) for _ in range(3)]
+        for t in threads:
+            t.start()
+        assert first.wait(30)
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(30)
+        took = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 0, proc.stderr.read().decode()[-2000:]
+    assert took < 6, f"exit took {took:.1f} s with a 1 s deadline"

@@ -109,6 +109,11 @@ class ServeConfig(ModelOptions, EngineOptions):
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
+    """Visible to every local user in the process list: prefer ``api_key_file`` or ``SALA_API_KEY``."""
+    api_key_file: str | None = None
+    """File holding the key (its first line); read once at start."""
+    shutdown_timeout: float = 10.0
+    """Seconds in-flight requests get to finish after SIGTERM / Ctrl-C before they are cancelled."""
     served_model_name: str | None = None
     max_request_bytes: int = 8 * 2**20
     log_level: str = "info"
@@ -359,16 +364,42 @@ def run_chat(cfg: ChatConfig, inp: TextIO | None = None, out: TextIO | None = No
             print(f"[{len(c.token_ids)} tokens, TTFT {c.ttft:.2f} s, {c.decode_tokens_per_s:,.1f} tok/s]", file=err)
 
 
+def resolve_api_key(cfg: ServeConfig) -> str | None:
+    """The key from ``--api-key``, ``--api-key-file`` or ``SALA_API_KEY`` (at most one of them), or None."""
+    from sala.utils.env import api_key
+
+    given = [name for name, v in (("--api-key", cfg.api_key), ("--api-key-file", cfg.api_key_file),
+                                  ("SALA_API_KEY", api_key())) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give the API key one way, got {' and '.join(given)}")
+    if cfg.api_key is not None:
+        logger.warning("--api-key is visible to every local user in the process list; prefer --api-key-file or "
+                       "SALA_API_KEY")
+        key = cfg.api_key
+    elif cfg.api_key_file is not None:
+        lines = Path(cfg.api_key_file).read_text().splitlines()  # OSError names the file
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise ValueError(f"--api-key-file {cfg.api_key_file} is empty; put the key on its first line")
+    else:
+        key = api_key()
+    if key is not None and not key.isprintable():
+        raise ValueError("the API key has control characters; use printable characters only")
+    return key
+
+
 def run_serve(cfg: ServeConfig) -> int:
     from sala.engine.server import AsyncEngine, ServerConfig, serve
 
+    key = resolve_api_key(cfg)  # before the model loads: a bad key source fails in a second, not after minutes
     context = _context(cfg)
     with _model_source(cfg) as path:
         model, tokenizer = _load(cfg, path, _rope_limit(path, context))
         max_len = context or min(model.config.max_position_embeddings, 32768)
         engine = _engine(model, tokenizer, cfg, max_len)
         name = cfg.served_model_name or ("sala-demo" if cfg.demo else Path(cfg.model).name)
-        server_cfg = ServerConfig(model_name=name, api_key=cfg.api_key, max_request_bytes=cfg.max_request_bytes)
+        server_cfg = ServerConfig(model_name=name, api_key=key, max_request_bytes=cfg.max_request_bytes)
         logger.info("serving %s on http://%s:%d (batch %d, context %d)", name, cfg.host, cfg.port, cfg.batch, max_len)
-        serve(AsyncEngine(engine), tokenizer, server_cfg, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+        serve(AsyncEngine(engine), tokenizer, server_cfg, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+              shutdown_timeout=cfg.shutdown_timeout)
     return 0

@@ -103,3 +103,10 @@ def set_cpu_threads(requested: int | None = None) -> int:
     torch.set_num_threads(n)
     logging.getLogger(__name__).info("torch CPU threads: %d (%s)", n, why)
     return n
+
+
+def api_key() -> str | None:
+    """The server's API key from ``SALA_API_KEY`` (None when unset or blank); unlike ``--api-key`` it does not show
+    in ``/proc/PID/cmdline``."""
+    value = os.environ.get("SALA_API_KEY", "").strip()
+    return value or None
