@@ -270,3 +270,16 @@ def test_apply_twice_and_optional_gates(base):
     gateless = SALAForCausalLM(preset("tiny", use_output_gate=False, attn_use_output_gate=False))
     names = apply_lora(gateless, rank=2, alpha=2.0)  # default targets: absent gates are skipped, not an error
     assert len(names) == 4 * 7
+
+
+def test_overwrite_keeps_files_sala_did_not_write(base, tmp_path):
+    """Issue 17: an overwrite used to delete the whole delta folder, a user's notes included."""
+    model = copy.deepcopy(base)
+    apply_lora(model, rank=2, alpha=2.0)
+    target = tmp_path / "d"
+    save_delta(target, model, extra_names=[], base_fingerprint="first", max_file_bytes=8192)
+    (target / "NOTES.md").write_text("mine\n")
+    save_delta(target, model, extra_names=[], base_fingerprint="second", overwrite=True)
+    assert (target / "NOTES.md").read_text() == "mine\n"
+    assert json.loads((target / "delta.json").read_text())["base_fingerprint"] == "second"
+    assert sorted(p.name for p in target.glob("delta-*.safetensors")) == ["delta-00001-of-00001.safetensors"]

@@ -331,3 +331,27 @@ def test_lr_schedules(schedule, warmup, extra, expected):
     stage = _stage(schedule, warmup, **extra)
     got = {s: lr_at(stage, s, 10) for s in expected}
     assert got == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+def test_export_refuses_non_finite_weights(tiny, tmp_path, monkeypatch):
+    """Issue 17: ``--check-weights`` (on by default) refuses to export a model holding NaN/inf; final/ is not
+    written. Off, the export goes through."""
+    from sala.model.checkpoint_io import CheckpointError
+
+    real = ckpt.full_model_state
+
+    def poisoned(wrapper):
+        state = real(wrapper)
+        name = next(k for k in state if k.endswith("mlp.up_proj.weight"))
+        state[name] = state[name].clone()
+        state[name][0, 0] = float("inf")
+        return state
+
+    monkeypatch.setattr(ckpt, "full_model_state", poisoned)
+    budget = dict(stages__align__tokens=128, stages__distill__tokens=256, stages__long__tokens=128)
+    with pytest.raises(CheckpointError, match=r"the trained model of .* has 1 tensor\(s\) with NaN/inf values: .*up_proj"):
+        train(tiny, tmp_path / "run", **budget)
+    assert not (tmp_path / "run" / "final").exists()
+    result = run_train(TrainConfig(recipe="tiny-cpu", out=str(tmp_path / "run2"), quiet=True, check_weights=False,
+                                   overrides=tiny.overrides(**budget)))
+    assert result.finished and (tmp_path / "run2" / "final" / "config.json").exists()

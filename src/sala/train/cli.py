@@ -21,6 +21,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile-steps", type=int, default=0, help="profile this many steps of each stage (after 2 warm-up "
                    "steps) with torch.profiler; tables in OUT/profile-<stage>.txt")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--check-weights", action=argparse.BooleanOptionalAction, default=True,
+                   help="refuse to export a model with NaN/inf weights (default on)")
     p.set_defaults(func=run_from_args)
 
 
@@ -30,7 +32,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     from sala.train.recipe import parse_overrides
 
     cfg = TrainConfig(recipe=args.recipe, out=args.out, resume=args.resume, force=args.force, device=args.device,
-                      max_steps=args.max_steps, max_minutes=args.max_minutes, profile_steps=args.profile_steps, quiet=args.quiet, overrides=parse_overrides(args.set))
+                      max_steps=args.max_steps, max_minutes=args.max_minutes, profile_steps=args.profile_steps, quiet=args.quiet, overrides=parse_overrides(args.set),
+                      check_weights=args.check_weights)
     result = run_train(cfg)
     if not args.quiet:
         state = "finished" if result.finished else "stopped (resume with --resume)"

@@ -25,8 +25,6 @@ import logging
 import math
 import os
 import re
-import shutil
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from sala.utils.fs import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -288,25 +288,14 @@ def save_delta(path: str | os.PathLike, model: nn.Module, *, extra_names: Iterab
                 dtype=str(dtype).removeprefix("torch."), modules=[nm for nm, _ in _lora_modules(model)],
                 extra_names=extra_names, weight_map={t: f for f, names in zip(files, shards) for t in names})
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    # a temporary sibling renamed into place; an overwrite replaces the delta's own files and keeps any other file
+    # in the folder (it used to delete the whole folder)
+    with atomic_dir(path, force=True) as tmp:
         for f, names in zip(files, shards):
             save_file({t: tensors[t] for t in names}, str(tmp / f), metadata={"format": "pt"})
             size = (tmp / f).stat().st_size
             assert size <= max_file_bytes, f"{f}: {size} bytes > {max_file_bytes} (header estimate too small)"
         (tmp / "delta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if path.exists():  # overwrite: move the old one aside first, so a crash never leaves neither
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     logger.info("saved LoRA delta: %d tensors, %.1f MB in %d file(s) -> %s", len(tensors),
                 sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6, n, path)
     return [path / f for f in files] + [path / "delta.json"]

@@ -29,6 +29,7 @@ from sala.train.losses import alignment_mse, fused_linear_cross_entropy, fused_l
 from sala.train.recipe import Recipe, RecipeError, StageConfig, load_recipe, resolve_path
 from sala.train.report import MetricsLog, plot_losses
 from sala.train.teacher import load_teacher, logit_scale, teacher_forward
+from sala.utils.fs import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class TrainConfig:
     kernel and operator times goes to ``out/profile-<stage>.txt`` (rank 0)."""
     overrides: dict[str, str] = field(default_factory=dict)
     """Recipe fields to replace, by dotted key (``model.student``, ``stages.kl.tokens``)."""
+    check_weights: bool = True
+    """Refuse to export (final/, delta/) a model with a NaN/inf weight (training diverged)."""
 
     def __post_init__(self) -> None:
         if self.resume and self.force:
@@ -535,18 +538,20 @@ class Trainer:
                 apply_lora(model, rank=r.adapters.rank, alpha=r.adapters.alpha, targets=tuple(r.adapters.targets),
                            rank_overrides=r.adapters.rank_overrides or None)
             model.load_state_dict({k.removeprefix("student."): v for k, v in full.items()}, strict=True)
+            if self.cfg.check_weights:  # a diverged run must not leave a checkpoint that loads and emits garbage
+                from sala.model.checkpoint_io import check_finite_weights
+
+                check_finite_weights(model.named_parameters(), f"the trained model of {self.out}")
             if r.adapters.enabled:
                 extra = self._ever_trained(model)
                 files = save_delta(self.out / "delta", model, extra_names=extra, base_fingerprint=self.fingerprint,
                                    dtype=getattr(torch, r.model.dtype), overwrite=True)  # final/'s precision
                 paths["delta"] = [str(f) for f in files]
                 merge_lora(model)
-            final, tmp = self.out / "final", self.out / "final.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            model.to(getattr(torch, r.model.dtype)).save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
+            final = self.out / "final"
+            with atomic_dir(final, force=True) as tmp:  # sala's files in final/ replaced, any other file kept
+                model.to(getattr(torch, r.model.dtype)).save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
             paths["final"] = str(final)
         dist.barrier()
         return paths

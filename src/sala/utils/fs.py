@@ -6,8 +6,10 @@ place; never delete a file ``sala`` did not write; refuse a non-empty output fol
   one, never half of one, and a killed run leaves the old file in place.
 * :func:`atomic_dir`: a whole output folder. It is filled as a hidden sibling folder; a missing or empty ``out``
   is then replaced by one ``rename``. A non-empty ``out`` is refused unless ``force``; when forced, each new file
-  replaces its namesake with ``os.replace`` only once every file is complete, and of the old files only those
-  listed in the folder's manifest (:data:`MANIFEST`, the files ``sala`` wrote there before) are removed.
+  replaces its namesake with ``os.replace`` only once every file is complete (data first, the JSON naming it
+  last), and of the old files only those listed in the folder's manifest (:data:`MANIFEST`, the files ``sala``
+  wrote there before) are removed. Report folders (``reuse_own``) may be rewritten without ``force`` when they
+  hold nothing but sala's own files.
 
 Temporary siblings left by a killed run are recognised by their marker and removed by the next run (only when
 the process that made them is gone).
@@ -95,14 +97,19 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
     return Path(path)
 
 
-def check_out_dir(out: str | os.PathLike, force: bool, flag: str = "--force") -> None:
-    """Refuse a non-empty ``out`` unless ``force``: ``ValueError`` naming what is there and the fix."""
+def check_out_dir(out: str | os.PathLike, force: bool, flag: str = "--force", reuse_own: bool = False) -> None:
+    """Refuse a non-empty ``out`` unless ``force``: ``ValueError`` naming what is there and the fix. With
+    ``reuse_own`` (report folders) a folder holding only files sala wrote there (its manifest) counts as empty:
+    re-running a report rewrites it."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output folder {out} is a file; pass a folder path")
     if force or not out.is_dir():
         return
     entries = sorted(p.name for p in out.iterdir())
+    if reuse_own:
+        own = {n.split("/", 1)[0] for n in _read_manifest(out)} | {MANIFEST}
+        entries = [e for e in entries if e not in own]
     if entries:
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
         raise ValueError(f"output folder {out} is not empty ({len(entries)} entries: {shown}); choose a new folder or "
@@ -122,17 +129,19 @@ def _read_manifest(folder: Path) -> set[str]:
 
 
 def _commit_order(name: str) -> tuple[int, str]:
-    # weights first, then indexes and configs: a reader that finds the new config.json finds its new weights
-    last = name.endswith(("config.json", ".index.json")) or name == MANIFEST
-    return (1 if last else 0, name)
+    # data first, then the JSON that names it (config.json, the index, delta.json, reports): a reader that finds
+    # the new metadata finds the new files it points to
+    return (1 if name.endswith(".json") else 0, name)
 
 
 @contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, *, force: bool = False, flag: str = "--force") -> Iterator[Path]:
+def atomic_dir(out: str | os.PathLike, *, force: bool = False, flag: str = "--force",
+               reuse_own: bool = False) -> Iterator[Path]:
     """Yield an empty temporary sibling folder to fill; on success its content becomes ``out`` (see module
-    docstring), on error it is removed and ``out`` is untouched. Refuses a non-empty ``out`` unless ``force``."""
+    docstring), on error it is removed and ``out`` is untouched. Refuses a non-empty ``out`` unless ``force``
+    (see :func:`check_out_dir` for ``reuse_own``)."""
     out = Path(out)
-    check_out_dir(out, force, flag)
+    check_out_dir(out, force, flag, reuse_own)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(out)
     tmp = _tmp_sibling(out)
