@@ -80,3 +80,13 @@ def test_folder_without_config_is_not_the_9b_defaults(capsys, tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}')
     assert cli.main(["plan", "--model", str(tmp_path)]) == 2
     assert "has model_type 'llama', expected 'minicpm_sala'; convert a dense checkpoint first" in capsys.readouterr().err
+
+
+def test_demo_refuses_a_folder_with_other_files_before_any_work(capsys, tmp_path):
+    """Issue 17: the demo wrote into --out whatever it held; now a folder with files sala did not write needs
+    --force, checked before minutes of work."""
+    (tmp_path / "notes.txt").write_text("mine\n")
+    assert cli.main(["demo", "--out", str(tmp_path), "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "not empty (1 entries: notes.txt)" in err and "--force" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -141,6 +141,7 @@ def _demo_flags(p):
     p.add_argument("--chunk", type=_POSITIVE, default=2048, help="prefill chunk in tokens (default 2048)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="sala-demo", help="report folder (default sala-demo/)")
+    p.add_argument("--force", action="store_true", help="write into an --out holding other files (they are kept)")
     p.add_argument("--quiet", action="store_true", help="no progress display; the summary table is still printed")
 
 

@@ -45,7 +45,7 @@ class DemoConfig:
     dtype: str = "auto"
     """auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float16 | float32."""
     threads: int | None = None
-    """CPU threads for torch (default torch's; 1 can be faster on a busy machine)."""
+    """CPU threads for torch (default: :func:`sala.utils.env.default_cpu_threads`)."""
     quick: bool = False
     """Tiny lengths and few samples (CI): every ``None`` field below takes its ``QUICK`` value."""
     lengths: str | None = None
@@ -81,6 +81,8 @@ class DemoConfig:
     """Seed of the needles and of the random caches."""
     out: str = "sala-demo"
     """Report folder: report.md, demo.json and the PNGs."""
+    force: bool = False
+    """Write into an ``out`` holding files sala did not write there (kept; refused otherwise)."""
     quiet: bool = False
     """No progress display or streaming; the summary table is still printed."""
 

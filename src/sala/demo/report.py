@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from sala.eval.report import fmt_tokens, markdown_table, plot_ppl, write_json
+from sala.utils import fs
 
 PNGS = ("niah.png", "time.png", "memory.png", "ppl.png")
 
@@ -181,13 +182,15 @@ def _markdown(report: dict) -> str:
 
 
 def write_report(report: dict, out: Path) -> list[Path]:
-    """report.md, demo.json and the PNGs into ``out``; -> the files written."""
-    out.mkdir(parents=True, exist_ok=True)
+    """report.md, demo.json and the PNGs into ``out``, through a temporary sibling (:func:`sala.utils.fs.atomic_dir`:
+    sala's files of an earlier report replaced, any other file kept; the caller checked ``out`` before the run);
+    -> the files written."""
     labels = report["labels"]
-    plot_niah(report["niah"]["grids"], {labels[0]: report["dense_window"]}, out / "niah.png")
-    plot_time(report["timing"]["rows"], out / "time.png", labels)
-    plot_memory(report["timing"]["rows"], out / "memory.png", labels)
-    plot_ppl(report["ppl"], out / "ppl.png")
-    write_json(out / "demo.json", report)
-    (out / "report.md").write_text(_markdown(report))
+    with fs.atomic_dir(out, force=True) as tmp:
+        plot_niah(report["niah"]["grids"], {labels[0]: report["dense_window"]}, tmp / "niah.png")
+        plot_time(report["timing"]["rows"], tmp / "time.png", labels)
+        plot_memory(report["timing"]["rows"], tmp / "memory.png", labels)
+        plot_ppl(report["ppl"], tmp / "ppl.png")
+        write_json(tmp / "demo.json", report)
+        (tmp / "report.md").write_text(_markdown(report))
     return [out / "report.md", out / "demo.json"] + [out / p for p in PNGS]

@@ -18,12 +18,13 @@ import torch
 from sala.demo.config import CHAT_PROMPTS, DemoConfig
 from sala.demo.measure import chat_answer, heldout_ppl, niah_answer, niah_grid, niah_samples, time_context
 from sala.demo.models import DemoModels, load_models
-from sala.demo.report import decode_crossover, summary_rows, write_report
+from sala.demo.report import PNGS, decode_crossover, summary_rows, write_report
 from sala.engine.loader import dtype_name, resolve_device, resolve_dtype
 from sala.eval.prompts import Haystack
 from sala.eval.report import fmt_tokens
 from sala.utils.corpus import heldout_path
 from sala.utils.env import set_cpu_threads
+from sala.utils.fs import check_out_dir
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +169,7 @@ def _sweep(cfg: DemoConfig, pair: list[tuple[str, Any]], tokens: list[int], bar:
 def run_demo(cfg: DemoConfig) -> dict:
     """Run every part of the demo and write the report folder ``cfg.out``; returns the report."""
     t0 = time.perf_counter()
+    check_out_dir(cfg.out, cfg.force, reuse_own=True, own_names=("report.md", "demo.json", *PNGS))  # before the run
     set_cpu_threads(cfg.threads)  # default: sala.utils.env.default_cpu_threads
     ui = Display(cfg.quiet)
     text_path = _text(cfg)

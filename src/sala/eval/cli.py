@@ -23,6 +23,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chunk", type=int, default=2048, help="prefill chunk in tokens (default 2048)")
     g.add_argument("--gpu-mem", type=float, help="memory budget in GiB for the SALA memory-plan check (default: the GPU's)")
     g.add_argument("--out", help="report directory (default out/eval/<command>)")
+    g.add_argument("--force", action="store_true", help="write into an --out holding other files (they are kept)")
     g.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
 
 

@@ -33,6 +33,8 @@ class EvalOptions:
     """Memory budget in GiB for the plan check of SALA models (default: the CUDA device's memory; none on CPU)."""
     out: str | None = None
     """Directory for the JSON / Markdown / PNG reports (default out/eval/<command>)."""
+    force: bool = False
+    """Write into an ``out`` holding files sala did not write there (kept; refused otherwise)."""
     quiet: bool = False
     """No progress bar or progress lines."""
 

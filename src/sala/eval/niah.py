@@ -19,7 +19,7 @@ from sala.eval.config import NiahConfig
 from sala.eval.models import describe, eos_ids, greedy_generate, load_checked, setup_threads
 from sala.eval.progress import Progress
 from sala.eval.prompts import Haystack, PromptFormat, check_filled, fit_largest, insert_at_depth
-from sala.eval.report import fmt_tokens, markdown_table, out_dir, plot_heatmaps, unique_label, write_json
+from sala.eval.report import fmt_tokens, markdown_table, out_dir, plot_heatmaps, unique_label, write_json, write_text
 from sala.eval.scoring import exact_match
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def run_niah(cfg: NiahConfig) -> dict:
     """Grid of every model; writes niah.json, niah.md and niah.png (one heatmap per model); returns the report."""
     setup_threads(cfg.threads)
     hay = Haystack.from_file(cfg.haystack)
-    out = out_dir(cfg.out, "niah")
+    out = out_dir(cfg.out, "niah", cfg.force)
     report: dict = {"command": "niah", "haystack": cfg.haystack, "lengths": cfg.length_list, "depths": cfg.depth_list,
                     "samples": cfg.samples, "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens,
                     "needle": NEEDLE, "question": QUESTION, "models": {}, "grids": {}, "records": []}
@@ -130,6 +130,6 @@ def run_niah(cfg: NiahConfig) -> dict:
     report["out"] = str(out)
     write_json(out / "niah.json", report)
     report["table"] = "\n\n".join(tables)
-    (out / "niah.md").write_text(report["table"] + "\n")
+    write_text(out / "niah.md", report["table"] + "\n")
     plot_heatmaps(report["grids"], out / "niah.png")
     return report

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from sala.eval.config import PplConfig
 from sala.eval.models import describe, load_checked, model_device, prefill_chunks, setup_threads
 from sala.eval.progress import Progress
-from sala.eval.report import markdown_table, out_dir, plot_ppl, unique_label, write_json
+from sala.eval.report import markdown_table, out_dir, plot_ppl, unique_label, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def run_ppl(cfg: PplConfig) -> dict:
     text = path.read_text(errors="replace")
     if not text.strip():
         raise ValueError(f"--text {cfg.text} is empty")
-    out = out_dir(cfg.out, "ppl")
+    out = out_dir(cfg.out, "ppl", cfg.force)
     report: dict = {"command": "ppl", "text": str(path), "contexts": cfg.contexts, "stride": cfg.stride,
                     "batch": cfg.batch, "chunk": cfg.chunk, "models": {}, "results": []}
     for spec in cfg.model:
@@ -117,7 +117,7 @@ def run_ppl(cfg: PplConfig) -> dict:
     table = markdown_table(["model", "context", "stride", "windows", "tokens scored", "mean NLL", "ppl"], rows)
     report["out"] = str(out)
     write_json(out / "ppl.json", report)
-    (out / "ppl.md").write_text(table + "\n" + (f"\n{report['note']}\n" if "note" in report else ""))
+    write_text(out / "ppl.md", table + "\n" + (f"\n{report['note']}\n" if "note" in report else ""))
     if len(cfg.model) > 1 or len(cfg.contexts) > 1:
         plot_ppl(report["results"], out / "ppl.png")
     report["table"] = table

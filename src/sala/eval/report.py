@@ -7,9 +7,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sala.utils import fs
 
-def out_dir(out: str | None, command: str) -> Path:
+
+def out_dir(out: str | None, command: str, force: bool = False) -> Path:
+    """The report folder (default ``out/eval/<command>``), checked before any model loads: a folder holding files
+    sala did not write there needs ``force`` (issue 17); an earlier report of sala's is rewritten."""
     path = Path(out) if out else Path("out") / "eval" / command
+    fs.check_out_dir(path, force, reuse_own=True, own_names=tuple(f"{command}.{ext}" for ext in ("json", "md", "png")))
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -24,7 +29,20 @@ def unique_label(label: str, taken) -> str:
 
 
 def write_json(path: Path, report: dict) -> None:
-    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_text(path, json.dumps(report, indent=2, default=str) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Written through a temporary sibling and recorded in the folder's manifest (:mod:`sala.utils.fs`)."""
+    fs.write_text(path, text)
+    fs.record_written(path.parent, path)
+
+
+def save_figure(fig, path: Path, **kw) -> None:
+    """``fig.savefig`` through a temporary sibling, recorded like :func:`write_text`."""
+    with fs.atomic_file(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kw)
+    fs.record_written(path.parent, path)
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
@@ -77,7 +95,7 @@ def plot_ppl(results: list[dict], path: Path) -> None:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -104,7 +122,7 @@ def plot_heatmaps(grids: dict[str, dict], path: Path) -> None:
         ax.set_ylabel("needle depth")
         ax.set_title(f"{label}: mean {g['mean']:.2f}")
     fig.colorbar(im, ax=axes[0].tolist(), label="accuracy")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    save_figure(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -132,5 +150,5 @@ def plot_ruler(results: list[dict], path: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     axes[0, 0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -34,7 +34,7 @@ from sala.eval.config import RulerConfig
 from sala.eval.models import describe, eos_ids, greedy_generate, load_checked, setup_threads
 from sala.eval.progress import Progress
 from sala.eval.prompts import Haystack, PromptFormat, check_filled, fit_largest, sentence_boundaries
-from sala.eval.report import fmt_tokens, markdown_table, out_dir, plot_ruler, unique_label, write_json
+from sala.eval.report import fmt_tokens, markdown_table, out_dir, plot_ruler, unique_label, write_json, write_text
 from sala.eval.scoring import string_match_all
 
 logger = logging.getLogger(__name__)
@@ -319,7 +319,7 @@ def run_ruler(cfg: RulerConfig) -> dict:
         logger.warning("no --haystack: skipping the essay-haystack tasks %s", ", ".join(skipped))
     if not tasks:
         raise ValueError(f"every selected task ({', '.join(skipped)}) needs an essay haystack: pass --haystack FILE")
-    out = out_dir(cfg.out, "ruler")
+    out = out_dir(cfg.out, "ruler", cfg.force)
     report: dict = {"command": "ruler", "lengths": cfg.length_list, "tasks": tasks, "samples": cfg.samples,
                     "seed": cfg.seed, "haystack": cfg.haystack, "metric": "string_match_all x 100",
                     "skipped": {t: "needs --haystack (essay)" for t in skipped}, "models": {}, "results": [], "records": []}
@@ -355,7 +355,7 @@ def run_ruler(cfg: RulerConfig) -> dict:
     report["out"] = str(out)
     write_json(out / "ruler.json", report)
     note = "".join(f"\nskipped {t}: {why}" for t, why in report["skipped"].items())
-    (out / "ruler.md").write_text(report["table"] + "\n" + note + "\n")
+    write_text(out / "ruler.md", report["table"] + "\n" + note + "\n")
     plot_ruler(report["results"], out / "ruler.png")
     return report
 

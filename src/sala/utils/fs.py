@@ -97,10 +97,20 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
     return Path(path)
 
 
-def check_out_dir(out: str | os.PathLike, force: bool, flag: str = "--force", reuse_own: bool = False) -> None:
+def record_written(folder: str | os.PathLike, *paths: str | os.PathLike) -> None:
+    """Add ``paths`` (inside ``folder``) to the folder's manifest of files sala wrote, for folders filled file by
+    file (reports) rather than through :func:`atomic_dir`."""
+    folder = Path(folder)
+    names = _read_manifest(folder) | {str(Path(p).resolve().relative_to(folder.resolve())) for p in paths}
+    write_json(folder / MANIFEST, sorted(names), indent=1)
+
+
+def check_out_dir(out: str | os.PathLike, force: bool, flag: str = "--force", reuse_own: bool = False,
+                  own_names: tuple[str, ...] = ()) -> None:
     """Refuse a non-empty ``out`` unless ``force``: ``ValueError`` naming what is there and the fix. With
-    ``reuse_own`` (report folders) a folder holding only files sala wrote there (its manifest) counts as empty:
-    re-running a report rewrites it."""
+    ``reuse_own`` (report folders) a folder holding only files sala wrote there (its manifest, or ``own_names``:
+    the report's fixed file names, for folders written before manifests existed) counts as empty: re-running a
+    report rewrites it."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output folder {out} is a file; pass a folder path")
@@ -108,7 +118,7 @@ def check_out_dir(out: str | os.PathLike, force: bool, flag: str = "--force", re
         return
     entries = sorted(p.name for p in out.iterdir())
     if reuse_own:
-        own = {n.split("/", 1)[0] for n in _read_manifest(out)} | {MANIFEST}
+        own = {n.split("/", 1)[0] for n in _read_manifest(out)} | {MANIFEST, *own_names}
         entries = [e for e in entries if e not in own]
     if entries:
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
