@@ -17,6 +17,7 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -107,24 +108,19 @@ class _CatchAll:
                                   "internal_error", type_="server_error")(scope, receive, send)
 
 
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # "unrolled": no per-character alternation
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
+
+
 def _json_depth(body: bytes) -> int:
-    """Deepest ``[``/``{`` nesting of a JSON text, brackets inside strings excluded (a linear scan, no recursion)."""
+    """Deepest ``[``/``{`` nesting of a JSON text, brackets inside strings excluded; regex passes (C speed) and a
+    loop over the brackets alone, so an 8 MiB prompt costs milliseconds, and no recursion."""
     depth = deepest = 0
-    in_str = escaped = False
-    for b in body:
-        if in_str:
-            if escaped:
-                escaped = False
-            elif b == 0x5C:  # backslash
-                escaped = True
-            elif b == 0x22:
-                in_str = False
-        elif b == 0x22:
-            in_str = True
-        elif b in (0x5B, 0x7B):
+    for b in _JSON_BRACKET.findall(_JSON_STRING.sub(b'""', body)):
+        if b in (b"[", b"{"):
             depth += 1
             deepest = max(deepest, depth)
-        elif b in (0x5D, 0x7D):
+        else:
             depth -= 1
     return deepest
 
