@@ -308,15 +308,30 @@ def run_generate(cfg: GenerateConfig, out: TextIO | None = None, err: TextIO | N
     return 0
 
 
+CHAT_CONTEXT = 8192
+"""Context of ``sala chat`` without ``--context`` (capped at the model's ``max_position_embeddings``)."""
+CHAT_HELP = ("commands: /help this list, /reset clear the history, /exit or /quit (or EOF) leave; "
+             "start a message with // to send one beginning with /")
+
+
+def _max_positions(spec: str) -> int:
+    from sala.engine.loader import load_config
+
+    return load_config(spec).max_position_embeddings
+
+
 def run_chat(cfg: ChatConfig, inp: TextIO | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """Multi-turn chat on stdin/stdout; ``/exit`` or EOF ends it, ``/reset`` clears the history."""
+    """Multi-turn chat on stdin/stdout. Lines starting with ``/`` are commands (:data:`CHAT_HELP`), never sent to the
+    model: ``/exit``, ``/quit`` or EOF end it, ``/reset`` clears the history, ``/help`` lists them."""
     inp, out, err = inp or sys.stdin, out or sys.stdout, err or sys.stderr
     from sala.engine.chat import THINK_MODES, ThinkFilter, render_chat
 
     if cfg.think not in THINK_MODES:
         raise ValueError(f"--think must be one of {THINK_MODES}, got {cfg.think!r}")
-    context = _context(cfg) or 8192
     with _model_source(cfg) as path:
+        # without --context: 8192 tokens or the model's own limit, whichever is smaller (raising the limit on every
+        # start of a 4096-token demo model was silent and unasked for); an explicit --context may raise it
+        context = _context(cfg) or min(CHAT_CONTEXT, _max_positions(path))
         model, tokenizer = _load(cfg, path, _rope_limit(path, context))
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError(f"the tokenizer of {path} has no chat template")
@@ -328,14 +343,27 @@ def run_chat(cfg: ChatConfig, inp: TextIO | None = None, out: TextIO | None = No
                 err.write("> ")
                 err.flush()
             line = inp.readline()
-            if not line or line.strip() == "/exit":
+            if not line:
                 return 0
-            if line.strip() == "/reset":
-                history = history[:1] if cfg.system else []
+            text = line.rstrip("\n")
+            if text.strip().startswith("/"):  # a REPL command, never sent to the model ("//..." sends "/...")
+                command = text.strip()
+                if command.startswith("//"):
+                    text = command[1:]
+                elif command in ("/exit", "/quit"):
+                    return 0
+                elif command == "/reset":
+                    history = history[:1] if cfg.system else []
+                    print("[history cleared]", file=err)
+                    continue
+                else:
+                    if command != "/help":
+                        print(f"[unknown command {command.split()[0]}]", file=err)
+                    print(CHAT_HELP, file=err)
+                    continue
+            if not text.strip():
                 continue
-            if not line.strip():
-                continue
-            history.append({"role": "user", "content": line.rstrip("\n")})
+            history.append({"role": "user", "content": text})
             ids = render_chat(tokenizer, history)
             budget = context - len(ids)
             if budget < 1:
