@@ -293,6 +293,7 @@ def _select_layers_flags(p):
     p.add_argument("--from", dest="source", required=True,
                    help="dense HF checkpoint directory, a .gguf file, or a directory holding one .gguf")
     p.add_argument("--out", help="directory for layer_selection.json / .png")
+    p.add_argument("--force", action="store_true", help="write into an --out holding other files (they are kept)")
     _select_option_flags(p)
     p.add_argument("--z-proj-init", default="random", choices=("random", "zeros"))
     p.add_argument("--seed", type=int, default=0)

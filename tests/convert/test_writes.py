@@ -105,3 +105,12 @@ def test_nan_source_weights_are_refused(sources, tmp_path):
         _convert(src, tmp_path / "o")
     assert not (tmp_path / "o").exists()
     _convert(src, tmp_path / "o2", check_weights=False)  # the escape hatch writes it anyway
+
+
+def test_select_layers_refuses_a_folder_with_other_files_before_any_work(sources, tmp_path):
+    from sala.convert import SelectConfig, run_select_layers
+
+    (tmp_path / "notes.txt").write_text("mine\n")
+    with pytest.raises(ValueError, match=r"not empty \(1 entries: notes.txt\).*--force"):
+        run_select_layers(SelectConfig(source=str(sources["qwen2"]), out=str(tmp_path)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -56,7 +56,7 @@ def write_selection_report(result: SelectionResult, out: str | Path, *, save_stu
     """``layer_selection.json`` (everything in :class:`SelectionResult` but the tensors), the PNG, and optionally
     the aligned students (official tensor names, fp32) for ``sala convert --students``."""
     out = Path(out)
-    files = {"json": write_json(out / SELECTION_JSON, result.to_dict())}
+    files = {"json": write_json(out / SELECTION_JSON, result.to_dict())}  # each file: temporary sibling, rename
     png = plot_scores(result, out / SELECTION_PNG)
     if png is not None:
         files["png"] = png
@@ -65,6 +65,7 @@ def write_selection_report(result: SelectionResult, out: str | Path, *, save_stu
             raise ValueError("the selection result carries no students to save")
         fs.save_safetensors(result.students, out / STUDENTS_FILE, metadata={"format": "pt"})
         files["students"] = out / STUDENTS_FILE
+    fs.record_written(out, *files.values())  # sala's own files: a rerun may rewrite them without --force
     logger.info("selection report: %s", ", ".join(str(p) for p in files.values()))
     return files
 

@@ -97,6 +97,8 @@ class SelectConfig:
     """Teacher dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16``. Students train in fp32."""
     save_students: bool = False
     """Also write the aligned students (official names) to ``out/aligned_students.safetensors``."""
+    force: bool = False
+    """Write the report into an ``out`` holding files sala did not write there (kept; refused otherwise)."""
     quiet: bool = False
     """No progress bars."""
 
@@ -435,6 +437,11 @@ def run_select_layers(cfg: SelectConfig) -> SelectionResult:
     from sala.convert.report import write_selection_report  # report imports this module's types
 
     t0 = time.perf_counter()
+    if cfg.out is not None:  # before minutes of alignment: a folder holding files sala did not write needs --force
+        from sala.convert.report import SELECTION_JSON, SELECTION_PNG, STUDENTS_FILE
+        from sala.utils.fs import check_out_dir
+
+        check_out_dir(cfg.out, cfg.force, reuse_own=True, own_names=(SELECTION_JSON, SELECTION_PNG, STUDENTS_FILE))
     torch.manual_seed(cfg.seed)
     spec = read_source(cfg.source)
     check_source_tensors(spec)
