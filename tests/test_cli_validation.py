@@ -79,7 +79,8 @@ def test_folder_without_config_is_not_the_9b_defaults(capsys, tmp_path):
         assert f"{tmp_path} has no config.json, so it is not a checkpoint directory" in err
     (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}')
     assert cli.main(["plan", "--model", str(tmp_path)]) == 2
-    assert "has model_type 'llama', expected 'minicpm_sala'; convert a dense checkpoint first" in capsys.readouterr().err
+    err = capsys.readouterr().err  # issue 14 item 6: says what the folder is and what to run
+    assert "this is a llama checkpoint (model_type 'llama')" in err and "run sala convert --from DIR" in err
 
 
 def test_demo_refuses_a_folder_with_other_files_before_any_work(capsys, tmp_path):

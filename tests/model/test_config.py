@@ -84,6 +84,11 @@ def test_partial_sparse_config_falls_back_to_defaults():
         (dict(scale_depth=float("inf")), "scale_depth must be a finite number > 0"),
         (dict(dim_model_base=0), "dim_model_base must be a finite number > 0, got 0"),
         (dict(lightning_scale=float("nan")), "lightning_scale must be"),
+        # issue 14 item 5: keys the model does not read were accepted with any value and silently ignored
+        (dict(lightning_nh=16), r"lightning_nh \(16\) must equal num_attention_heads \(32\)"),
+        (dict(lightning_head_dim=64), r"lightning_head_dim \(64\) must equal head_dim \(128\)"),
+        (dict(attn_use_rope=True, sparse_config={"use_nope": True}), "use_nope = true with attn_use_rope = true"),
+        (dict(sparse_config={"use_nope": "no"}), "use_nope must be true or false, got 'no'"),
     ],
 )
 def test_invalid_configs_raise_specific_errors(overrides, message):
@@ -102,3 +107,21 @@ def test_presets():
         preset("huge")
     with pytest.raises(ValueError, match="out of range"):
         mixer_schedule(4, (0, 7))
+
+
+def test_unread_keys_accepted_when_they_agree_with_the_model():
+    """Converted checkpoints write lightning_nh = num_attention_heads, lightning_head_dim = head_dim, use_nope false;
+    with NoPE softmax layers use_nope is moot, so true loads too."""
+    cfg = SALAConfig(num_hidden_layers=4, mixer_types=["minicpm4"] + ["lightning-attn"] * 3, num_attention_heads=9,
+                     num_key_value_heads=3, hidden_size=576, head_dim=64, lightning_nh=9, lightning_nkv=9,
+                     lightning_head_dim=64, sparse_config={"use_nope": False})
+    assert (cfg.lightning_nh, cfg.lightning_head_dim) == (9, 64)
+    assert SALAConfig(sparse_config={"use_nope": True}).sparse_config["use_nope"] is True
+
+
+def test_dense_checkpoint_config_says_convert_first(tmp_path):
+    """Issue 14 item 6: a Llama config.json said "mixer_types is required"."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 4,
+                                                      "hidden_size": 64, "num_attention_heads": 4}))
+    with pytest.raises(ValueError, match=r"this is a llama checkpoint .* run sala convert --from DIR"):
+        SALAConfig.from_pretrained(tmp_path)

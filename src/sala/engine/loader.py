@@ -60,6 +60,10 @@ def check_checkpoint_dir(spec: str) -> None:
         model_type = json.loads(path.read_text()).get("model_type")
     except (ValueError, AttributeError) as e:
         raise ValueError(f"{path} is not a JSON object: {e}") from None
+    if isinstance(model_type, str) and model_type != SALAConfig.model_type:
+        from sala.model.configuration_sala import not_sala_message
+
+        raise ValueError(not_sala_message(model_type, str(path)))  # "this is a llama checkpoint: run sala convert"
     if model_type != SALAConfig.model_type:
         raise ValueError(f"{path} has model_type {model_type!r}, expected {SALAConfig.model_type!r}; convert a dense "
                          "checkpoint first (sala convert --from DIR --out DIR ...)")

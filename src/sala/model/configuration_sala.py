@@ -34,6 +34,13 @@ def mixer_schedule(num_layers: int, sparse_layers: tuple[int, ...] | list[int]) 
     return ["minicpm4" if i in set(sparse_layers) else "lightning-attn" for i in range(num_layers)]
 
 
+def not_sala_message(model_type: Any, where: str) -> str:
+    """What to say when ``where`` (a config.json) holds another model type, e.g. a dense Llama checkpoint."""
+    return (f"{where}: this is a {model_type} checkpoint (model_type {model_type!r}), not a MiniCPM-SALA one "
+            f"(model_type {SALAConfig.model_type!r}): run sala convert --from DIR --out NEW_DIR --select auto (or "
+            "--sparse-layers 0,...) to make a hybrid of it, then use NEW_DIR")
+
+
 class SALAConfig(PretrainedConfig):
     r"""Configuration of a MiniCPM-SALA hybrid model (``model_type = "minicpm_sala"``).
 
@@ -148,6 +155,15 @@ class SALAConfig(PretrainedConfig):
         self.tie_word_embeddings = tie_word_embeddings
         self.check()
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "SALAConfig":
+        """As transformers', but a config.json of another model type (a dense Llama, Qwen, ... checkpoint) is refused
+        with what to do instead of "mixer_types is required"."""
+        model_type = config_dict.get("model_type")
+        if model_type not in (None, cls.model_type):
+            raise ValueError(not_sala_message(model_type, "config.json"))
+        return super().from_dict(config_dict, **kwargs)
+
     # ---- validation -------------------------------------------------------------------------------------------
     def check(self) -> None:
         """Raise ``ValueError`` naming the offending key, what it was and what is expected."""
@@ -178,7 +194,19 @@ class SALAConfig(PretrainedConfig):
         if self.lightning_nkv != self.num_attention_heads:
             raise ValueError(
                 f"lightning_nkv ({self.lightning_nkv}) must equal num_attention_heads ({self.num_attention_heads}): "
-                "Lightning layers have no GQA (spec §4.1)"
+                "Lightning layers have no GQA (docs/architecture.md §4.1)"
+            )
+        # keys of the released config.json that the model does not read (docs/architecture.md §10.16): accepted when
+        # they agree with what the model does, refused when a value would be silently ignored
+        if self.lightning_nh != self.num_attention_heads:
+            raise ValueError(
+                f"lightning_nh ({self.lightning_nh!r}) must equal num_attention_heads ({self.num_attention_heads}): "
+                "Lightning layers use num_attention_heads query heads; lightning_nh is not read (omit it or set it equal)"
+            )
+        if self.lightning_head_dim != self.head_dim:
+            raise ValueError(
+                f"lightning_head_dim ({self.lightning_head_dim!r}) must equal head_dim ({self.head_dim}): Lightning "
+                "layers use head_dim; lightning_head_dim is not read (omit it or set it equal)"
             )
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act must be 'silu' (SwiGLU MLP), got {self.hidden_act!r}")
@@ -205,6 +233,15 @@ class SALAConfig(PretrainedConfig):
         for key in ("init_blocks", "dense_len"):
             if not isinstance(sc[key], int) or isinstance(sc[key], bool) or sc[key] < 0:
                 raise ValueError(f"sparse_config.{key} must be a non-negative integer, got {sc[key]!r}")
+        if not isinstance(sc["use_nope"], bool):
+            raise ValueError(f"sparse_config.use_nope must be true or false, got {sc['use_nope']!r}")
+        if sc["use_nope"] and self.attn_use_rope:
+            # with NoPE softmax layers (attn_use_rope false, released) the flag is moot: the scorer's keys are the
+            # un-rotated keys either way; with RoPE, sala's scorer always uses the rotated keys
+            raise ValueError(
+                "sparse_config.use_nope = true with attn_use_rope = true is not supported: the InfLLM-v2 scorer uses "
+                "the same (rotated) keys as the attention; set use_nope false or attn_use_rope false"
+            )
         if sc["kernel_size"] < sc["kernel_stride"]:
             raise ValueError(f"sparse_config.kernel_size ({sc['kernel_size']}) must be >= kernel_stride ({sc['kernel_stride']})")
         if sc["block_size"] % sc["kernel_stride"]:
