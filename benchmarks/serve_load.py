@@ -11,6 +11,8 @@ disconnect mid-request (``--disconnect``) and streams cancelled after a few even
     python benchmarks/serve_load.py --hogs 1 --duration 120           # soak beside one CPU hog
     python benchmarks/serve_load.py --serve-args "--threads 1"        # compare a thread count
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --model NAME   # a server you started
+    python benchmarks/serve_load.py --device cuda --preset minicpm-sala-9b --batch 64 --context 64K \
+        --concurrency 64 --prompt-words 700 45000 --max-tokens 256             # GPU: released shape (not yet run)
 
 Writes one JSON line per run to ``--out`` when given.
 """
@@ -61,7 +63,7 @@ def pct(xs: list[float], q: float) -> float:
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    cmd = [sys.executable, "-m", "sala.cli", "serve", "--model", args.preset, "--device", "cpu", "--port", str(port),
+    cmd = [sys.executable, "-m", "sala.cli", "serve", "--model", args.preset, "--device", args.device, "--port", str(port),
            "--batch", str(args.batch), "--context", str(args.context), "--served-model-name", args.model,
            "--log-level", "warning", *shlex.split(args.serve_args)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -185,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pid", type=int, help="the server's process id, for RSS, with --url")
     p.add_argument("--model", default="sala-load", help="served model name (default sala-load)")
     p.add_argument("--preset", default="tiny", help="model of the started server (preset or directory; default tiny)")
+    p.add_argument("--device", default="cpu", help="device of the started server (default cpu)")
     p.add_argument("--batch", type=int, default=8, help="engine slots of the started server (default 8)")
     p.add_argument("--context", default="2048", help="context of the started server (default 2048)")
     p.add_argument("--serve-args", default="", help="extra flags for sala serve, e.g. '--threads 1'")
