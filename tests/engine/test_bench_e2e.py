@@ -14,7 +14,8 @@ def test_bench_e2e_smoke(tmp_path):
     cfg = E2EConfig(shape="tiny", contexts="64,160", decode_steps=2, decode_batch=2, chunk=64, device="cpu", out=str(tmp_path))
     result = run_e2e(cfg, out=open(tmp_path / "log.txt", "w"))
     rows = result["rows"]
-    assert {(r["system"], r["context"]) for r in rows} == {(s, c) for s in ("sala", "dense", "hf") for c in (64, 160)}
+    # on a CPU every system runs at one context before the next context (a shared machine's load drifts)
+    assert [(r["system"], r["context"]) for r in rows] == [(s, c) for c in (64, 160) for s in ("sala", "dense", "hf")]
     assert all(r["status"] == "ok" and r["ttft_s"] > 0 and r["decode_ms_b1"] > 0 for r in rows)
     assert all(r["decode_ms_bn"] > 0 and r["batch_n"] == 2 for r in rows if r["system"] != "hf")
     assert json.loads((tmp_path / "e2e.json").read_text())["config"]["shape"] == "tiny"

@@ -13,7 +13,8 @@ random weights of the real geometry. Every ratio is taken against the fastest de
 Rows that do not fit are reported (``no-fit`` by the memory plan, ``OOM`` when allocation fails), never a
 crash. Writes ``e2e.json``, ``e2e.md`` and ``e2e.png`` to ``--out``. ``--shape tiny|small`` and ``--layers``
 shrink the models so a smoke run works on CPU. On a CPU the defaults are CPU-sized (contexts 1K-32K, 8 decode
-steps, batch 1) and peak memory is the process's resident set (sampled), weights included.
+steps, batch 1), all systems stay loaded and each context runs every system back to back (a shared machine's
+load drifts), and peak memory is a system's weights plus the resident-set growth while its row runs.
 """
 
 from __future__ import annotations
@@ -242,11 +243,12 @@ def _rss_bytes() -> int | None:
 
 
 class RssPeak:
-    """Peak resident set size while the block runs, sampled every ``interval`` seconds by a thread (CPU rows:
-    CUDA's allocator statistics do not exist there). ``gib`` is None where /proc is not available."""
+    """Peak resident set size while the block runs (``start`` when it began), sampled every ``interval`` seconds by
+    a thread (CPU rows: CUDA's allocator statistics do not exist there). ``gib`` is None where /proc is absent."""
 
     def __init__(self, interval: float = 0.005) -> None:
-        self.interval, self.peak, self._stop = interval, _rss_bytes(), threading.Event()
+        self.start = _rss_bytes()
+        self.interval, self.peak, self._stop = interval, self.start, threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
@@ -394,51 +396,79 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def run_system(system: str, cfg: E2EConfig, device: torch.device, dtype: torch.dtype, out=None) -> tuple[list[Row], dict]:
-    """Every context of one system, each row printed to ``out`` as soon as it is measured."""
-    contexts = cfg.context_list
-    max_len = max(contexts) + 2 * (cfg.decode_steps + DECODE_WARMUP) + 1
-    _reset_peak(device)
+def build_system(system: str, cfg: E2EConfig, device: torch.device, dtype: torch.dtype):
+    """-> (model, info) of one system with random weights, sized for the longest context."""
+    max_len = max(cfg.context_list) + 2 * (cfg.decode_steps + DECODE_WARMUP) + 1
     if system == "hf":
         model = hf_dense(cfg.shape, cfg.layers, max_len, device, dtype, cfg.seed)
-        info = {"params": sum(p.numel() for p in model.parameters())}
-    else:
-        mc = sala_config(cfg.shape, cfg.layers, max_len) if system == "sala" else dense_config(cfg.shape, cfg.layers, max_len)
-        model = random_model(mc, device, dtype, cfg.seed)
-        embed = mc.vocab_size * mc.hidden_size
-        info = {"params": num_parameters(mc), "weight_read_bytes": (num_parameters(mc) - embed) * dtype.itemsize,
-                "kv_bytes_per_token": plan_memory(mc, batch=1, context=1).kv_bytes_per_token}
-    _warmup(system, model, min(contexts), cfg, device)
+        return model, {"params": sum(p.numel() for p in model.parameters())}
+    mc = sala_config(cfg.shape, cfg.layers, max_len) if system == "sala" else dense_config(cfg.shape, cfg.layers, max_len)
+    embed = mc.vocab_size * mc.hidden_size
+    info = {"params": num_parameters(mc), "weight_read_bytes": (num_parameters(mc) - embed) * dtype.itemsize,
+            "kv_bytes_per_token": plan_memory(mc, batch=1, context=1).kv_bytes_per_token}
+    return random_model(mc, device, dtype, cfg.seed), info
+
+
+def bench_row(system: str, model, ctx: int, cfg: E2EConfig, device: torch.device, out=None) -> Row:
+    """One measured row; failures (no-fit, OOM, errors) become the row's status, never a crash.
+
+    On a CPU, peak memory is the model's weights plus the resident-set growth while the row runs (other systems'
+    weights, loaded beside it, are not counted)."""
+    row = Row(system, ctx)
+    _reset_peak(device)
+    try:
+        with RssPeak() as rss:
+            (bench_hf if system == "hf" else bench_engine)(model, ctx, cfg, device, row)
+        if device.type != "cuda" and rss.gib is not None and rss.start is not None:
+            weights = sum(p.numel() * p.element_size() for p in model.parameters())
+            row.peak_gib = (weights + rss.peak - rss.start) / 2**30
+    except MemoryPlanError as e:
+        row.status, row.note = "no-fit", str(e).splitlines()[0]
+    except Exception as e:  # an OOM (or any failure) is a result row, not a crash
+        if _is_oom(e):
+            row.status, row.note = "OOM", str(e).splitlines()[0][:160]
+        else:
+            logger.exception("%s at %d tokens failed", system, ctx)
+            row.status, row.note = "error", f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        row.ttft_s = row.decode_ms_b1 = row.decode_ms_bn = None
+    logger.info("%s", row)
+    if out is not None:
+        _print_row(row, out)
+    gc.collect()
+    return row
+
+
+def _skip(system: str, ctx: int) -> Row:
+    return Row(system, ctx, status="skipped", note="a shorter context already failed")
+
+
+def run_system(system: str, cfg: E2EConfig, device: torch.device, dtype: torch.dtype, out=None) -> tuple[list[Row], dict]:
+    """Every context of one system (one model in memory at a time: the GPU order), rows printed as measured."""
+    _reset_peak(device)
+    model, info = build_system(system, cfg, device, dtype)
+    _warmup(system, model, min(cfg.context_list), cfg, device)
     rows: list[Row] = []
-    failed = False
-    for ctx in contexts:
-        row = Row(system, ctx)
-        rows.append(row)
-        if failed:
-            row.status, row.note = "skipped", "a shorter context already failed"
-            continue
-        _reset_peak(device)
-        try:
-            with RssPeak() as rss:
-                (bench_hf if system == "hf" else bench_engine)(model, ctx, cfg, device, row)
-            if device.type != "cuda":
-                row.peak_gib = rss.gib
-        except MemoryPlanError as e:
-            row.status, row.note, failed = "no-fit", str(e).splitlines()[0], True
-        except Exception as e:  # an OOM (or any failure) is a result row, not a crash
-            if _is_oom(e):
-                row.status, row.note, failed = "OOM", str(e).splitlines()[0][:160], True
-            else:
-                logger.exception("%s at %d tokens failed", system, ctx)
-                row.status, row.note = "error", f"{type(e).__name__}: {e}".splitlines()[0][:200]
-            row.ttft_s = row.decode_ms_b1 = row.decode_ms_bn = None
-        logger.info("%s", row)
-        if out is not None:
-            _print_row(row, out)
-        gc.collect()
+    for ctx in cfg.context_list:
+        failed = any(r.status in ("no-fit", "OOM") for r in rows)
+        rows.append(_skip(system, ctx) if failed else bench_row(system, model, ctx, cfg, device, out))
     del model
     _reset_peak(device)
     return rows, info
+
+
+def run_interleaved(cfg: E2EConfig, device: torch.device, dtype: torch.dtype, out=None) -> tuple[list[Row], dict]:
+    """Every system at each context before the next context, all models loaded (CPU order): on a shared CPU the
+    load drifts over a long run, and systems measured minutes apart would be compared under different loads."""
+    built = {s: build_system(s, cfg, device, dtype) for s in cfg.system_list}
+    rows: list[Row] = []
+    for ctx in cfg.context_list:
+        for system, (model, _) in built.items():
+            failed = any(r.system == system and r.status in ("no-fit", "OOM") for r in rows)
+            rows.append(_skip(system, ctx) if failed else bench_row(system, model, ctx, cfg, device, out))
+    infos = {s: info for s, (_, info) in built.items()}
+    del built
+    _reset_peak(device)
+    return rows, infos
 
 
 def _fmt(x: float | None, spec: str, suffix: str = "") -> str:
@@ -478,8 +508,9 @@ def summarize(rows: list[Row], infos: dict, bandwidth: float | None, shape: str,
     for r in rows:
         t_best, t_who = _best_dense(by, r.context, "ttft_s")
         d_best, d_who = _best_dense(by, r.context, "decode_ms_b1")
-        ttft = _versus(r.ttft_s, t_best) + (f" ({t_who})" if t_who and t_who != r.system and r.ttft_s else "")
-        dec = _versus(r.decode_ms_b1, d_best) + (f" ({d_who})" if d_who and d_who != r.system and r.decode_ms_b1 else "")
+        ttft, dec = _versus(r.ttft_s, t_best), _versus(r.decode_ms_b1, d_best)
+        ttft += f" ({t_who})" if t_who and t_who != r.system and ttft not in ("-", "same") else ""
+        dec += f" ({d_who})" if d_who and d_who != r.system and dec not in ("-", "same") else ""
         bn = f"{r.decode_tok_s_bn:,.0f} (b{r.batch_n})" if r.decode_tok_s_bn else "-"
         lines.append(f"| {r.system} | {r.context:,} | {r.status} | {_fmt(r.ttft_s, '.3f')} | {ttft} | "
                      f"{_fmt(r.decode_ms_b1, '.2f')} | {dec} | {bn} | {_fmt(r.peak_gib, '.2f')} | {r.note} |")
@@ -602,11 +633,14 @@ def run_e2e(cfg: E2EConfig, out=None) -> dict:
     print(f"sala bench e2e: shape {cfg.shape}, contexts {cfg.context_list}, {dtype_name(dtype)} on {where} "
           f"(torch {env['torch']}, triton {env['triton']})", file=out, flush=True)
     bandwidth = copy_bandwidth(device)
-    rows, infos = [], {}
-    for system in cfg.system_list:
-        r, info = run_system(system, cfg, device, dtype, out)
-        rows += r
-        infos[system] = info
+    if device.type == "cuda":
+        rows, infos = [], {}
+        for system in cfg.system_list:
+            r, info = run_system(system, cfg, device, dtype, out)
+            rows += r
+            infos[system] = info
+    else:
+        rows, infos = run_interleaved(cfg, device, dtype, out)
     table, targets = summarize(rows, infos, bandwidth, cfg.shape, cpu=device.type != "cuda")
     print(table, file=out)
     dest = Path(cfg.out)
