@@ -198,3 +198,25 @@ def test_sparse_cache_appends_equal_concatenation():
         assert torch.equal(keys, torch.cat(ks, dim=1)) and torch.equal(values, torch.cat(vs, dim=1))
     assert torch.equal(first[0], first[1])
     assert cache._k_buf.shape[1] < 2 * cache.keys.shape[1] + 256  # spare room stays bounded
+
+
+# ---- the whole model ---------------------------------------------------------------------------------------------
+def test_model_prefill_and_decode_cpu_equal_reference(tiny_sparse_config, monkeypatch):
+    """A hybrid on the InfLLM-v2 path (170 tokens > dense_len 96): one-shot prefill under ``cpu`` == under ``naive``,
+    and the cpu backend's token-by-token decode (HF cache, spare-room buffers) == the reference prefill's rows."""
+    from sala.model import SALAForCausalLM
+    from tests.conftest import randomize_
+
+    model = randomize_(SALAForCausalLM(tiny_sparse_config)).float().eval()
+    ids = torch.randint(3, 512, (1, 170), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        monkeypatch.setenv("SALA_BACKEND", "naive")
+        ref = model(ids).logits
+        monkeypatch.setenv("SALA_BACKEND", "cpu")
+        assert_close(model(ids).logits, ref, 1e-5, "prefill")
+        out = model(ids[:, :120], use_cache=True)
+        steps = [out.logits]
+        for t in range(120, 170):
+            out = model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits)
+    assert_close(torch.cat(steps, 1), ref, 1e-5, "decode after prefill")
