@@ -2,22 +2,23 @@
 
 Subcommands are registered in ``COMMANDS`` (name -> help, flag builder, runner); ``sala bench`` has its own
 table ``BENCH_COMMANDS``. Add a subcommand by writing its two small functions and one table entry.
+
+Each flag builder ends with ``_from_config(p, SomeConfig)``: the config dataclass is the only place defaults are
+written (a flag's ``default=`` that disagrees is an error), a flag without ``help=`` shows the field's docstring, and a
+field without a flag is an error when the parser is built (:mod:`sala.utils.fields`).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import math
 import re
 import sys
 from typing import Callable
 
-
-def _fill(cls, args: argparse.Namespace):
-    """Build config dataclass ``cls`` from the parsed flags (each field is one flag)."""
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+from sala.utils.fields import config_from_args as _fill  # flags -> config dataclass
+from sala.utils.fields import flags_from_config as _from_config  # config dataclass -> flags' defaults and help
 
 
 # ---- flag value types: nonsense is refused while parsing, with one line naming the flag and what it expects -----
@@ -70,27 +71,27 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="checkpoint directory or preset (minicpm-sala-9b, tiny, tiny-sparse, small: random weights)")
     g.add_argument("--demo", action="store_true", help="build a tiny random checkpoint with the bundled tokenizer and use it "
                                                        "(--model then names the preset, default tiny)")
-    g.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float16 | float32")
-    g.add_argument("--seed", type=int, default=0, help="seed of random (preset/demo) weights")
+    g.add_argument("--device", type=_device, help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--dtype", help="auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float16 | float32")
+    g.add_argument("--seed", type=int, help="seed of random (preset/demo) weights")
     g.add_argument("--threads", type=_POSITIVE, help="CPU threads for torch (default: the usable CPUs minus one, 1-8, or "
                                                 "SALA_NUM_THREADS; 1 with --demo)")
     g.add_argument("--check-weights", action="store_true", help="refuse a checkpoint with NaN/inf weights at load "
                                                                 "(reads every weight once)")
 
 
-def _engine_flags(p: argparse.ArgumentParser, batch: int = 1) -> None:
+def _engine_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--context", help="tokens per sequence, e.g. 32K or 1M (default: what the prompt needs)")
-    g.add_argument("--batch", type=_POSITIVE, default=batch, help=f"sequence slots decoding together (default {batch})")
-    g.add_argument("--chunk", type=_POSITIVE, default=8192, help="prefill chunk in tokens (default 8192)")
+    g.add_argument("--batch", type=_POSITIVE, help="sequence slots decoding together")
+    g.add_argument("--chunk", type=_POSITIVE, help="prefill chunk in tokens")
     g.add_argument("--gpu-mem", type=_GIB, help="memory budget in GiB (default: the GPU's memory)")
     g.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
     _decode_attention_flag(g)
 
 
 def _decode_attention_flag(g) -> None:
-    g.add_argument("--decode-attention", choices=["auto", "fused", "pieces"], default="auto",
+    g.add_argument("--decode-attention", choices=["auto", "fused", "pieces"],
                    help="sparse-layer decode attention: fused into the step (one CUDA graph per batch bucket) or eager "
                         "between graph-captured pieces; auto = fused on CUDA, pieces on CPU")
     g.add_argument("--fused-decode", dest="decode_attention", action="store_const", const="fused",
@@ -99,17 +100,23 @@ def _decode_attention_flag(g) -> None:
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=_POSITIVE, default=128, help="most new tokens (default 128)")
-    g.add_argument("--temperature", type=_float_above(0.0, inclusive=True), default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=_float_above(0.0, hi=1.0), default=1.0)
-    g.add_argument("--top-k", type=_NON_NEGATIVE, default=0, help="0 disables")
-    g.add_argument("--repetition-penalty", type=_float_above(0.0), default=1.0)
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--sample-seed", type=int, help="seed of the sampler")
-    g.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+    g.add_argument("--max-tokens", type=_POSITIVE)  # defaults and help: the fields of SamplingOptions
+    g.add_argument("--temperature", type=_float_above(0.0, inclusive=True))
+    g.add_argument("--top-p", type=_float_above(0.0, hi=1.0))
+    g.add_argument("--top-k", type=_NON_NEGATIVE)
+    g.add_argument("--repetition-penalty", type=_float_above(0.0))
+    g.add_argument("--stop", action="append")
+    g.add_argument("--sample-seed", type=int)
+    g.add_argument("--ignore-eos", action="store_true")
 
 
 # ---- subcommands: flags + runner --------------------------------------------------------------------------------
+def _commands():
+    import sala.engine.commands
+
+    return sala.engine.commands
+
+
 def _demo_flags(p):
     from sala.convert import parse_layers
 
@@ -121,8 +128,8 @@ def _demo_flags(p):
     p.add_argument("--sparse-layers", type=parse_layers, help="with --model: softmax layers (default: a quarter, "
                                                               "first and last included)")
     p.add_argument("--quick", action="store_true", help="tiny lengths, few samples (CI): under a minute once cached")
-    p.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float16 | float32")
+    p.add_argument("--device", type=_device, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", help="auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float16 | float32")
     p.add_argument("--threads", type=_POSITIVE, help="CPU threads for torch (default: the usable CPUs minus one, 1-8, or "
                                                 "SALA_NUM_THREADS)")
     p.add_argument("--lengths", help="NIAH lengths (default 4K,9K: inside and past an 8K window; --quick 512,1K)")
@@ -138,22 +145,27 @@ def _demo_flags(p):
     p.add_argument("--ppl-context", help="window of the held-out perplexity (default 1K)")
     p.add_argument("--ppl-windows", type=_POSITIVE, help="held-out windows per model (default 4)")
     p.add_argument("--text", help="text for haystack, perplexity and prefill (default: the held-out corpus)")
-    p.add_argument("--chunk", type=_POSITIVE, default=2048, help="prefill chunk in tokens (default 2048)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="sala-demo", help="report folder (default sala-demo/)")
+    p.add_argument("--chunk", type=_POSITIVE)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", help="report folder: report.md, demo.json and the PNGs")
     p.add_argument("--force", action="store_true", help="write into an --out holding other files (they are kept)")
     p.add_argument("--quiet", action="store_true", help="no progress display; the summary table is still printed")
+    from sala.demo.config import DemoConfig
+
+    _from_config(p, DemoConfig)
 
 
 def _demo(args):
-    from sala.demo import DemoConfig, run_demo
+    from sala.demo import run_demo
+    from sala.demo.config import DemoConfig
 
     run_demo(_fill(DemoConfig, args))
     return 0
 
 
 def _info_flags(p):
-    p.add_argument("--model", help="also describe this checkpoint directory or preset")
+    p.add_argument("--model")
+    _from_config(p, _commands().InfoConfig)
 
 
 def _info(args):
@@ -164,11 +176,12 @@ def _info(args):
 
 def _plan_flags(p):
     p.add_argument("--model", required=True, help="checkpoint directory or preset")
-    p.add_argument("--context", default="1M", help="tokens per sequence (default 1M)")
-    p.add_argument("--batch", type=_POSITIVE, default=1)
-    p.add_argument("--chunk", type=_POSITIVE, default=8192, help="prefill chunk (default 8192)")
-    p.add_argument("--gpu-mem", type=_GIB, help="GPU memory in GiB (default: this machine's GPU, if any)")
-    p.add_argument("--dtype", default="bfloat16", help="weights/KV dtype (default bfloat16)")
+    p.add_argument("--context")
+    p.add_argument("--batch", type=_POSITIVE)
+    p.add_argument("--chunk", type=_POSITIVE)
+    p.add_argument("--gpu-mem", type=_GIB)
+    p.add_argument("--dtype")
+    _from_config(p, _commands().PlanConfig)
 
 
 def _plan(args):
@@ -181,10 +194,11 @@ def _generate_flags(p):
     _model_flags(p)
     _engine_flags(p)
     _sampling_flags(p)
-    p.add_argument("--prompt", help="prompt text")
-    p.add_argument("--prompt-file", help="read the prompt from a file ('-' = stdin)")
-    p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or timing line")
+    p.add_argument("--prompt")
+    p.add_argument("--prompt-file")
+    p.add_argument("--no-stream", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    _from_config(p, _commands().GenerateConfig)
 
 
 def _generate(args):
@@ -197,10 +211,10 @@ def _chat_flags(p):
     _model_flags(p)
     _engine_flags(p)
     _sampling_flags(p)
-    p.set_defaults(max_tokens=1024)
-    p.add_argument("--system", help="system prompt")
-    p.add_argument("--think", default="strip", choices=("show", "strip", "hide"),
-                   help="<think> blocks: show (print, keep in history), strip (print, drop from history; default), hide")
+    p.add_argument("--system")
+    p.add_argument("--think", choices=("show", "strip", "hide"),
+                   help="<think> blocks: show (print, keep in history), strip (print, drop from history), hide")
+    _from_config(p, _commands().ChatConfig)
 
 
 def _chat(args):
@@ -211,17 +225,18 @@ def _chat(args):
 
 def _serve_flags(p):
     _model_flags(p)
-    _engine_flags(p, batch=8)
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=_PORT, default=8000)
+    _engine_flags(p)
+    p.add_argument("--host")
+    p.add_argument("--port", type=_PORT)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (visible in the process list: prefer "
                                      "--api-key-file or SALA_API_KEY); docs pages are off when a key is set")
     p.add_argument("--api-key-file", help="read the API key from this file's first line")
-    p.add_argument("--shutdown-timeout", type=_float_above(0.0, inclusive=True), default=10.0,
-                   help="seconds in-flight requests get to finish after SIGTERM / Ctrl-C (default 10)")
-    p.add_argument("--served-model-name", help="model name clients must send (default: the directory name)")
-    p.add_argument("--max-request-bytes", type=_POSITIVE, default=8 * 2**20, help="largest request body (default 8 MiB)")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--shutdown-timeout", type=_float_above(0.0, inclusive=True),
+                   help="seconds in-flight requests get to finish after SIGTERM / Ctrl-C")
+    p.add_argument("--served-model-name")
+    p.add_argument("--max-request-bytes", type=_POSITIVE)
+    p.add_argument("--log-level")
+    _from_config(p, _commands().ServeConfig)
 
 
 def _serve(args):
@@ -231,7 +246,7 @@ def _serve(args):
 
 
 def _bench_e2e_flags(p):
-    p.add_argument("--shape", default="released", choices=("released", "smollm2", "small", "tiny"),
+    p.add_argument("--shape", choices=("released", "smollm2", "small", "tiny"),
                    help="model shapes: released (SALA-9B vs Qwen3-8B), smollm2 (SmolLM2-135M's hybrid vs SmolLM2 "
                         "itself, the CPU comparison), or small/tiny for smoke runs")
     p.add_argument("--contexts", help="comma-separated prompt lengths (default 32K,64K,128K,256K,512K,1M on a GPU, "
@@ -239,18 +254,21 @@ def _bench_e2e_flags(p):
     p.add_argument("--layers", type=_POSITIVE, help="override the number of layers")
     p.add_argument("--decode-steps", type=_POSITIVE, help="timed decode steps (default 32 on a GPU, 8 on a CPU)")
     p.add_argument("--decode-batch", type=_POSITIVE, help="the larger decode batch (default 8 on a GPU, 1 on a CPU)")
-    p.add_argument("--chunk", type=_POSITIVE, default=8192)
-    p.add_argument("--systems", default="sala,dense,hf", help="subset of sala,dense,hf")
-    p.add_argument("--device", type=_device, default="auto")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--chunk", type=_POSITIVE)
+    p.add_argument("--systems", help="comma-separated subset of sala, dense, hf")
+    p.add_argument("--device", type=_device, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", help="auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float16 | float32")
     p.add_argument("--gpu-mem", type=_GIB)
-    p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
     _decode_attention_flag(p)
     p.add_argument("--threads", type=_POSITIVE, help="CPU threads for torch (default: usable CPUs minus one, 1-8)")
     p.add_argument("--decode-only", action="store_true",
                    help="skip the prefill (random caches of the context's length) and time decode only; no TTFT")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out/e2e", help="directory for e2e.json / e2e.md / e2e.png")
+    p.add_argument("--seed", type=int, help="seed of the random weights and prompts")
+    p.add_argument("--out", help="directory for e2e.json / e2e.md / e2e.png")
+    from sala.engine.bench import E2EConfig
+
+    _from_config(p, E2EConfig)
 
 
 def _bench_e2e(args):
@@ -263,29 +281,30 @@ def _bench_e2e(args):
 def _select_option_flags(p: argparse.ArgumentParser) -> None:
     """Flags of HALO layer selection, shared by ``select-layers`` and ``convert --select auto``."""
     g = p.add_argument_group("layer selection (HALO)")
-    g.add_argument("--text", dest="text_files", action="append", default=[], help="text file for the LM probe and for convert --verify's held-out "
+    g.add_argument("--text", dest="text_files", action="append", help="text file for the LM probe and for convert --verify's held-out "
                    "perplexity (repeatable; its tail is held out; default: built-in text, or for --verify the "
                    "project's held-out corpus when built)")
     g.add_argument("--tokenizer", help="tokenizer directory (default: the source's)")
-    g.add_argument("--sparse-fraction", type=float, default=0.25, help="fraction of layers kept as softmax (default 0.25)")
-    g.add_argument("--num-sparse", type=int, help="exact number of softmax layers (overrides --sparse-fraction)")
-    g.add_argument("--no-force-first-last", dest="force_first_last", action="store_false", help="do not force the first and last layers")
-    g.add_argument("--steps", type=_POSITIVE, default=200, help="alignment steps per student (default 200)")
-    g.add_argument("--batch-size", type=_POSITIVE, default=8)
-    g.add_argument("--seq-len", type=_POSITIVE, default=512)
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--min-lr", type=float, default=1e-5)
-    g.add_argument("--warmup-steps", type=int, default=20)
-    g.add_argument("--probe-len", type=int, default=512)
-    g.add_argument("--recall-samples", type=int, default=32)
-    g.add_argument("--recall-queries", type=int, default=4)
-    g.add_argument("--lm-windows", type=int, default=16)
-    g.add_argument("--eval-fraction", type=float, default=0.2)
-    g.add_argument("--probe-batch-size", type=int, default=4)
-    g.add_argument("--recall-metric", default="logprob", choices=("logprob", "accuracy"))
-    g.add_argument("--eps", type=float, default=1e-10)
-    g.add_argument("--score-cap", type=float, default=50.0)
-    g.add_argument("--compute-dtype", default="auto", help="dtype of the teacher during selection (default auto)")
+    g.add_argument("--sparse-fraction", type=float)  # defaults and help: the fields of SelectConfig
+    g.add_argument("--num-sparse", type=int)
+    g.add_argument("--no-force-first-last", dest="force_first_last", action="store_false",
+                   help="do not force the first and last layers to stay softmax")
+    g.add_argument("--steps", type=_POSITIVE)
+    g.add_argument("--batch-size", type=_POSITIVE)
+    g.add_argument("--seq-len", type=_POSITIVE)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--min-lr", type=float)
+    g.add_argument("--warmup-steps", type=int)
+    g.add_argument("--probe-len", type=int)
+    g.add_argument("--recall-samples", type=int)
+    g.add_argument("--recall-queries", type=int)
+    g.add_argument("--lm-windows", type=int)
+    g.add_argument("--eval-fraction", type=float)
+    g.add_argument("--probe-batch-size", type=int)
+    g.add_argument("--recall-metric", choices=("logprob", "accuracy"))
+    g.add_argument("--eps", type=float)
+    g.add_argument("--score-cap", type=float)
+    g.add_argument("--compute-dtype")
     g.add_argument("--save-students", action="store_true", help="also write aligned_students.safetensors")
 
 
@@ -295,16 +314,18 @@ def _select_layers_flags(p):
     p.add_argument("--out", help="directory for layer_selection.json / .png")
     p.add_argument("--force", action="store_true", help="write into an --out holding other files (they are kept)")
     _select_option_flags(p)
-    p.add_argument("--z-proj-init", default="random", choices=("random", "zeros"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", type=_device, default="auto")
+    p.add_argument("--z-proj-init", choices=("random", "zeros"))
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", type=_device)
     p.add_argument("--quiet", action="store_true")
+    from sala.convert import SelectConfig
+
+    _from_config(p, SelectConfig)
 
 
 def _select_layers(args):
     from sala.convert import SelectConfig, run_select_layers
 
-    args.text_files = tuple(args.text_files)
     print(run_select_layers(_fill(SelectConfig, args)).summary())
     return 0
 
@@ -326,27 +347,30 @@ def _convert_flags(p):
     p.add_argument("--verify", action="store_true",
                    help="identity check against the source (the weight mapping), then load and run the result and "
                         "compare its held-out perplexity with the source's (text: --text, default built-in)")
-    p.add_argument("--verify-tolerance", type=_float_above(0.0), default=1e-4)
-    p.add_argument("--z-proj-init", default="random", choices=("random", "zeros"))
-    p.add_argument("--o-gate-init", default="compensated", choices=("compensated", "random"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verify-tolerance", type=_float_above(0.0))
+    p.add_argument("--z-proj-init", choices=("random", "zeros"))
+    p.add_argument("--o-gate-init", choices=("compensated", "random"))
+    p.add_argument("--seed", type=int)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="output dtype (default: the source's)")
     p.add_argument("--untie-embeddings", action="store_true")
-    p.add_argument("--max-shard-size", default="4GB")
+    p.add_argument("--max-shard-size")
     p.add_argument("--context", help="max_position_embeddings of the hybrid, e.g. 32K, 1M or 131072 (default: the source's)")
-    p.add_argument("--device", type=_device, default="auto")
+    p.add_argument("--device", type=_device)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out (files sala wrote there are "
                                                         "replaced, others kept; refused otherwise)")
-    p.add_argument("--check-weights", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--check-weights", action=argparse.BooleanOptionalAction,
                    help="refuse to write NaN/inf tensors (default on)")
     _select_option_flags(p)
+    from sala.convert import ConvertConfig, SelectConfig
+
+    _from_config(p, ConvertConfig)
+    _from_config(p, SelectConfig)  # --select auto
 
 
 def _convert(args):
     from sala.convert import ConvertConfig, SelectConfig, run_convert
 
-    args.text_files = tuple(args.text_files)
     selection = None
     if args.select == "auto":
         selection = _fill(SelectConfig, args)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -63,7 +63,7 @@ class ConvertConfig:
     """Layers kept as softmax (InfLLM-v2 sparse, NoPE); the rest become Lightning. Exclusive with ``select``."""
     select: str | None = None
     """``auto``: run HALO layer selection (``selection``) first and use its choice."""
-    selection: SelectConfig | None = None
+    selection: SelectConfig | None = field(default=None, metadata={"cli": False})  # from the select flags
     """Options of the ``select=auto`` run (default: SelectConfig with this source; report into ``out/selection``)."""
     students: str | None = None
     """``aligned_students.safetensors`` from ``sala select-layers --save-students``: Lightning layers take these

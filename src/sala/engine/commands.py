@@ -58,13 +58,21 @@ class EngineOptions:
 @dataclass(kw_only=True)
 class SamplingOptions:
     max_tokens: int = 128
+    """Most new tokens."""
     temperature: float = 0.0
+    """Softmax temperature; 0 = greedy."""
     top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches this (1 = all)."""
     top_k: int = 0
+    """Keep the k most likely tokens; 0 disables."""
     repetition_penalty: float = 1.0
+    """Divide positive logits (multiply negative ones) of tokens already in the prompt or output; 1 disables."""
     stop: list[str] = field(default_factory=list)
+    """Stop when the text contains this string (repeatable)."""
     sample_seed: int | None = None
+    """Seed of the sampler (default: unseeded)."""
     ignore_eos: bool = False
+    """Keep generating past EOS."""
 
     def sampling_params(self):
         from sala.engine.types import SamplingParams
@@ -77,37 +85,55 @@ class SamplingOptions:
 @dataclass(kw_only=True)
 class InfoConfig:
     model: str | None = None
+    """Also describe this checkpoint directory or preset."""
 
 
 @dataclass(kw_only=True)
 class PlanConfig:
     model: str
+    """Checkpoint directory or preset."""
     context: str = "1M"
+    """Tokens per sequence, e.g. 32K or 1M."""
     batch: int = 1
+    """Sequences decoding together."""
     chunk: int = 8192
+    """Prefill chunk in tokens."""
     gpu_mem: float | None = None
+    """GPU memory in GiB (default: this machine's GPU, if any)."""
     dtype: str = "bfloat16"
+    """Weights and KV dtype."""
 
 
 @dataclass(kw_only=True)
 class GenerateConfig(ModelOptions, EngineOptions, SamplingOptions):
     prompt: str | None = None
+    """Prompt text."""
     prompt_file: str | None = None
+    """Read the prompt from this file ('-' = stdin)."""
     no_stream: bool = False
+    """Print the text at the end instead of streaming it."""
     quiet: bool = False
+    """No progress bar or timing line."""
 
 
 @dataclass(kw_only=True)
 class ChatConfig(ModelOptions, EngineOptions, SamplingOptions):
+    max_tokens: int = 1024
+    """Most new tokens per answer."""
     system: str | None = None
+    """System prompt."""
     think: str = "strip"
     """show: print and keep reasoning; strip: print it, drop it from the history; hide: neither."""
 
 
 @dataclass(kw_only=True)
 class ServeConfig(ModelOptions, EngineOptions):
+    batch: int = 8
+    """Sequence slots: requests decoding together."""
     host: str = "127.0.0.1"
+    """Bind address."""
     port: int = 8000
+    """TCP port."""
     api_key: str | None = None
     """Visible to every local user in the process list: prefer ``api_key_file`` or ``SALA_API_KEY``."""
     api_key_file: str | None = None
@@ -115,8 +141,11 @@ class ServeConfig(ModelOptions, EngineOptions):
     shutdown_timeout: float = 10.0
     """Seconds in-flight requests get to finish after SIGTERM / Ctrl-C before they are cancelled."""
     served_model_name: str | None = None
+    """Model name clients must send (default: the checkpoint directory's name; sala-demo with --demo)."""
     max_request_bytes: int = 8 * 2**20
+    """Largest request body in bytes."""
     log_level: str = "info"
+    """uvicorn log level: critical, error, warning, info, debug, trace."""
 
 
 # ---- shared plumbing ------------------------------------------------------------------------------------------

@@ -5,22 +5,21 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
-    g.add_argument("--model", action="append", default=[], required=True,
+    g.add_argument("--model", action="append", required=True,
                    help="SALA checkpoint dir, dense HF dir, .gguf file (or dir holding one), or preset (tiny, tiny-sparse, "
                         "small, minicpm-sala-9b: random weights); repeat to compare models side by side")
-    g.add_argument("--compare", action="append", default=[], help="another model for the same table and figure (repeatable)")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float16 | float32")
-    g.add_argument("--model-seed", type=int, default=0, help="seed of a preset's random weights")
+    g.add_argument("--compare", action="append", help="another model for the same table and figure (repeatable)")
+    g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--dtype", help="auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float16 | float32")
+    g.add_argument("--model-seed", type=int, help="seed of a preset's random weights")
     g.add_argument("--threads", type=int, help="CPU threads for torch")
     g.add_argument("--max-positions", type=int, help="raise a SALA model's max_position_embeddings (RoPE is analytic)")
-    g.add_argument("--chunk", type=int, default=2048, help="prefill chunk in tokens (default 2048)")
+    g.add_argument("--chunk", type=int, help="prefill chunk in tokens")
     g.add_argument("--gpu-mem", type=float, help="memory budget in GiB for the SALA memory-plan check (default: the GPU's)")
     g.add_argument("--out", help="report directory (default out/eval/<command>)")
     g.add_argument("--force", action="store_true", help="write into an --out holding other files (they are kept)")
@@ -30,39 +29,52 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _ppl_flags(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--text", required=True, help="text file to score")
-    p.add_argument("--context", default="2K", help="comma-separated context lengths, e.g. 2K,8K (default 2K)")
+    p.add_argument("--context", help="comma-separated context lengths, e.g. 2K,8K")
     p.add_argument("--stride", type=int, help="window step; later windows score only their last STRIDE tokens "
                                               "(default: the context, non-overlapping windows)")
-    p.add_argument("--batch", type=int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument("--batch", type=int, help="windows per forward pass")
     p.add_argument("--max-windows", type=int, help="score at most this many windows per context")
+    _tie(p, "PplConfig")
 
 
 def _niah_flags(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--haystack", required=True, help="text file of real prose to hide the needle in")
-    p.add_argument("--lengths", default="1K,2K,4K,8K,16K", help="context lengths in model tokens (default 1K,2K,4K,8K,16K)")
-    p.add_argument("--depths", default="0,25,50,75,100", help="needle depths in percent (default 0,25,50,75,100)")
-    p.add_argument("--samples", type=int, default=1, help="needles per grid cell (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of needles and haystack offsets (default 0)")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="answer tokens, greedy (default 16)")
+    p.add_argument("--lengths", help="context lengths in model tokens")
+    p.add_argument("--depths", help="needle depths in percent")
+    p.add_argument("--samples", type=int, help="needles per grid cell")
+    p.add_argument("--seed", type=int, help="seed of needles and haystack offsets")
+    p.add_argument("--max-new-tokens", type=int, help="answer tokens, greedy")
     p.add_argument("--no-chat-template", action="store_true", help="plain Question/Answer prompts")
+    _tie(p, "NiahConfig")
 
 
 def _ruler_flags(p: argparse.ArgumentParser) -> None:
     from sala.eval.ruler import TASKS
 
     _common(p)
-    p.add_argument("--lengths", default="4K,8K", help="sequence lengths in model tokens (default 4K,8K)")
-    p.add_argument("--tasks", default="all", help=f"comma-separated tasks or all: {', '.join(TASKS)}")
-    p.add_argument("--samples", type=int, default=4, help="samples per task and length (default 4)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the generated samples (default 42)")
+    p.add_argument("--lengths", help="sequence lengths in model tokens")
+    p.add_argument("--tasks", help=f"comma-separated tasks or all: {', '.join(TASKS)}")
+    p.add_argument("--samples", type=int, help="samples per task and length")
+    p.add_argument("--seed", type=int, help="seed of the generated samples")
     p.add_argument("--haystack", help="essay text for the essay-haystack NIAH tasks (skipped without it)")
     p.add_argument("--max-new-tokens", type=int, help="cap on answer tokens (default: each task's RULER budget)")
     p.add_argument("--no-chat-template", action="store_true", help="plain prompts")
+    _tie(p, "RulerConfig")
 
 
 def _fill(cls, args: argparse.Namespace):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)})
+    from sala.utils.fields import config_from_args
+
+    return config_from_args(cls, args)
+
+
+def _tie(p: argparse.ArgumentParser, name: str) -> None:
+    """Defaults and missing help from the config dataclass (:func:`sala.utils.fields.flags_from_config`)."""
+    from sala.eval import config
+    from sala.utils.fields import flags_from_config
+
+    flags_from_config(p, getattr(config, name))
 
 
 def _run(kind: str):
