@@ -256,3 +256,25 @@ def test_sigterm_stops_within_the_deadline_and_exits_0():
             proc.wait()
     assert rc == 0, proc.stderr.read().decode()[-2000:]
     assert took < 6, f"exit took {took:.1f} s with a 1 s deadline"
+
+
+def test_engine_error_mid_stream_ends_with_an_error_event():
+    """Once streaming began there is no status left to set: the stream ends with an ``error`` event, then [DONE]."""
+    import asyncio
+    import json
+
+    from sala.engine.server.app import _sse_guard
+    from sala.engine.types import NonFiniteLogitsError
+
+    async def events():
+        yield "data: {}\n\n"
+        raise NonFiniteLogitsError("the model produced non-finite logits (NaN/inf) for request r at output token 3")
+
+    async def collect():
+        return [e async for e in _sse_guard(events())]
+
+    first, err, done = asyncio.run(collect())
+    assert first == "data: {}\n\n" and done == "data: [DONE]\n\n"
+    assert json.loads(err.removeprefix("data: "))["error"] == {
+        "message": "the model produced non-finite logits (NaN/inf) for request r at output token 3",
+        "type": "server_error", "param": None, "code": "non_finite_logits"}

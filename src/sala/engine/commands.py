@@ -252,7 +252,11 @@ def run_info(cfg: InfoConfig, out: TextIO | None = None) -> int:
         p = torch.cuda.get_device_properties(0)
         print(f"device cuda:0 {p.name}, {p.total_memory / 2**30:.1f} GiB; op backend {resolve_backend('auto', torch.device('cuda'))}", file=out)
     else:
-        print(f"device cpu ({torch.get_num_threads()} threads); op backend {resolve_backend('auto', torch.device('cpu'))}", file=out)
+        from sala.utils.env import default_cpu_threads
+
+        n, why = default_cpu_threads()
+        print(f"device cpu; torch threads by default here {n} ({why}); op backend "
+              f"{resolve_backend('auto', torch.device('cpu'))}", file=out)
     if cfg.model:
         from sala.engine.loader import load_config
         from sala.engine.planner import num_parameters
