@@ -115,3 +115,16 @@ def test_from_config_catches_drift():
     p.add_argument("--seed", type=int)
     flags_from_config(p, Cfg)
     assert p.parse_args([]).steps == 10 and "steps (default 10)" in p.format_help()
+
+
+def test_demo_help_shows_the_full_and_quick_values_from_one_table():
+    """The demo's help repeated FULL / QUICK of sala.demo.config by hand."""
+    from sala.demo.config import FULL, QUICK
+
+    sub = dict(_subparsers(cli.build_parser()))[("demo",)]
+    helps = {a.dest: a.help for a in sub._actions}
+    def shown(v):
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    for name in FULL:
+        assert f"(default {shown(FULL[name])}; --quick {shown(QUICK[name])})" in helps[name]

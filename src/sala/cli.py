@@ -132,27 +132,32 @@ def _demo_flags(p):
     p.add_argument("--dtype", help="auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float16 | float32")
     p.add_argument("--threads", type=_POSITIVE, help="CPU threads for torch (default: the usable CPUs minus one, 1-8, or "
                                                 "SALA_NUM_THREADS)")
-    p.add_argument("--lengths", help="NIAH lengths (default 4K,9K: inside and past an 8K window; --quick 512,1K)")
-    p.add_argument("--depths", help="NIAH needle depths in percent (default 50)")
-    p.add_argument("--samples", type=_POSITIVE, help="needles per NIAH cell (default 1)")
-    p.add_argument("--chat-prompts", type=_int_from(1, 3), help="built-in chat prompts to answer, 1-3 (default 3; --quick 1)")
-    p.add_argument("--max-new-tokens", type=_POSITIVE, help="tokens per chat answer (default 32; --quick 8)")
-    p.add_argument("--time-contexts", help="speed/memory sweep contexts (default 512,1K,2K,4K,8K,16K,32K)")
+    p.add_argument("--lengths", help="NIAH context lengths, inside and past an 8K window by default")
+    p.add_argument("--depths", help="NIAH needle depths in percent")
+    p.add_argument("--samples", type=_POSITIVE, help="needles per NIAH cell")
+    p.add_argument("--chat-prompts", type=_int_from(1, 3), help="built-in chat prompts to answer, 1-3")
+    p.add_argument("--max-new-tokens", type=_POSITIVE, help="tokens per chat answer")
+    p.add_argument("--time-contexts", help="speed/memory sweep contexts")
     p.add_argument("--prefill-max", help="longest context prefilled from real text; longer ones time decode on random "
-                                         "caches (default 4K)")
-    p.add_argument("--decode-steps", type=_POSITIVE, help="timed decode steps per context (default 4)")
-    p.add_argument("--time-budget", type=_float_above(0.0), help="seconds the sweep may spend prefilling; later contexts time decode on random caches (default 90)")
-    p.add_argument("--ppl-context", help="window of the held-out perplexity (default 1K)")
-    p.add_argument("--ppl-windows", type=_POSITIVE, help="held-out windows per model (default 4)")
+                                         "caches")
+    p.add_argument("--decode-steps", type=_POSITIVE, help="timed decode steps per context")
+    p.add_argument("--time-budget", type=_float_above(0.0), help="seconds the sweep may spend prefilling; later "
+                                                                 "contexts time decode on random caches")
+    p.add_argument("--ppl-context", help="window of the held-out perplexity")
+    p.add_argument("--ppl-windows", type=_POSITIVE, help="held-out windows per model")
     p.add_argument("--text", help="text for haystack, perplexity and prefill (default: the held-out corpus)")
     p.add_argument("--chunk", type=_POSITIVE)
     p.add_argument("--seed", type=int)
     p.add_argument("--out", help="report folder: report.md, demo.json and the PNGs")
     p.add_argument("--force", action="store_true", help="write into an --out holding other files (they are kept)")
     p.add_argument("--quiet", action="store_true", help="no progress display; the summary table is still printed")
-    from sala.demo.config import DemoConfig
+    from sala.demo.config import FULL, QUICK, DemoConfig
 
     _from_config(p, DemoConfig)
+    for a in p._actions:  # fields left None take the full demo's value, or --quick's: say both, from the one table
+        if a.dest in FULL:
+            a.help += f" (default {FULL[a.dest]:g}" if isinstance(FULL[a.dest], float) else f" (default {FULL[a.dest]}"
+            a.help += f"; --quick {QUICK[a.dest]:g})" if isinstance(QUICK[a.dest], float) else f"; --quick {QUICK[a.dest]})"
 
 
 def _demo(args):
