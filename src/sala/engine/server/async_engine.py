@@ -55,7 +55,8 @@ class AsyncEngine:
                 continue
             try:
                 self.engine.step()
-            except Exception as e:  # a failed step fails every request it touched; the server keeps running
+            except Exception as e:  # a failed step fails every request in flight (queued ones too), not only those
+                # in that step's batch: the engine's state is unknown after it; the server keeps running
                 logger.exception("engine step failed")
                 self._fail_all(EngineError(f"engine step failed: {e}"))
         closing = EngineError("server is shutting down")
