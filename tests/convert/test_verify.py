@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -53,8 +55,9 @@ def test_compensated_gate_preserves_function(sources):
 def test_identity_catches_a_wrong_key_map(sources, monkeypatch):
     from sala.convert import adapters
 
-    table = dict(adapters._LLAMA_LAYER)
+    qwen2 = adapters.FAMILIES["qwen2"]
+    table = dict(qwen2.layer_keys)
     table["mlp.gate_proj.weight"], table["mlp.up_proj.weight"] = table["mlp.up_proj.weight"], table["mlp.gate_proj.weight"]
-    monkeypatch.setattr(adapters, "_LLAMA_LAYER", table)
+    monkeypatch.setitem(adapters.FAMILIES, "qwen2", dataclasses.replace(qwen2, layer_keys=table))
     with pytest.raises(IdentityCheckError, match=r"identity check failed .* relative L2 error .* family 'qwen2' is wrong"):
         verify_identity(read_source(sources["qwen2"]), seq_len=16)

@@ -9,8 +9,9 @@ Supported ``model_type`` values and where their reference implementation lives:
   ``minicpmv4_6`` but no ``minicpm``). The format is Llama's tensor names plus muP keys ``scale_emb``,
   ``scale_depth`` and ``dim_model_base``; it is read from ``config.json`` directly.
 
-All five families use the Llama tensor names, so the key tables are identities today; they stay tables
-(``{}`` = layer index) so that a family with other names only adds a table.
+Each family is one :class:`Family` row in :data:`FAMILIES`: its tensor-name tables (``{}`` = layer index) and the
+config conventions that differ between families (biases, q/k norms, muP keys, tied embeddings, sliding window).
+All five use the Llama tensor names today; a family with other names or conventions adds a row, not a branch.
 """
 
 from __future__ import annotations
@@ -22,22 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sala.convert.errors import ConversionError, SourceTensorError, UnsupportedArchitectureError
+from sala.convert.gguf import find_gguf, materialise_gguf
 from sala.model.checkpoint_io import CheckpointError, checkpoint_tensors
 from sala.model.configuration_sala import SPARSE_CONFIG_DEFAULTS, SALAConfig
 
 logger = logging.getLogger(__name__)
-
-
-class ConversionError(ValueError):
-    """A source checkpoint cannot be converted; the message names what, what was expected, and the fix."""
-
-
-class UnsupportedArchitectureError(ConversionError):
-    """The source ``model_type`` (or one of its features) has no SALA equivalent."""
-
-
-class SourceTensorError(ConversionError):
-    """A source tensor is missing, unexpected, or has a shape its config does not imply."""
 
 
 # Per-family key tables: SALA (official) name -> source name; "{}" is the layer index.
@@ -66,7 +57,38 @@ _LLAMA_LAYER = {
 # Source tensors that carry nothing SALA needs (old checkpoints stored RoPE tables).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "minicpm")
+
+@dataclass(frozen=True, kw_only=True)
+class Family:
+    """How one source ``model_type`` names its tensors and spells its config: everything family-specific."""
+
+    name: str
+    global_keys: dict[str, str] = field(default_factory=lambda: dict(_LLAMA_GLOBAL))
+    """SALA global tensor name -> source name."""
+    layer_keys: dict[str, str] = field(default_factory=lambda: dict(_LLAMA_LAYER))
+    """SALA layer-local tensor name -> source name, ``{}`` = layer index."""
+    qkv_bias: bool = False
+    """q/k/v projections always carry biases, o_proj none (Qwen2); ``attention_bias`` is then not read."""
+    qk_norm: bool = False
+    """Per-head q/k RMSNorm weights (Qwen3)."""
+    mup: bool = False
+    """muP keys ``scale_emb``, ``scale_depth``, ``dim_model_base`` are read (MiniCPM); others get the identity scales."""
+    tied_by_default: bool = False
+    """``tie_word_embeddings`` when config.json omits it (the family's config class default)."""
+    sliding_window_always: bool = False
+    """``sliding_window`` applies whenever set (Mistral); otherwise only with ``use_sliding_window`` (Qwen2/3)."""
+    reference: str = "transformers"
+    """Identity-check reference: ``transformers`` (its own model class) or ``minicpm`` (Llama with muP folded in)."""
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family(name="llama"),
+    Family(name="mistral", sliding_window_always=True),
+    Family(name="qwen2", qkv_bias=True),
+    Family(name="qwen3", qk_norm=True),
+    Family(name="minicpm", mup=True, tied_by_default=True, reference="minicpm"),
+)}
+SUPPORTED_FAMILIES = tuple(FAMILIES)
 _KNOWN_UNSUPPORTED = {
     "minicpm3": "MiniCPM3 uses multi-head latent attention (MLA), which has no q/k/v/o projections to inherit",
     "qwen2_moe": "MoE MLPs have no SALA equivalent (SALA has one dense SwiGLU MLP per layer)",
@@ -111,18 +133,23 @@ class SourceSpec:
     gguf: dict | None = None  # GGUFSource.to_dict() when the source was a .gguf (path is then its dense copy)
 
     @property
+    def adapter(self) -> Family:
+        return FAMILIES[self.family]
+
+    @property
     def is_mup(self) -> bool:
-        return self.family == "minicpm"
+        return self.adapter.mup
 
     def source_key(self, sala_name: str) -> str:
-        """Source tensor name for a SALA name (``model.layers.{i}.<local>`` or a global name)."""
-        if sala_name in _LLAMA_GLOBAL:
-            return _LLAMA_GLOBAL[sala_name]
+        """Source tensor name for a SALA name (``model.layers.{i}.<local>`` or a global name), by the family's table."""
+        fam = self.adapter
+        if sala_name in fam.global_keys:
+            return fam.global_keys[sala_name]
         prefix, _, rest = sala_name.partition("model.layers.")
         idx, _, local = rest.partition(".")
-        if prefix or not idx.isdigit() or local not in _LLAMA_LAYER:
-            raise KeyError(f"no source key for SALA tensor {sala_name!r}")
-        return _LLAMA_LAYER[local].format(int(idx))
+        if prefix or not idx.isdigit() or local not in fam.layer_keys:
+            raise KeyError(f"no source key for SALA tensor {sala_name!r} in the {fam.name} key table")
+        return fam.layer_keys[local].format(int(idx))
 
     def layer_bias_names(self) -> tuple[str, ...]:
         if self.attention_bias:
@@ -211,14 +238,12 @@ def read_source(path: str | Path, *, gguf_dtype: str = "float32") -> SourceSpec:
     materialised (dequantised to ``gguf_dtype``) into a cached dense directory (:mod:`sala.convert.gguf`), which
     becomes ``spec.path``; ``spec.gguf`` records the file, quant type and hash.
     """
-    from sala.convert.gguf import find_gguf, materialise_gguf  # gguf.py imports this module
-
     gguf_file = find_gguf(path)
     gguf = materialise_gguf(gguf_file, dtype=gguf_dtype).to_dict() if gguf_file is not None else None
     path = Path(gguf["materialised"]) if gguf else Path(path)
     raw = _read_config(path)
     family = raw.get("model_type")
-    if family not in SUPPORTED_FAMILIES:
+    if family not in FAMILIES:
         why = _KNOWN_UNSUPPORTED.get(family, "no key map / config translation exists for it")
         raise UnsupportedArchitectureError(
             f"source model_type {family!r} (architectures {raw.get('architectures')}) is not supported: {why}. "
@@ -244,8 +269,8 @@ def read_source(path: str | Path, *, gguf_dtype: str = "float32") -> SourceSpec:
             f"source rope scaling {scaling.get('rope_type', scaling.get('type'))!r} dropped: SALA has plain RoPE "
             f"(theta={theta}); Lightning layers keep RoPE without it, softmax layers become NoPE (HyPE)"
         )
-    # Mistral applies sliding_window whenever set; Qwen2/3 only with use_sliding_window
-    window = raw.get("sliding_window") if family == "mistral" or raw.get("use_sliding_window") else None
+    fam = FAMILIES[family]
+    window = raw.get("sliding_window") if fam.sliding_window_always or raw.get("use_sliding_window") else None
     if window is not None:
         notes.append(f"source sliding_window={window} dropped: SALA softmax layers attend over the full context")
     sparse = None
@@ -265,14 +290,13 @@ def read_source(path: str | Path, *, gguf_dtype: str = "float32") -> SourceSpec:
         rope_theta=theta,
         rope_scaling=scaling,
         max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
-        # every supported family's config class defaults to untied except MiniCPM's remote config
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", family == "minicpm")),
-        attention_bias=bool(raw.get("attention_bias", False)) and family != "qwen2",
-        qkv_bias=family == "qwen2",
-        qk_norm=family == "qwen3",
-        scale_emb=float(raw.get("scale_emb", 1.0)) if family == "minicpm" else 1.0,
-        scale_depth=float(raw["scale_depth"]) if family == "minicpm" and "scale_depth" in raw else None,
-        dim_model_base=int(raw["dim_model_base"]) if family == "minicpm" and "dim_model_base" in raw else None,
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", fam.tied_by_default)),
+        attention_bias=bool(raw.get("attention_bias", False)) and not fam.qkv_bias,
+        qkv_bias=fam.qkv_bias,
+        qk_norm=fam.qk_norm,
+        scale_emb=float(raw.get("scale_emb", 1.0)) if fam.mup else 1.0,
+        scale_depth=float(raw["scale_depth"]) if fam.mup and "scale_depth" in raw else None,
+        dim_model_base=int(raw["dim_model_base"]) if fam.mup and "dim_model_base" in raw else None,
         sliding_window=window,
         sparse_config=sparse,
         initializer_range=float(raw.get("initializer_range", 0.02)),

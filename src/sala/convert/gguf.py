@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sala.convert.adapters import ConversionError, UnsupportedArchitectureError
+from sala.convert.errors import ConversionError, UnsupportedArchitectureError
 from sala.utils.env import cache_dir
 
 logger = logging.getLogger(__name__)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-
-from sala.convert.select import SelectionResult
 from sala.utils import fs
+
+if TYPE_CHECKING:  # select.py imports this module to write its report: types only, no import circle
+    from sala.convert.select import SelectionResult
 
 logger = logging.getLogger(__name__)
 

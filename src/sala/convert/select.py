@@ -29,6 +29,7 @@ from torch import nn
 from sala.convert.adapters import ConversionError, SourceSpec, check_source_tensors, read_source, sala_config
 from sala.convert.inherit import InitOptions, lightning_attention_tensors
 from sala.convert.probes import ProbeData, build_probe_data, load_tokenizer, read_texts
+from sala.convert.report import SELECTION_JSON, SELECTION_PNG, STUDENTS_FILE, selection_flops, write_selection_report
 from sala.convert.verify import build_identity_model
 from sala.model.configuration_sala import SALAConfig, mixer_schedule
 from sala.model.modeling_sala import LightningAttention, SALAForCausalLM
@@ -403,8 +404,6 @@ def _score_layers(cfg: SelectConfig, before, after, train_mse, swaps) -> tuple[l
 def _timing(spec: SourceSpec, cfg: SelectConfig, data: ProbeData, t0, t_build, t_train, t_probe, device: str,
             dtype: torch.dtype) -> dict:
     """Wall times, token counts, the FLOP model (:func:`report.selection_flops`) and the achieved FLOP rate."""
-    from sala.convert.report import selection_flops
-
     L = spec.num_layers
     timing = {"build_s": t_build - t0, "train_s": t_train - t_build, "probe_s": t_probe - t_train,
               "total_s": t_probe - t0, "train_s_per_layer": (t_train - t_build) / L,
@@ -434,11 +433,8 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def run_select_layers(cfg: SelectConfig) -> SelectionResult:
     """Run HALO selection end to end; write the report when ``cfg.out`` is set. Deterministic for a seed on CPU."""
-    from sala.convert.report import write_selection_report  # report imports this module's types
-
     t0 = time.perf_counter()
     if cfg.out is not None:  # before minutes of alignment: a folder holding files sala did not write needs --force
-        from sala.convert.report import SELECTION_JSON, SELECTION_PNG, STUDENTS_FILE
         from sala.utils.fs import check_out_dir
 
         check_out_dir(cfg.out, cfg.force, reuse_own=True, own_names=(SELECTION_JSON, SELECTION_PNG, STUDENTS_FILE))

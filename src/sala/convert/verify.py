@@ -25,8 +25,6 @@ from sala.utils.testing import rel_l2
 
 logger = logging.getLogger(__name__)
 
-NATIVE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-
 
 class IdentityCheckError(ConversionError):
     """The identity-converted model's logits differ from the source's beyond tolerance."""
@@ -109,12 +107,13 @@ def _minicpm_reference(spec: SourceSpec, device, dtype) -> PreTrainedModel:
 
 def reference_model(spec: SourceSpec, *, device="cpu", dtype=torch.float32) -> tuple[PreTrainedModel, str]:
     """transformers' model of the source (see module docstring) and a description of it."""
-    if spec.family in NATIVE_FAMILIES:
+    reference = spec.adapter.reference
+    if reference == "transformers":
         model = _native_reference(spec, device, dtype)
         return model, f"transformers {type(model).__name__}"
-    if spec.family == "minicpm":
+    if reference == "minicpm":
         return _minicpm_reference(spec, device, dtype), "transformers LlamaForCausalLM with MiniCPM muP folded into weights"
-    raise ConversionError(f"no reference implementation for family {spec.family!r}")
+    raise ConversionError(f"no reference implementation {reference!r} for family {spec.family!r}")
 
 
 @torch.no_grad()

@@ -28,14 +28,16 @@ import random
 import string
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from sala.eval.config import RulerConfig
 from sala.eval.models import describe, eos_ids, greedy_generate, load_checked, setup_threads
 from sala.eval.progress import Progress
 from sala.eval.prompts import Haystack, PromptFormat, check_filled, fit_largest, sentence_boundaries
 from sala.eval.report import fmt_tokens, markdown_table, out_dir, plot_ruler, unique_label, write_json, write_text
 from sala.eval.scoring import string_match_all
+
+if TYPE_CHECKING:  # config.py reads TASKS from here: the config type only for annotations, no import circle
+    from sala.eval.config import RulerConfig
 
 logger = logging.getLogger(__name__)
 
