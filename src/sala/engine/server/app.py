@@ -190,7 +190,8 @@ def create_app(engine: AsyncEngine, tokenizer: Any, config: ServerConfig | None 
     docs = {} if cfg.api_key is None else dict(docs_url=None, redoc_url=None, openapi_url=None)  # no key-less pages
     app = FastAPI(title="sala", lifespan=lifespan, **docs)
     app.add_middleware(_CatchAll)
-    max_prompt_bytes = capacity * _max_token_bytes(tokenizer) * 2  # x2: room for normalisers that shrink text
+    # x2: room for normalisers that shrink text; no tokenizer: text prompts fail in tokenize() anyway
+    max_prompt_bytes = capacity * _max_token_bytes(tokenizer) * 2 if tokenizer is not None else float("inf")
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
