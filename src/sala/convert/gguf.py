@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sala.convert.errors import ConversionError, UnsupportedArchitectureError
+from sala.utils import fs
 from sala.utils.env import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -118,10 +119,7 @@ def _sha256(file: Path, size: int, mtime_ns: int) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     digest = h.hexdigest()
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_suffix(f".{uuid.uuid4().hex}.tmp")
-    tmp.write_text(digest + "\n")
-    os.replace(tmp, memo)
+    fs.write_text(memo, digest + "\n")  # temporary sibling, then rename (sala.utils.fs)
     return digest
 
 
