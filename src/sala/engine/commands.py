@@ -205,7 +205,7 @@ def _rope_limit(spec: str, context: int | None) -> int | None:
         return None
     limit = load_config(spec).max_position_embeddings
     if context > limit:
-        logger.warning("context %d > max_position_embeddings %d: raising the RoPE limit (spec §10.16)", context, limit)
+        logger.warning("context %d > max_position_embeddings %d: raising the RoPE limit (docs/architecture.md §10.16)", context, limit)
         return context
     return None
 

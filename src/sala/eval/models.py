@@ -106,7 +106,7 @@ def check_lengths(config: Any, label: str, lengths: list[int], *, sala: bool, de
     limit = getattr(config, "max_position_embeddings", None)
     longest = max(lengths)
     if limit is not None and longest > limit:
-        fix = ("pass --max-positions to raise it (RoPE is analytic, spec §10.16)" if sala
+        fix = ("pass --max-positions to raise it (RoPE is analytic, docs/architecture.md §10.16)" if sala
                else "use a shorter length or a model with a longer context")
         raise ValueError(f"length {longest:,} exceeds {label}'s max_position_embeddings {limit:,}; {fix}")
     if not sala:
