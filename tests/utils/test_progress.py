@@ -51,3 +51,18 @@ def test_progress_disabled_is_silent(monkeypatch, capsys):
     assert list(bar) == [0, 1, 2]
     bar.set_postfix(x=1)  # callers may set a postfix on any bar
     assert capsys.readouterr().err == ""
+
+
+def test_prefill_progress_of_a_long_prompt_reaches_a_log(monkeypatch, capsys):
+    """`sala generate` on a long prompt: the prefill bar was switched off without a TTY."""
+    from sala.engine.commands import _PrefillBar
+
+    monkeypatch.setattr(prog, "LOG_INTERVAL_S", 0.0)
+    bar = _PrefillBar(chunk=4, quiet=False)
+    for done in (4, 8, 12):
+        bar("r", done, 12)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("prefill: 4/12 (33%)") and err[-1].startswith("prefill: done 12/12")
+    quiet = _PrefillBar(chunk=4, quiet=True)
+    quiet("r", 4, 12)
+    assert capsys.readouterr().err == ""

@@ -211,7 +211,8 @@ def _rope_limit(spec: str, context: int | None) -> int | None:
 
 
 class _PrefillBar:
-    """tqdm bar over prompt tokens, shown only for prompts longer than one chunk and on a terminal."""
+    """Progress over prompt tokens for prompts longer than one chunk: a bar on a terminal, a line every few seconds
+    in a log (:func:`sala.utils.progress.counter`)."""
 
     def __init__(self, chunk: int, quiet: bool) -> None:
         self.chunk, self.quiet, self.bar = chunk, quiet, None
@@ -220,9 +221,9 @@ class _PrefillBar:
         if self.quiet or total <= self.chunk:
             return
         if self.bar is None:
-            from tqdm.auto import tqdm
+            from sala.utils.progress import counter
 
-            self.bar = tqdm(total=total, desc="prefill", unit="tok", leave=False, disable=not sys.stderr.isatty())
+            self.bar = counter("prefill", total, unit="tok")
         self.bar.update(done - self.bar.n)
         if done >= total:
             self.bar.close()

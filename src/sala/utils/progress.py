@@ -105,3 +105,15 @@ def progress(it: Iterable[T], desc: str, total: int | None = None, disable: bool
 
         return tqdm(it, desc=desc, total=total, leave=False)
     return LineProgress(it, desc, total, interval=LOG_INTERVAL_S if interval is None else interval)
+
+
+def counter(desc: str, total: int | None, disable: bool | None = None, unit: str = "it"):
+    """A progress counter advanced by hand (``update(n)``, ``close()``, ``n``): a tqdm bar on a terminal, else
+    :class:`LineProgress` lines every :data:`LOG_INTERVAL_S` seconds; silent with ``disable=True``."""
+    if disable:
+        return _Silent(None, desc, total)
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, leave=False)
+    return LineProgress(None, desc, total, interval=LOG_INTERVAL_S)
