@@ -278,3 +278,27 @@ def test_engine_error_mid_stream_ends_with_an_error_event():
     assert json.loads(err.removeprefix("data: "))["error"] == {
         "message": "the model produced non-finite logits (NaN/inf) for request r at output token 3",
         "type": "server_error", "param": None, "code": "non_finite_logits"}
+
+
+def test_one_socket_survives_a_bad_request(hardened):
+    """Item 2 on one raw keep-alive socket (an HTTP client would silently reconnect): a lone surrogate, then an
+    unhandled error, then a good request, all answered on the same connection."""
+    import socket
+
+    def request(sock, body: bytes) -> bytes:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        while len(rest) < length:
+            rest += sock.recv(65536)
+        return head.split(b"\r\n")[0] + b" " + rest
+
+    with socket.create_connection(("127.0.0.1", hardened.port), timeout=30) as sock:
+        assert request(sock, b'{"model": "sala-test", "prompt": "\\ud800", "max_tokens": 2}').startswith(b"HTTP/1.1 400")
+        assert request(sock, b'{"model": "sala-test", "prompt": "boom", "max_tokens": 2}').startswith(b"HTTP/1.1 500")
+        reply = request(sock, b'{"model": "sala-test", "prompt": "Hello", "max_tokens": 2}')
+        assert reply.startswith(b"HTTP/1.1 200") and b'"choices"' in reply
