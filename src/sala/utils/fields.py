@@ -52,6 +52,7 @@ def field_default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
+_PROPER_NOUNS = {"Lightning", "HALO", "SALA", "MiniCPM", "Llama", "Mistral", "Qwen2", "Qwen3", "Triton", "InfLLM-v2"}
 _ROLE = re.compile(r":(?:func|mod|class|data|attr|meth|obj):`~?([^`]+)`")
 _LITERAL = re.compile(r"``([^`]+)``")
 
@@ -115,7 +116,9 @@ def flags_from_config(p: argparse.ArgumentParser, cls) -> None:
                 continue
             if a.help is None and f.name in docs:
                 text = plain_text(docs[f.name], names).rstrip(".").replace("%", "%%")
-                a.help = text[:1].lower() + text[1:] if text[1:2].islower() else text  # "Most new" -> "most new"
+                first = text.split(" ", 1)[0]
+                lower = text[1:2].islower() and first not in _PROPER_NOUNS  # "Most new" -> "most new", not "lightning"
+                a.help = text[:1].lower() + text[1:] if lower else text
             shown = not (default is dataclasses.MISSING or default is None or isinstance(default, bool)
                          or default in ((), []) or a.required)
             if shown and a.help is not None and "default" not in a.help:
