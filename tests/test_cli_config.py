@@ -67,9 +67,12 @@ def test_command_defaults_differ_where_meant():
 
 def test_every_flag_has_help():
     """40 of 103 flags had no help text although the dataclasses document them."""
-    missing = [f"sala {' '.join(path)} {a.option_strings[-1]}" for path, sp in _subparsers(cli.build_parser())
+    subparsers = list(_subparsers(cli.build_parser()))
+    missing = [f"sala {' '.join(path)} {a.option_strings[-1]}" for path, sp in subparsers
                for a in sp._actions if a.option_strings and a.help is None]
     assert missing == []
+    for _, sp in subparsers:  # and argparse can render every page (a stray % in a docstring would raise)
+        assert sp.format_help()
 
 
 def test_help_is_the_field_docstring_and_shows_the_default():
