@@ -25,7 +25,8 @@ from sala.ops.lightning.cpu import cpu_chunk_lightning
 from sala.ops.lightning.naive import naive_recurrent_lightning
 from sala.utils.testing import assert_close
 
-RTOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}
+# about 3x the error measured against the reference (fp32 ~1e-6 .. 4e-7, fp16 ~2.5e-4, bf16 ~2e-3)
+RTOL = {torch.float64: 1e-10, torch.float32: 5e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 # small geometry so the sparse path (top-k beyond sink + local window) runs at a few hundred tokens
 P = InfLLMv2Params(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, local_blocks=2, topk=3)
 
@@ -44,8 +45,8 @@ def test_auto_picks_cpu_for_cpu_tensors(monkeypatch):
 
 
 # ---- Lightning ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("T,chunk,segment", [(1, 64, 512), (63, 64, 512), (64, 64, 512), (65, 16, 32),
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T,chunk,segment", [(0, 64, 512), (1, 64, 512), (63, 64, 512), (64, 64, 512), (65, 16, 32),
                                              (200, 16, 48), (333, 64, 128)])
 def test_lightning_prefill_matches_recurrence(dtype, T, chunk, segment):
     """Every chunk/segment boundary case: T below, at and past a chunk; partial tail chunks; several segments."""
@@ -56,9 +57,12 @@ def test_lightning_prefill_matches_recurrence(dtype, T, chunk, segment):
     o, final = cpu_chunk_lightning(q, k, v, slopes, 0.25, h0, True, None, dtype, chunk=chunk, segment=segment)
     o_ref, final_ref = naive_recurrent_lightning(q, k, v, slopes, 0.25, h0)
     assert o.dtype == dtype and final.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    rtol = RTOL[dtype] if dtype != torch.bfloat16 else 1e-2  # bf16 output rounding only: the recurrence is fp32
-    assert_close(o, o_ref, rtol, "o")
-    assert_close(final, final_ref, RTOL[dtype] if dtype == torch.float64 else 2e-5, "final state")
+    assert o.shape == (B, T, H, V)
+    if T == 0:  # empty input: the state passes through unchanged, and is a copy, not the caller's tensor
+        assert torch.equal(final, h0) and final.data_ptr() != h0.data_ptr()
+        return
+    assert_close(o, o_ref, RTOL[dtype], "o")  # 16-bit: output rounding only, the recurrence runs in fp32
+    assert_close(final, final_ref, RTOL[dtype] if dtype == torch.float64 else 5e-6, "final state")
 
 
 def test_lightning_varlen_documents_start_from_their_own_state():
@@ -74,8 +78,8 @@ def test_lightning_varlen_documents_start_from_their_own_state():
     for n, (a, b) in enumerate(zip(bounds, bounds[1:])):
         o_ref, f_ref = naive_recurrent_lightning(q[:, a:b], k[:, a:b], v[:, a:b], slopes, 0.25, h0[n : n + 1])
         if b > a:
-            assert_close(o[:, a:b], o_ref, 2e-5, f"doc {n} o")
-        assert_close(final[n : n + 1], f_ref, 2e-5, f"doc {n} state")
+            assert_close(o[:, a:b], o_ref, 5e-6, f"doc {n} o")
+        assert_close(final[n : n + 1], f_ref, 5e-6, f"doc {n} state")
 
 
 def test_lightning_gradients_match_reference():
@@ -94,7 +98,7 @@ def test_lightning_gradients_match_reference():
 
 
 # ---- dense attention ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("T,L,padded", [(37, 37, False), (1, 50, False), (13, 50, False), (20, 20, True),
                                         (1, 33, True)])
 def test_dense_attention_sdpa_matches_reference(dtype, T, L, padded):
@@ -125,12 +129,14 @@ def _sparse_inputs(L, T, dtype, seed=0, H=9, Hkv=3, D=16):
     return q, k, v, ck1, ck2
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("L,T", [(301, 301), (301, 150), (250, 1), (97, 97)])
-def test_infllm_v2_cpu_matches_reference(dtype, L, T):
-    """Whole path (score, select, attend): selection on query chunks and gathered-block SDPA == reference."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("L,T,consecutive", [(301, 301, True), (301, 150, True), (250, 1, True), (97, 97, True),
+                                             (301, 120, False)])
+def test_infllm_v2_cpu_matches_reference(dtype, L, T, consecutive):
+    """Whole path (score, select, attend): selection on query chunks and gathered-block SDPA == reference; also
+    for queries at scattered positions (no dense prefix shortcut, chunks spanning far-apart blocks)."""
     q, k, v, ck1, ck2 = _sparse_inputs(L, T, dtype)
-    pos = torch.arange(L - T, L)
+    pos = torch.arange(L - T, L) if consecutive else torch.randperm(L, generator=torch.Generator().manual_seed(9))[:T]
     out = infllm_v2_attention(q, k, v, ck1, ck2, pos, P, 0.3, backend="cpu")
     ref = infllm_v2_attention(q, k, v, ck1, ck2, pos, P, 0.3, backend="naive")
     assert_close(out, ref, RTOL[dtype], "infllm-v2")
@@ -178,28 +184,38 @@ def test_decode_batch_cpu_matches_reference():
     q = _rand(3, H, D, seed=7)
     out = decode_attention_batch(q, keys, values, ck1, ck2, slot, pos, P, 0.3, dense_len=100, backend="cpu")
     ref = decode_attention_batch(q, keys, values, ck1, ck2, slot, pos, P, 0.3, dense_len=100, backend="naive")
-    assert_close(out, ref, 2e-5, "decode batch")
+    assert_close(out, ref, 5e-6, "decode batch")
 
 
 # ---- the HF cache ------------------------------------------------------------------------------------------------
 def test_sparse_cache_appends_equal_concatenation():
-    """Appends into the spare-room buffer (across reallocations) hold exactly what concatenation would, and a view
-    returned earlier is not changed by later appends."""
+    """Appends into the spare-room buffer (across reallocations) hold exactly what concatenation would; replacing
+    ``keys`` (as a crop or reorder would) makes the next append start from the replacement; with autograd on,
+    appends concatenate so an earlier step's saved tensors stay valid for backward."""
     cache = SparseLayerCache()
     ks, vs = [], []
-    first = None
     for i, T in enumerate([5, 1, 300, 1, 1, 40, 1]):
         k, v = _rand(2, T, 3, 4, seed=10 + i), _rand(2, T, 3, 4, seed=50 + i)
         ks.append(k)
         vs.append(v)
         keys, values = cache.update(k, v)
-        if i == 1:
-            first = keys.clone(), keys
         assert torch.equal(keys, torch.cat(ks, dim=1)) and torch.equal(values, torch.cat(vs, dim=1))
-    assert torch.equal(first[0], first[1])
-    assert cache._k_buf.shape[1] < 2 * cache.keys.shape[1] + 256  # spare room stays bounded
+    assert cache._k_buf.shape[1] < 1.25 * cache.keys.shape[1] + 257  # spare room stays bounded
+    assert cache.nbytes == 2 * cache.keys.numel() * 4  # fp32 K and V, no spare room
+    cache.keys, cache.values = cache.keys.flip(0)[:, :100].clone(), cache.values.flip(0)[:, :100].clone()  # reorder+crop
+    k, v = _rand(2, 1, 3, 4, seed=99), _rand(2, 1, 3, 4, seed=98)
+    keys, _ = cache.update(k, v)
+    assert torch.equal(keys, torch.cat([torch.cat(ks, dim=1).flip(0)[:, :100], k], dim=1))
 
-
+    grad_cache = SparseLayerCache()
+    w = torch.ones(3, 4, requires_grad=True)
+    total = 0
+    for i in range(3):
+        k = _rand(1, 2, 3, 4, seed=200 + i) * w
+        keys, values = grad_cache.update(k, k)
+        total = total + (keys * keys).sum()  # saves ``keys`` for backward
+    total.backward()  # in-place appends would fail here ("modified by an inplace operation")
+    assert w.grad is not None and torch.isfinite(w.grad).all()
 # ---- the whole model ---------------------------------------------------------------------------------------------
 def test_model_prefill_and_decode_cpu_equal_reference(tiny_sparse_config, monkeypatch):
     """A hybrid on the InfLLM-v2 path (170 tokens > dense_len 96): one-shot prefill under ``cpu`` == under ``naive``,

@@ -20,7 +20,6 @@ load drifts), and peak memory is a system's weights plus the resident-set growth
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import math
 import os
@@ -40,6 +39,7 @@ from sala.engine.runner import ModelRunner
 from sala.engine.types import MemoryPlanError, fused_flag
 from sala.model import SALAConfig, mixer_schedule, preset
 from sala.utils.env import set_cpu_threads
+from sala.utils.fs import atomic_file, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -246,8 +246,8 @@ class RssPeak:
     """Peak resident set size while the block runs (``start`` when it began), sampled every ``interval`` seconds by
     a thread (CPU rows: CUDA's allocator statistics do not exist there). ``gib`` is None where /proc is absent."""
 
-    def __init__(self, interval: float = 0.005) -> None:
-        self.start = _rss_bytes()
+    def __init__(self, interval: float = 0.005, enabled: bool = True) -> None:
+        self.start = _rss_bytes() if enabled else None
         self.interval, self.peak, self._stop = interval, self.start, threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -365,9 +365,9 @@ def bench_hf(model, ctx: int, cfg: E2EConfig, device: torch.device, row: Row) ->
         row.ttft_s = _now(device) - t0
         past = out.past_key_values
         del out
-        n = min(5, cfg.decode_steps)
-        for i in range(n + 1):
-            if i == 1:
+        n = cfg.decode_steps  # as many timed steps after as many warm-up steps as the engine systems
+        for i in range(n + DECODE_WARMUP):
+            if i == DECODE_WARMUP:
                 t = _now(device)
             out = model(input_ids=token, past_key_values=past, use_cache=True, logits_to_keep=1)
             token, past = out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
@@ -399,6 +399,7 @@ def _is_oom(e: BaseException) -> bool:
 
 def build_system(system: str, cfg: E2EConfig, device: torch.device, dtype: torch.dtype):
     """-> (model, info) of one system with random weights, sized for the longest context."""
+    cfg = cfg.for_device(device)
     max_len = max(cfg.context_list) + 2 * (cfg.decode_steps + DECODE_WARMUP) + 1
     if system == "hf":
         model = hf_dense(cfg.shape, cfg.layers, max_len, device, dtype, cfg.seed)
@@ -417,10 +418,11 @@ def bench_row(system: str, model, ctx: int, cfg: E2EConfig, device: torch.device
     weights, loaded beside it, are not counted)."""
     row = Row(system, ctx)
     _reset_peak(device)
+    cpu = device.type != "cuda"
     try:
-        with RssPeak() as rss:
+        with RssPeak(enabled=cpu) as rss:  # no sampling thread (and GIL traffic) while a GPU row is timed
             (bench_hf if system == "hf" else bench_engine)(model, ctx, cfg, device, row)
-        if device.type != "cuda" and rss.gib is not None and rss.start is not None:
+        if cpu and rss.gib is not None and rss.start is not None:
             weights = sum(p.numel() * p.element_size() for p in model.parameters())
             row.peak_gib = (weights + rss.peak - rss.start) / 2**30
     except MemoryPlanError as e:
@@ -591,7 +593,7 @@ def plot(rows: list[Row], path: Path) -> None:
             ax.legend()
     axes[0].set_yscale("log")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # the path may be a temporary sibling without the suffix
     plt.close(fig)
 
 
@@ -628,8 +630,16 @@ def run_e2e(cfg: E2EConfig, out=None) -> dict:
     out = out or sys.stdout
     device = resolve_device(cfg.device)
     cfg = cfg.for_device(device)
+    threads_before = torch.get_num_threads()
     if device.type != "cuda":
         set_cpu_threads(cfg.threads)
+    try:
+        return _run_e2e(cfg, device, out)
+    finally:
+        torch.set_num_threads(threads_before)  # a library call leaves the process as it found it
+
+
+def _run_e2e(cfg: E2EConfig, device: torch.device, out) -> dict:
     dtype = resolve_dtype(cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32"), device)
     env = environment(device)
     where = env.get("card") or f"{env['cpu']} ({env['threads']} threads)"
@@ -646,15 +656,13 @@ def run_e2e(cfg: E2EConfig, out=None) -> dict:
         rows, infos = run_interleaved(cfg, device, dtype, out)
     table, targets = summarize(rows, infos, bandwidth, cfg.shape, cpu=device.type != "cuda")
     print(table, file=out)
-    dest = Path(cfg.out)
-    dest.mkdir(parents=True, exist_ok=True)
+    dest = Path(cfg.out)  # each file written to a temporary sibling, then renamed (sala.utils.fs); nothing deleted
     result = {"config": asdict(cfg), "environment": env, "copy_bandwidth_bytes_per_s": bandwidth, "models": infos,
               "rows": [asdict(r) for r in rows], "targets": {k: (list(v) if isinstance(v, tuple) else v) for k, v in targets.items()}}
-    (dest / "e2e.json").write_text(json.dumps(result, indent=2) + "\n")
-    (dest / "e2e.md").write_text(table + "\n")
-    written = [dest / "e2e.json", dest / "e2e.md"]
+    written = [write_json(dest / "e2e.json", result), write_text(dest / "e2e.md", table + "\n")]
     try:
-        plot(rows, dest / "e2e.png")
+        with atomic_file(dest / "e2e.png") as tmp:
+            plot(rows, tmp)
         written.append(dest / "e2e.png")
     except ImportError:
         print("matplotlib is not installed: no PNG (pip install 'sala[plot]')", file=out)

@@ -37,6 +37,8 @@ class SparseLayerCache:
 
     ``keys``/``values`` [B, L, Hkv, D] are views of buffers with spare room after the first append: a decode step
     writes one row instead of copying the whole cache (``torch.cat`` per token made decode O(L) in memory traffic).
+    With autograd on (inputs that require grad) appends concatenate, as in-place writes would break backward.
+    ``nbytes`` counts the live K/V, not the spare room.
     """
 
     GROWTH = 0.25
@@ -58,14 +60,26 @@ class SparseLayerCache:
             return self.keys, self.values
         if k.shape[0] != self.keys.shape[0]:
             raise ValueError(f"batch size changed from {self.keys.shape[0]} to {k.shape[0]} within one cache")
+        if k.requires_grad or v.requires_grad or self.keys.requires_grad:
+            # autograd: in-place writes would bump the version of tensors an earlier step saved for backward
+            self.keys, self.values = torch.cat([self.keys, k], dim=1), torch.cat([self.values, v], dim=1)
+            self._k_buf = self._v_buf = None
+            return self.keys, self.values
         L, T = self.keys.shape[1], k.shape[1]
-        if self._k_buf is None or L + T > self._k_buf.shape[1]:
+        if self._k_buf is None or L + T > self._k_buf.shape[1] or self.keys.data_ptr() != self._k_buf.data_ptr():
+            # (re)allocate; also when someone replaced ``keys`` (reorder, crop): the buffer no longer holds them
             capacity = L + T + max(256, int(self.GROWTH * (L + T)))
             self._k_buf, self._v_buf = (x.new_empty(x.shape[0], capacity, *x.shape[2:]) for x in (self.keys, self.values))
             self._k_buf[:, :L], self._v_buf[:, :L] = self.keys, self.values
         self._k_buf[:, L : L + T], self._v_buf[:, L : L + T] = k, v
         self.keys, self.values = self._k_buf[:, : L + T], self._v_buf[:, : L + T]
         return self.keys, self.values
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the live K/V and compressed keys (spare buffer room excluded)."""
+        tensors = [self.keys, self.values, *self.ck1.values(), *self.ck2.values()]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def compressed(
         self, seq: int, keys: torch.Tensor, kernel_size: int, kernel_stride: int

@@ -8,9 +8,10 @@ reference materialises [H, T, L] scores against every key; here, per chunk of ``
 3. one SDPA call over the gathered keys (KV heads as the batch, each with its G query heads) with a boolean
    mask [Hkv, Tc, Lu] (the query's own selection and causality).
 
-Neighbouring queries share their sink and local blocks and mostly their top-k blocks, so the union stays close
-to K_sel blocks and the work is O(T K_sel bs), not O(T L). A one-token decode step is the same code with Tc = 1:
-it reads K_sel blocks of the cache, not all of it. Dense attention is torch SDPA (``dense.py``), which runs on CPU.
+Neighbouring queries share their sink and local blocks and, on real text, much of their top-k, so the union is
+a fraction of the cache; where selections have no locality at all (random weights) the union is every block and a
+chunk costs what masked dense attention costs: never more than dense, never O(T L) memory. A one-token decode
+step is the same code with Tc = 1: it reads K_sel blocks per KV head, not the cache. Dense attention is torch SDPA (``dense.py``), which runs on CPU.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def cpu_block_sparse_attention(
 ) -> torch.Tensor:
     """Stage 2 over all queries, a chunk at a time. Shapes as :func:`gathered_block_attention` with T queries."""
     T = q.shape[0]
+    k, v = k.contiguous(), v.contiguous()  # once, not per chunk (the gather views them as rows)
     out = torch.empty_like(q)
     for a in range(0, T, QUERY_CHUNK):
         b = min(a + QUERY_CHUNK, T)
@@ -123,6 +125,7 @@ def cpu_infllm_v2_attention(
     q: [T, H, D]; k, v: [L, Hkv, D]; ck1: [n1, Hkv, D]; ck2: [n2, Hkv, D]; q_pos: [T] -> o: [T, H, D] (q dtype).
     """
     T, L = q.shape[0], k.shape[0]
+    k, v = k.contiguous(), v.contiguous()  # once, not per chunk (the gather views them as rows)
     out = torch.empty_like(q)
     for a in range(0, T, QUERY_CHUNK):
         b = min(a + QUERY_CHUNK, T)

@@ -58,11 +58,14 @@ def _chunks(q, k, v, tables, state, scale: float) -> tuple[torch.Tensor, torch.T
     return scale * o, state
 
 
-def _one_batch(q, k, v, slopes, scale, state, chunk: int, segment: int):
-    """q, k: [B, T, H, K]; v: [B, T, H, V]; state [B, H, K, V] (compute dtype) -> o [B, T, H, V], final state."""
+def _one_batch(q, k, v, slopes, scale, state, chunk: int, segment: int, out_dtype: torch.dtype):
+    """q, k: [B, T, H, K]; v: [B, T, H, V]; state [B, H, K, V] (compute dtype) -> o [B, T, H, V] in ``out_dtype``
+    (each segment cast as it is made: one compute-dtype segment alive at a time), final state."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dt = state.dtype
+    if T == 0:
+        return q.new_empty(B, 0, H, V, dtype=out_dtype), state.clone()
     key = tuple(slopes.tolist())
     outs = []
     for a in range(0, T, segment):
@@ -79,7 +82,7 @@ def _one_batch(q, k, v, slopes, scale, state, chunk: int, segment: int):
 
             tables = tuple(t.to(q.device) for t in _decay_tables(key, C, dt))
             o, state = _chunks(split(q, K), split(k, K), split(v, V), tables, state, scale)
-            outs.append(o.permute(0, 2, 3, 1, 4).reshape(B, hi - lo, H, V))
+            outs.append(o.permute(0, 2, 3, 1, 4).reshape(B, hi - lo, H, V).to(out_dtype))
     return torch.cat(outs, dim=1), state
 
 
@@ -113,15 +116,12 @@ def cpu_chunk_lightning(
     h0 = (torch.zeros(rows, H, K, V, dtype=dt, device=q.device) if initial_state is None
           else initial_state.to(dt))
     if cu_seqlens is None:
-        o, final = _one_batch(q, k, v, slopes, scale, h0, chunk, segment)
-        return o.to(output_dtype), (final if output_final_state else None)
+        o, final = _one_batch(q, k, v, slopes, scale, h0, chunk, segment, output_dtype)
+        return o, (final if output_final_state else None)
     outs, finals = [], []
     for n, (a, b) in enumerate(bounds):
-        if b == a:  # an empty document keeps its state
-            finals.append(h0[n : n + 1])
-            continue
-        o, final = _one_batch(q[:, a:b], k[:, a:b], v[:, a:b], slopes, scale, h0[n : n + 1], chunk, segment)
+        o, final = _one_batch(q[:, a:b], k[:, a:b], v[:, a:b], slopes, scale, h0[n : n + 1], chunk, segment,
+                              output_dtype)  # an empty document returns [1, 0, H, V] and a copy of its state
         outs.append(o)
         finals.append(final)
-    o = torch.cat(outs, dim=1) if outs else q.new_empty(1, 0, H, V, dtype=dt)
-    return o.to(output_dtype), (torch.cat(finals, dim=0) if output_final_state else None)
+    return torch.cat(outs, dim=1), (torch.cat(finals, dim=0) if output_final_state else None)
