@@ -164,9 +164,11 @@ def test_out_folder_guards(tiny, other_student, tmp_path):
     with pytest.raises(ValueError, match="at most one of resume"):
         TrainConfig(recipe="tiny-cpu", resume=True, force=True)
 
-    (out / "marker").write_text("old run")
+    (out / "notes.txt").write_text("the user's own file")
+    (out / "profile-align.txt").write_text("an old run's profile")
     assert not train(tiny, out, force=True, max_steps=2, **SMALL).finished
-    assert not (out / "marker").exists()  # the old run is gone
+    assert (out / "notes.txt").read_text() == "the user's own file"  # --force deletes only what a run wrote
+    assert not (out / "profile-align.txt").exists()  # the old run's outputs are gone
     assert [(r["stage"], r["step"]) for r in _lines(out)] == [("align", 1), ("align", 2)]
     assert _latest(out) == "step-00-0000002"
 

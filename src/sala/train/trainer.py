@@ -219,6 +219,19 @@ def flops_per_token(stage: StageConfig, student: SALAForCausalLM, teacher: nn.Mo
 # ---------------------------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------------------------
+RUN_OUTPUTS = ("run.json", "metrics.jsonl", "evals.json", "results.json", "loss_curves.png", "checkpoints", "final",
+               "delta", "tokens")
+"""What a training run writes into its folder (plus ``profile-<stage>.txt``): all that ``--force`` deletes."""
+
+
+def remove_run_outputs(out: Path) -> list[Path]:
+    """Delete a previous run's own outputs from ``out`` (``--force``), never other files a user keeps there."""
+    victims = [out / name for name in RUN_OUTPUTS if (out / name).exists()] + sorted(out.glob("profile-*.txt"))
+    for path in victims:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    return victims
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, recipe: Recipe, info: parallel.DistInfo) -> None:
         self.cfg, self.recipe, self.info = cfg, recipe, info
@@ -245,7 +258,7 @@ class Trainer:
                 raise RecipeError(f"{self.out} already holds a run; pass --resume to continue it or --force to delete "
                                   "it and start over")
             if self.info.is_main:
-                shutil.rmtree(self.out)
+                remove_run_outputs(self.out)
         dist.barrier()
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
