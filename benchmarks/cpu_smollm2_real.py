@@ -15,6 +15,7 @@ The hybrid is the demo's: the GGUF converted with the bundled delta's conversion
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from sala.demo.models import load_models
-from sala.engine.bench import RssPeak, _malloc_trim, _cpu_name
+from sala.engine.bench import RssPeak, malloc_trim, cpu_name
 from sala.engine.planner import parse_tokens
 from sala.utils.env import set_cpu_threads
 from sala.utils.fs import write_json, write_text
@@ -30,7 +31,7 @@ from sala.utils.fs import write_json, write_text
 
 def run_one(model, ids: torch.Tensor, decode_steps: int) -> dict:
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    _malloc_trim()
+    malloc_trim()
     with torch.no_grad(), RssPeak() as rss:
         t0 = time.perf_counter()
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
@@ -57,6 +58,9 @@ def main() -> None:
     ap.add_argument("--systems", default="dense,hybrid", help="subset of dense,hybrid")
     ap.add_argument("--out", default="benchmarks/results/cpu_smollm2_real")
     args = ap.parse_args()
+    names = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if not names or set(names) - {"dense", "hybrid"}:  # before the models load
+        ap.error(f"--systems takes a subset of dense,hybrid, got {args.systems!r}")
     threads = set_cpu_threads(args.threads)
     dm = load_models(model=None, delta=None, conversion=None, sparse_layers=None, device=torch.device("cpu"),
                      dtype=torch.float32, quiet=True)
@@ -64,7 +68,7 @@ def main() -> None:
     tokens = dm.tokenizer(text, add_special_tokens=False)["input_ids"]
     rows = []
     systems = {"dense": ("transformers dense", dm.dense), "hybrid": ("sala hybrid", dm.hybrid)}
-    chosen = [systems[s.strip()] for s in args.systems.split(",")]
+    chosen = [systems[s] for s in names]
     for ctx in map(parse_tokens, args.contexts.split(",")):
         if len(tokens) < ctx:
             raise SystemExit(f"{args.text} has {len(tokens)} tokens, fewer than the context {ctx}")
@@ -88,7 +92,7 @@ def main() -> None:
                      f"{r['decode_ms']:.1f} | {ratio('decode_ms')} | {r['peak_gib']:.2f} |")
     table = "\n".join(lines)
     print(table)
-    env = {"cpu": _cpu_name(), "threads": threads, "torch": torch.__version__, "command": " ".join(__import__("sys").argv)}
+    env = {"cpu": cpu_name(), "threads": threads, "torch": torch.__version__, "command": " ".join(sys.argv)}
     write_json(Path(args.out) / "real.json", {"environment": env, "rows": rows})
     write_text(Path(args.out) / "real.md", table + "\n")
 

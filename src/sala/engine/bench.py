@@ -215,10 +215,10 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        _malloc_trim()
+        malloc_trim()
 
 
-def _malloc_trim() -> None:
+def malloc_trim() -> None:
     """Give freed heap pages back to the OS (glibc), so a CPU row's resident-set peak counts what it holds, not
     what an earlier system freed but the allocator kept."""
     try:
@@ -597,7 +597,7 @@ def plot(rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
@@ -610,7 +610,7 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         env["card"] = torch.cuda.get_device_name(device)
     else:
-        env["cpu"] = _cpu_name()
+        env["cpu"] = cpu_name()
         env["cpus"] = os.cpu_count()
         env["threads"] = torch.get_num_threads()
     try:

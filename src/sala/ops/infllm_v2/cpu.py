@@ -77,7 +77,8 @@ def gathered_block_attention(
     mask = picked.repeat_interleave(block_size, dim=-1) & exists[:, None, :]  # [Hkv, Tc, Lu]
     mask &= tok[:, None, :] <= q_pos[None, :, None]
     blind = ~mask.any(dim=-1)  # [Hkv, Tc]
-    if blind.any():
+    any_blind = bool(blind.any())
+    if any_blind:
         mask[..., 0] |= blind  # SDPA would give NaN for an all-False row; those rows are zeroed below
     # row t * Hkv + h of k viewed as [L * Hkv, D] is k[t, h]: one index_select (row copies) per tensor
     rows = (tok.clamp(max=L - 1) * Hkv + torch.arange(Hkv, device=q.device)[:, None]).flatten()
@@ -86,9 +87,20 @@ def gathered_block_attention(
     # enable_gqa keeps SDPA on its flash CPU kernel (1 KV head vs G query heads would otherwise take the math path)
     o = F.scaled_dot_product_attention(qh, kg[:, None].to(q.dtype), vg[:, None].to(q.dtype), attn_mask=mask[:, None],
                                        scale=scale, enable_gqa=True)  # [Hkv, G, Tc, D]
-    if blind.any():
+    if any_blind:
         o = o.masked_fill(blind[:, None, :, None], 0.0)
     return o.reshape(H, Tc, D).transpose(0, 1)
+
+
+def _attend_by_chunks(q, k, v, q_pos, block_size: int, scale: float, select) -> torch.Tensor:
+    """Run :func:`gathered_block_attention` a chunk of ``QUERY_CHUNK`` queries at a time; ``select(a, b)`` gives
+    the block lists [Hkv, b - a, K] of queries a..b-1."""
+    k, v = k.contiguous(), v.contiguous()  # once, not per chunk (the gather views them as rows)
+    out = torch.empty_like(q)
+    for a in range(0, q.shape[0], QUERY_CHUNK):
+        b = min(a + QUERY_CHUNK, q.shape[0])
+        out[a:b] = gathered_block_attention(q[a:b], k, v, select(a, b), q_pos[a:b], block_size, scale)
+    return out
 
 
 def cpu_block_sparse_attention(
@@ -101,13 +113,7 @@ def cpu_block_sparse_attention(
     scale: float,
 ) -> torch.Tensor:
     """Stage 2 over all queries, a chunk at a time. Shapes as :func:`gathered_block_attention` with T queries."""
-    T = q.shape[0]
-    k, v = k.contiguous(), v.contiguous()  # once, not per chunk (the gather views them as rows)
-    out = torch.empty_like(q)
-    for a in range(0, T, QUERY_CHUNK):
-        b = min(a + QUERY_CHUNK, T)
-        out[a:b] = gathered_block_attention(q[a:b], k, v, topk_idx[:, a:b], q_pos[a:b], block_size, scale)
-    return out
+    return _attend_by_chunks(q, k, v, q_pos, block_size, scale, lambda a, b: topk_idx[:, a:b])
 
 
 def cpu_infllm_v2_attention(
@@ -124,12 +130,8 @@ def cpu_infllm_v2_attention(
 
     q: [T, H, D]; k, v: [L, Hkv, D]; ck1: [n1, Hkv, D]; ck2: [n2, Hkv, D]; q_pos: [T] -> o: [T, H, D] (q dtype).
     """
-    T, L = q.shape[0], k.shape[0]
-    k, v = k.contiguous(), v.contiguous()  # once, not per chunk (the gather views them as rows)
-    out = torch.empty_like(q)
-    for a in range(0, T, QUERY_CHUNK):
-        b = min(a + QUERY_CHUNK, T)
-        qc, pc = q[a:b], q_pos[a:b]
-        topk_idx = naive_select_blocks(naive_stage1_block_scores(qc, ck1, ck2, pc, params, scale), pc, L, params)
-        out[a:b] = gathered_block_attention(qc, k, v, topk_idx, pc, params.block_size, scale)
-    return out
+    def select(a: int, b: int) -> torch.Tensor:
+        scores = naive_stage1_block_scores(q[a:b], ck1, ck2, q_pos[a:b], params, scale)
+        return naive_select_blocks(scores, q_pos[a:b], k.shape[0], params)
+
+    return _attend_by_chunks(q, k, v, q_pos, params.block_size, scale, select)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from sala.ops.common.dispatch import resolve_backend
+from sala.ops.common.fallback import map_sequences
 from sala.ops.lightning.naive import (
     compute_dtype,
     lightning_decay_slopes,
@@ -95,17 +96,12 @@ def chunk_lightning(
         from sala.ops.lightning.cpu import cpu_chunk_lightning
 
         return cpu_chunk_lightning(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens, out_dtype)
-    if cu_seqlens is None:
-        o, final = naive_chunk_lightning(q, k, v, slopes, scale, initial_state)
-        return o.to(out_dtype), (final if output_final_state else None)
-    outs, finals = [], []
-    bounds = cu_seqlens.tolist()
-    for n, (a, b) in enumerate(zip(bounds, bounds[1:])):
-        h0 = None if initial_state is None else initial_state[n : n + 1]
-        o, final = naive_chunk_lightning(q[:, a:b], k[:, a:b], v[:, a:b], slopes, scale, h0)
-        outs.append(o)
-        finals.append(final)
-    return torch.cat(outs, 1).to(out_dtype), (torch.cat(finals, 0) if output_final_state else None)
+    def run(q, k, v, h0):
+        return naive_chunk_lightning(q, k, v, slopes, scale, h0)
+
+    o, final = (run(q, k, v, initial_state) if cu_seqlens is None
+                else map_sequences(run, cu_seqlens, (q, k, v), (initial_state,)))
+    return o.to(out_dtype), (final if output_final_state else None)
 
 
 def lightning_step(

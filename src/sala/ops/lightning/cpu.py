@@ -19,6 +19,7 @@ import functools
 
 import torch
 
+from sala.ops.common.fallback import map_sequences
 from sala.ops.lightning.naive import compute_dtype
 
 CHUNK = 64
@@ -108,20 +109,13 @@ def cpu_chunk_lightning(
     """
     if chunk < 1 or segment < chunk:
         raise ValueError(f"need chunk >= 1 and segment >= chunk, got chunk={chunk}, segment={segment}")
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    rows = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
     dt = compute_dtype(q.dtype)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    bounds = [(0, T)] if cu_seqlens is None else list(zip(cu_seqlens.tolist(), cu_seqlens.tolist()[1:]))
-    rows = B if cu_seqlens is None else len(bounds)
-    h0 = (torch.zeros(rows, H, K, V, dtype=dt, device=q.device) if initial_state is None
-          else initial_state.to(dt))
-    if cu_seqlens is None:
-        o, final = _one_batch(q, k, v, slopes, scale, h0, chunk, segment, output_dtype)
-        return o, (final if output_final_state else None)
-    outs, finals = [], []
-    for n, (a, b) in enumerate(bounds):
-        o, final = _one_batch(q[:, a:b], k[:, a:b], v[:, a:b], slopes, scale, h0[n : n + 1], chunk, segment,
-                              output_dtype)  # an empty document returns [1, 0, H, V] and a copy of its state
-        outs.append(o)
-        finals.append(final)
-    return torch.cat(outs, dim=1), (torch.cat(finals, dim=0) if output_final_state else None)
+    h0 = torch.zeros(rows, H, K, V, dtype=dt, device=q.device) if initial_state is None else initial_state.to(dt)
+
+    def run(q, k, v, h0):  # an empty document returns [1, 0, H, V] and a copy of its state
+        return _one_batch(q, k, v, slopes, scale, h0, chunk, segment, output_dtype)
+
+    o, final = run(q, k, v, h0) if cu_seqlens is None else map_sequences(run, cu_seqlens, (q, k, v), (h0,))
+    return o, (final if output_final_state else None)
