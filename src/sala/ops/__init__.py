@@ -1,7 +1,8 @@
 """What each op computes: pure-PyTorch references plus Triton kernels behind one dispatching entry per op.
 
-Public entries validate their inputs once, then pick a backend (``naive`` or ``triton``) with
-:func:`sala.ops.common.dispatch.resolve_backend`. The model only calls these entries.
+Public entries validate their inputs once, then run the implementation their op registered for the chosen
+backend (``naive``, ``cpu`` or ``triton``) through :func:`sala.ops.common.dispatch.call`. The model only calls
+these entries.
 """
 
 from sala.ops.infllm_v2 import (

@@ -9,43 +9,61 @@ from __future__ import annotations
 
 import torch
 
-from sala.ops.common.dispatch import resolve_backend
+from sala.ops.common.dispatch import call, register, resolve
 from sala.ops.elementwise.naive import naive_scaled_residual, naive_sigmoid_gate, naive_silu_mul
 
 __all__ = ["scaled_residual", "sigmoid_gate", "silu_mul"]
 
 
-def _fused(a: torch.Tensor, b: torch.Tensor, backend: str) -> bool:
-    if not (resolve_backend(backend, a.device) == "triton" and a.shape == b.shape and a.dtype == b.dtype
-            and a.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+def _fusable(a: torch.Tensor, b: torch.Tensor, *_) -> bool:
+    if not (a.shape == b.shape and a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16, torch.float32)):
         return False
     from sala.ops.elementwise.fused import as_rows  # column slices of a fused GEMM's output qualify
 
     return as_rows(a) is not None and as_rows(b) is not None
 
 
+register("silu_mul", "naive", naive_silu_mul)
+register("sigmoid_gate", "naive", naive_sigmoid_gate)
+register("scaled_residual", "naive", naive_scaled_residual)
+
+
+@register("silu_mul", "triton", accepts=_fusable)
+def _triton_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    from sala.ops.elementwise.fused import SILU_MUL, triton_glue
+
+    return triton_glue(SILU_MUL, gate, up)
+
+
+@register("sigmoid_gate", "triton", accepts=_fusable)
+def _triton_sigmoid_gate(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    from sala.ops.elementwise.fused import SIGMOID_GATE, triton_glue
+
+    return triton_glue(SIGMOID_GATE, x, z)
+
+
+@register("scaled_residual", "triton", accepts=_fusable)
+def _triton_scaled_residual(h: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
+    from sala.ops.elementwise.fused import SCALED_RESIDUAL, triton_glue
+
+    return triton_glue(SCALED_RESIDUAL, h, y, alpha)
+
+
+def _fused(a: torch.Tensor, b: torch.Tensor, backend: str) -> bool:
+    """Whether ``backend`` sends these two tensors to the fused Triton kernel (the three entries share the test)."""
+    return resolve("silu_mul", backend, a.device, a, b) is _triton_silu_mul
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """SwiGLU ``silu(gate) * up``; gate, up: [..., I] -> [..., I]."""
-    if _fused(gate, up, backend):
-        from sala.ops.elementwise.fused import SILU_MUL, triton_glue
-
-        return triton_glue(SILU_MUL, gate, up)
-    return naive_silu_mul(gate, up)
+    return call("silu_mul", backend, gate.device, gate, up)
 
 
 def sigmoid_gate(x: torch.Tensor, z: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Output gate ``x * sigmoid(z)``; x, z: [..., W] -> [..., W]."""
-    if _fused(x, z, backend):
-        from sala.ops.elementwise.fused import SIGMOID_GATE, triton_glue
-
-        return triton_glue(SIGMOID_GATE, x, z)
-    return naive_sigmoid_gate(x, z)
+    return call("sigmoid_gate", backend, x.device, x, z)
 
 
 def scaled_residual(h: torch.Tensor, y: torch.Tensor, alpha: float, backend: str = "auto") -> torch.Tensor:
     """Residual add ``h + y * alpha`` (spec §3: alpha = scale_depth / sqrt(num_layers)); h, y: [..., hidden]."""
-    if _fused(h, y, backend):
-        from sala.ops.elementwise.fused import SCALED_RESIDUAL, triton_glue
-
-        return triton_glue(SCALED_RESIDUAL, h, y, alpha)
-    return naive_scaled_residual(h, y, alpha)
+    return call("scaled_residual", backend, h.device, h, y, alpha)

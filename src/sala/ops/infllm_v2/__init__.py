@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from sala.ops.common.dispatch import resolve_backend
+from sala.ops.common.dispatch import call, register
 from sala.ops.infllm_v2.naive import (
     InfLLMv2Params,
     naive_block_sparse_attention,
@@ -57,11 +57,17 @@ def compress_keys(
     """Mean-pooled complete windows of k, from window index ``start`` on. k: [L, Hkv, D] -> [n - start, Hkv, D]."""
     if k.dim() != 3:
         raise ValueError(f"compress_keys takes k [L, Hkv, D], got {tuple(k.shape)}")
-    if resolve_backend(backend, k.device) == "triton":
-        from sala.ops.infllm_v2.compress import triton_compress_keys
+    return call("compress_keys", backend, k.device, k, kernel_size, kernel_stride, start)
 
-        return triton_compress_keys(k, kernel_size, kernel_stride, start)
-    return naive_compress_keys(k, kernel_size, kernel_stride, start)
+
+register("compress_keys", "naive", naive_compress_keys)
+
+
+@register("compress_keys", "triton")
+def _triton_compress_keys(k, kernel_size, kernel_stride, start):
+    from sala.ops.infllm_v2.compress import triton_compress_keys
+
+    return triton_compress_keys(k, kernel_size, kernel_stride, start)
 
 
 def stage1_block_scores(
@@ -74,22 +80,34 @@ def stage1_block_scores(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Stage-1 scores. q: [T, H, D]; ck1: [n1, Hkv, D]; ck2: [n2, Hkv, D]; q_pos: [T] -> [Hkv, T, n1]."""
-    if resolve_backend(backend, q.device) == "triton":
-        from sala.ops.infllm_v2.topk import triton_stage1_block_scores
+    return call("stage1_block_scores", backend, q.device, q, ck1, ck2, q_pos, params, scale)
 
-        return triton_stage1_block_scores(q, ck1, ck2, q_pos, params, scale)
-    return naive_stage1_block_scores(q, ck1, ck2, q_pos, params, scale)
+
+register("stage1_block_scores", "naive", naive_stage1_block_scores)
+
+
+@register("stage1_block_scores", "triton")
+def _triton_stage1_block_scores(q, ck1, ck2, q_pos, params, scale):
+    from sala.ops.infllm_v2.topk import triton_stage1_block_scores
+
+    return triton_stage1_block_scores(q, ck1, ck2, q_pos, params, scale)
 
 
 def select_blocks(
     scores: torch.Tensor, q_pos: torch.Tensor, num_keys: int, params: InfLLMv2Params, backend: str = "auto"
 ) -> torch.Tensor:
     """Pool, force and top-k. scores: [Hkv, T, n1]; q_pos: [T] -> topk_idx [Hkv, T, K_sel] int32 (-1 unused)."""
-    if resolve_backend(backend, scores.device) == "triton":
-        from sala.ops.infllm_v2.topk import triton_select_blocks
+    return call("select_blocks", backend, scores.device, scores, q_pos, num_keys, params)
 
-        return triton_select_blocks(scores, q_pos, num_keys, params)
-    return naive_select_blocks(scores, q_pos, num_keys, params)
+
+register("select_blocks", "naive", naive_select_blocks)
+
+
+@register("select_blocks", "triton")
+def _triton_select_blocks(scores, q_pos, num_keys, params):
+    from sala.ops.infllm_v2.topk import triton_select_blocks
+
+    return triton_select_blocks(scores, q_pos, num_keys, params)
 
 
 def block_sparse_attention(
@@ -106,16 +124,24 @@ def block_sparse_attention(
     """Stage 2. q: [T, H, D]; k, v: [L, Hkv, D]; topk_idx: [Hkv, T, K] -> o: [T, H, D] (q dtype).
     ``first_pos``: optional promise that q_pos = first_pos + arange(T) (skips a host sync)."""
     _check_seq(q, k, v, q_pos, first_pos)
-    chosen = resolve_backend(backend, q.device)
-    if chosen == "triton":
-        from sala.ops.infllm_v2.sparse_attn import triton_block_sparse_attention
+    return call("block_sparse_attention", backend, q.device, q, k, v, topk_idx, q_pos, block_size, scale)
 
-        return triton_block_sparse_attention(q, k, v, topk_idx, q_pos, block_size, scale)
-    if chosen == "cpu":
-        from sala.ops.infllm_v2.cpu import cpu_block_sparse_attention
 
-        return cpu_block_sparse_attention(q, k, v, topk_idx, q_pos, block_size, scale)
-    return naive_block_sparse_attention(q, k, v, topk_idx, q_pos, block_size, scale)
+register("block_sparse_attention", "naive", naive_block_sparse_attention)
+
+
+@register("block_sparse_attention", "cpu")
+def _cpu_block_sparse_attention(q, k, v, topk_idx, q_pos, block_size, scale):
+    from sala.ops.infllm_v2.cpu import cpu_block_sparse_attention
+
+    return cpu_block_sparse_attention(q, k, v, topk_idx, q_pos, block_size, scale)
+
+
+@register("block_sparse_attention", "triton")
+def _triton_block_sparse_attention(q, k, v, topk_idx, q_pos, block_size, scale):
+    from sala.ops.infllm_v2.sparse_attn import triton_block_sparse_attention
+
+    return triton_block_sparse_attention(q, k, v, topk_idx, q_pos, block_size, scale)
 
 
 def infllm_v2_attention(
@@ -155,20 +181,34 @@ def infllm_v2_attention(
             return head
         tail = infllm_v2_attention(q[easy:], k, v, ck1, ck2, q_pos[easy:], params, scale, backend, first + easy)
         return torch.cat([head, tail], dim=0)
-    chosen = resolve_backend(backend, q.device)
-    if chosen == "cpu":  # selection and attention a query chunk at a time
-        from sala.ops.infllm_v2.cpu import cpu_infllm_v2_attention
+    # the sparse part: op "infllm_v2_attention" covers selection and attention, past the dense prefix
+    return call("infllm_v2_attention", backend, q.device, q, k, v, ck1, ck2, q_pos, params, scale,
+                first if consecutive else None)
 
-        return cpu_infllm_v2_attention(q, k, v, ck1, ck2, q_pos, params, scale)
-    if chosen == "triton":
-        from sala.ops.infllm_v2.topk import triton_select_from_queries
 
-        topk_idx = triton_select_from_queries(q, ck1, ck2, q_pos, k.shape[0], params, scale)
-    else:
-        topk_idx = select_blocks(stage1_block_scores(q, ck1, ck2, q_pos, params, scale, backend), q_pos, k.shape[0],
-                                 params, backend)
-    return block_sparse_attention(q, k, v, topk_idx, q_pos, params.block_size, scale, backend,
-                                  first if consecutive else None)
+@register("infllm_v2_attention", "naive", takes_backend=True)
+def _select_then_attend(q, k, v, ck1, ck2, q_pos, params, scale, first_pos, backend):
+    """Stage-1 scores, block selection, block-sparse attention: each entry on ``backend``."""
+    topk_idx = select_blocks(stage1_block_scores(q, ck1, ck2, q_pos, params, scale, backend), q_pos, k.shape[0],
+                             params, backend)
+    return block_sparse_attention(q, k, v, topk_idx, q_pos, params.block_size, scale, backend, first_pos)
+
+
+@register("infllm_v2_attention", "cpu")
+def _cpu_infllm_v2_attention(q, k, v, ck1, ck2, q_pos, params, scale, first_pos):
+    """Selection and attention a query chunk at a time."""
+    from sala.ops.infllm_v2.cpu import cpu_infllm_v2_attention
+
+    return cpu_infllm_v2_attention(q, k, v, ck1, ck2, q_pos, params, scale)
+
+
+@register("infllm_v2_attention", "triton", takes_backend=True)
+def _triton_infllm_v2_attention(q, k, v, ck1, ck2, q_pos, params, scale, first_pos, backend):
+    """Scores and top-k in one kernel (no [Hkv, T, n1] score tensor), then the block-sparse entry."""
+    from sala.ops.infllm_v2.topk import triton_select_from_queries
+
+    topk_idx = triton_select_from_queries(q, ck1, ck2, q_pos, k.shape[0], params, scale)
+    return block_sparse_attention(q, k, v, topk_idx, q_pos, params.block_size, scale, backend, first_pos)
 
 
 def dense_causal_attention(
@@ -191,11 +231,18 @@ def dense_causal_attention(
         raise ValueError(f"need at least as many keys ({k.shape[1]}) as queries ({q.shape[1]})")
     if q.shape[2] % k.shape[2] != 0:
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of KV heads ({k.shape[2]})")
-    if resolve_backend(backend, q.device) in ("triton", "cpu"):
-        from sala.ops.infllm_v2.dense import sdpa_dense_causal_attention
+    return call("dense_causal_attention", backend, q.device, q, k, v, key_valid, scale)
 
-        return sdpa_dense_causal_attention(q, k, v, key_valid, scale)
-    return naive_dense_causal_attention(q, k, v, key_valid, scale)
+
+def _sdpa_dense_causal_attention(q, k, v, key_valid, scale):
+    from sala.ops.infllm_v2.dense import sdpa_dense_causal_attention
+
+    return sdpa_dense_causal_attention(q, k, v, key_valid, scale)
+
+
+register("dense_causal_attention", "naive", naive_dense_causal_attention)
+register("dense_causal_attention", "cpu", _sdpa_dense_causal_attention)
+register("dense_causal_attention", "triton", _sdpa_dense_causal_attention)
 
 
 def append_compressed_keys(
@@ -215,10 +262,19 @@ def append_compressed_keys(
     graph-safe (no host sync); the reference loops over rows on the host.
     """
     _check_slot_caches(keys, None, ck1, ck2, slot, pos)
-    if resolve_backend(backend, keys.device) == "triton":
-        from sala.ops.infllm_v2.compress import triton_append_compressed_keys
+    return call("append_compressed_keys", backend, keys.device, keys, ck1, ck2, slot, pos, kernel_size, kernel_stride)
 
-        return triton_append_compressed_keys(keys, ck1, ck2, slot, pos, kernel_size, kernel_stride)
+
+@register("append_compressed_keys", "triton")
+def _triton_append_compressed_keys(keys, ck1, ck2, slot, pos, kernel_size, kernel_stride):
+    from sala.ops.infllm_v2.compress import triton_append_compressed_keys
+
+    return triton_append_compressed_keys(keys, ck1, ck2, slot, pos, kernel_size, kernel_stride)
+
+
+@register("append_compressed_keys", "naive")
+def _naive_append_compressed_keys(keys, ck1, ck2, slot, pos, kernel_size, kernel_stride) -> None:
+    """Row by row on the host: each window a row's token completed, pooled from its slot's keys."""
     for s, p in zip(slot.tolist(), pos.tolist()):
         for buf, ks, st in ((ck1, kernel_size, kernel_stride), (ck2, 4 * kernel_size, 4 * kernel_stride)):
             n = num_windows(p + 1, ks, st)
@@ -258,19 +314,23 @@ def decode_attention_batch(
     if q.shape[2] != keys.shape[3] or q.shape[1] % keys.shape[2]:
         raise ValueError(f"q [N, H, D] must share D with the keys and H must be a multiple of their {keys.shape[2]} "
                          f"KV heads; got q {tuple(q.shape)}, keys {tuple(keys.shape)}")
-    chosen = resolve_backend(backend, q.device)
-    if chosen == "triton":
-        return _triton_decode_batch(q, keys, values, ck1, ck2, slot, pos, params, scale, dense_len)
-    # naive / cpu: row by row (a CPU has no host sync to avoid); ``cpu`` reads only the selected blocks
+    return call("decode_attention_batch", backend, q.device, q, keys, values, ck1, ck2, slot, pos, params, scale,
+                dense_len)
+
+
+@register("decode_attention_batch", "naive", takes_backend=True)
+def _decode_by_rows(q, keys, values, ck1, ck2, slot, pos, params, scale, dense_len, backend):
+    """Row by row (a CPU has no host sync to avoid), each row through the dense or InfLLM-v2 entry on ``backend``
+    (so ``cpu``, which has no batch implementation of its own, reads only the selected blocks)."""
     out = torch.empty_like(q)
     for t, (s, p) in enumerate(zip(slot.tolist(), pos.tolist())):
         kb, vb, L = keys[s, : p + 1], values[s, : p + 1], p + 1
         if dense_len is None or L < dense_len:
-            out[t] = dense_causal_attention(q[None, t : t + 1], kb[None], vb[None], None, scale, chosen)[0, 0]
+            out[t] = dense_causal_attention(q[None, t : t + 1], kb[None], vb[None], None, scale, backend)[0, 0]
         else:
             c1 = ck1[s, : num_windows(L, params.kernel_size, params.kernel_stride)]
             c2 = ck2[s, : num_windows(L, params.coarse_kernel_size, params.coarse_kernel_stride)]
-            out[t] = infllm_v2_attention(q[t : t + 1], kb, vb, c1, c2, pos[t : t + 1], params, scale, chosen,
+            out[t] = infllm_v2_attention(q[t : t + 1], kb, vb, c1, c2, pos[t : t + 1], params, scale, backend,
                                          first_pos=p)[0]
     return out
 
@@ -290,6 +350,7 @@ def _check_slot_caches(keys, values, ck1, ck2, slot, pos) -> None:
         raise TypeError(f"slot and pos must be integer tensors; got {slot.dtype}, {pos.dtype}")
 
 
+@register("decode_attention_batch", "triton")
 def _triton_decode_batch(q, keys, values, ck1, ck2, slot, pos, params, scale, dense_len):
     from sala.ops.infllm_v2.sparse_attn import triton_sparse_decode_batch
     from sala.ops.infllm_v2.topk import triton_select_decode_batch

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from sala.ops.common.dispatch import resolve_backend
+from sala.ops.common.dispatch import call, register
 from sala.ops.common.fallback import map_sequences
 from sala.ops.lightning.naive import (
     compute_dtype,
@@ -84,24 +84,33 @@ def chunk_lightning(
     if initial_state is not None and tuple(initial_state.shape) != state_shape:
         raise ValueError(f"initial_state must be [N, H, K, V] = {state_shape}, got {tuple(initial_state.shape)}")
     out_dtype = output_dtype or q.dtype
-    chosen = resolve_backend(backend, q.device)
-    if chosen == "triton":
-        from sala.ops.lightning.chunk import triton_chunk_lightning
+    return call("chunk_lightning", backend, q.device,
+                q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens, out_dtype)
 
-        o, final = triton_chunk_lightning(
-            q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens, out_dtype
-        )
-        return o, final
-    if chosen == "cpu":
-        from sala.ops.lightning.cpu import cpu_chunk_lightning
 
-        return cpu_chunk_lightning(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens, out_dtype)
+@register("chunk_lightning", "naive")
+def _naive_chunk_lightning(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens, out_dtype):
+    """The reference, one sequence at a time for varlen input."""
     def run(q, k, v, h0):
         return naive_chunk_lightning(q, k, v, slopes, scale, h0)
 
     o, final = (run(q, k, v, initial_state) if cu_seqlens is None
                 else map_sequences(run, cu_seqlens, (q, k, v), (initial_state,)))
     return o.to(out_dtype), (final if output_final_state else None)
+
+
+@register("chunk_lightning", "cpu")
+def _cpu_chunk_lightning(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens, out_dtype):
+    from sala.ops.lightning.cpu import cpu_chunk_lightning
+
+    return cpu_chunk_lightning(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens, out_dtype)
+
+
+@register("chunk_lightning", "triton")
+def _triton_chunk_lightning(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens, out_dtype):
+    from sala.ops.lightning.chunk import triton_chunk_lightning
+
+    return triton_chunk_lightning(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens, out_dtype)
 
 
 def lightning_step(
@@ -137,8 +146,16 @@ def lightning_step(
     if state.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"Lightning state must be float32 (or float64), got {state.dtype}")
     out_dtype = output_dtype or q.dtype
-    if resolve_backend(backend, q.device) == "triton":
-        from sala.ops.lightning.recurrent import triton_lightning_step
+    return call("lightning_step", backend, q.device, q, k, v, slopes, scale, state, out_dtype, state_rows)
 
-        return triton_lightning_step(q, k, v, slopes, scale, state, out_dtype, state_rows)
+
+@register("lightning_step", "naive")
+def _naive_lightning_step(q, k, v, slopes, scale, state, out_dtype, state_rows):
     return naive_lightning_step_rows(q, k, v, slopes, scale, state, state_rows).to(out_dtype)
+
+
+@register("lightning_step", "triton")
+def _triton_lightning_step(q, k, v, slopes, scale, state, out_dtype, state_rows):
+    from sala.ops.lightning.recurrent import triton_lightning_step
+
+    return triton_lightning_step(q, k, v, slopes, scale, state, out_dtype, state_rows)

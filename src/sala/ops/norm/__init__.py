@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from sala.ops.common.dispatch import resolve_backend
+from sala.ops.common.dispatch import call, register
 from sala.ops.norm.naive import naive_rms_norm
 
 __all__ = ["naive_rms_norm", "residual_rms_norm", "rms_norm"]
+
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
@@ -17,12 +19,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "
     """
     if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
         raise ValueError(f"rms_norm wants x [..., D] and weight [D]; got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
-    if (resolve_backend(backend, x.device) == "triton" and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and weight.dtype in (torch.float16, torch.bfloat16, torch.float32)):
-        from sala.ops.norm.fused import triton_rms_norm
+    return call("rms_norm", backend, x.device, x, weight, eps)
 
-        return triton_rms_norm(x, weight, eps)
-    return naive_rms_norm(x, weight, eps)
+
+register("rms_norm", "naive", naive_rms_norm)
+
+
+@register("rms_norm", "triton", accepts=lambda x, weight, eps: x.dtype in _FLOAT and weight.dtype in _FLOAT)
+def _triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    from sala.ops.norm.fused import triton_rms_norm
+
+    return triton_rms_norm(x, weight, eps)
 
 
 def residual_rms_norm(h: torch.Tensor, y: torch.Tensor, alpha: float, weight: torch.Tensor, eps: float,
@@ -32,17 +39,30 @@ def residual_rms_norm(h: torch.Tensor, y: torch.Tensor, alpha: float, weight: to
     h, y: [..., D]; weight: [D] -> (r [..., D] in promote(h, y) dtype, normed r). One kernel on CUDA when both
     share a dtype and no gradient is needed; otherwise the two ops (each differentiable).
     """
-    from sala.ops.elementwise import scaled_residual
-
     if h.shape != y.shape:
         raise ValueError(f"residual_rms_norm wants h and y of one shape; got {tuple(h.shape)}, {tuple(y.shape)}")
-    if (resolve_backend(backend, h.device) == "triton" and h.dtype == y.dtype  # mixed (autocast): the two ops
-            and h.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and weight.dim() == 1 and weight.shape[0] == h.shape[-1] and weight.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and h.is_contiguous() and y.is_contiguous()
-            and not (torch.is_grad_enabled() and (h.requires_grad or y.requires_grad or weight.requires_grad))):
-        from sala.ops.norm.fused import triton_residual_rms_norm
+    return call("residual_rms_norm", backend, h.device, h, y, alpha, weight, eps)
 
-        return triton_residual_rms_norm(h, y, alpha, weight, eps)
+
+@register("residual_rms_norm", "naive", takes_backend=True)
+def _residual_then_norm(h: torch.Tensor, y: torch.Tensor, alpha: float, weight: torch.Tensor, eps: float,
+                        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two entries one after the other, each on ``backend``."""
+    from sala.ops.elementwise import scaled_residual
+
     r = scaled_residual(h, y, alpha, backend)
     return r, rms_norm(r, weight, eps, backend)
+
+
+def _fusable_residual_norm(h, y, alpha, weight, eps) -> bool:
+    return (h.dtype == y.dtype and h.dtype in _FLOAT  # mixed (autocast): the two ops
+            and weight.dim() == 1 and weight.shape[0] == h.shape[-1] and weight.dtype in _FLOAT
+            and h.is_contiguous() and y.is_contiguous()
+            and not (torch.is_grad_enabled() and (h.requires_grad or y.requires_grad or weight.requires_grad)))
+
+
+@register("residual_rms_norm", "triton", accepts=_fusable_residual_norm)
+def _triton_residual_rms_norm(h, y, alpha, weight, eps) -> tuple[torch.Tensor, torch.Tensor]:
+    from sala.ops.norm.fused import triton_residual_rms_norm
+
+    return triton_residual_rms_norm(h, y, alpha, weight, eps)
