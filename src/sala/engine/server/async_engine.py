@@ -36,6 +36,12 @@ class AsyncEngine:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def running(self) -> bool:
+        """True while the engine thread is alive: from :meth:`start` until its loop has exited after
+        :meth:`shutdown` (a thread cannot be started twice, so False after that does not mean startable)."""
+        return self._thread.is_alive()
+
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._wake.set()
