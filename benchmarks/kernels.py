@@ -419,7 +419,7 @@ def bench_sparse_decode(Ls=(32768, 131072, 262144, 1048576), batches=(1, 8), H: 
                         D: int = 128) -> list[dict]:
     """One sparse layer's decode attention (compressed-key append + stage 1 + select + attend) for a batch of
     sequences of length L: the fused batched path in a CUDA graph vs the per-sequence path (eager, as the
-    pieces-mode runner calls it). Checks the fused output against the per-sequence one first."""
+    eager-mode runner calls it). Checks the fused output against the per-sequence one first."""
     from sala.ops import append_compressed_keys, decode_attention_batch, infllm_v2_attention
     from sala.ops.infllm_v2 import InfLLMv2Params, num_windows
     from sala.ops.infllm_v2.compress import triton_compress_keys

@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shape", choices=["released", "small", "tiny"], default="released")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers than the shape's (quick runs)")
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--pieces", action="store_true", help="decode with per-layer eager attention (default: fused)")
+    ap.add_argument("--eager", "--pieces", dest="pieces", action="store_true",
+                    help="decode with row-by-row eager attention, no CUDA graph (default: fused)")
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args(argv)
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
                         cache.lengths[s] -= 1
             if device.type == "cuda":
                 torch.cuda.synchronize()
-    what = f"prefill chunk {args.prefill}" if args.prefill else f"decode batch {args.batch} ({'pieces' if args.pieces else 'fused'})"
+    what = f"prefill chunk {args.prefill}" if args.prefill else f"decode batch {args.batch} ({'eager' if args.pieces else 'fused'})"
     print(f"## {what} after {ctx:,} cached tokens, {model.config.num_hidden_layers} layers, {dtype} on {device}")
     if device.type != "cuda":
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))

@@ -91,9 +91,10 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _decode_attention_flag(g) -> None:
-    g.add_argument("--decode-attention", choices=["auto", "fused", "pieces"],
-                   help="sparse-layer decode attention: fused into the step (one CUDA graph per batch bucket) or eager "
-                        "between graph-captured pieces; auto = fused on CUDA, pieces on CPU")
+    g.add_argument("--decode-attention", choices=["auto", "fused", "eager", "pieces"],
+                   help="sparse-layer decode attention: fused (one batched kernel; the whole step one CUDA graph per "
+                        "batch bucket) or eager (row by row, no CUDA graph; 'pieces' is its old name); auto = fused "
+                        "on CUDA, eager on CPU")
     g.add_argument("--fused-decode", dest="decode_attention", action="store_const", const="fused",
                    help=argparse.SUPPRESS)  # the earlier spelling of --decode-attention fused
 

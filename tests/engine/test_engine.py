@@ -129,9 +129,8 @@ def test_padding_rows_do_not_touch_live_slots(sparse_model):
         before = [s.state[1].clone() if isinstance(s, LightningStore) else s.keys[1, :10].clone() for s in cache.stores]
         idx = torch.tensor(runner.index_rows([0, 2], [30, 70], bucket))
         ids = torch.tensor([7, 9] + [0] * (bucket - 2))
-        o = runner.attention_buffers(bucket, torch.zeros)
         with torch.no_grad():
-            logits = runner.run_pieces(ids, idx, o, attend=([0, 2], [31, 71])).logits[:2]
+            logits = runner.step(ids, idx, ([0, 2], [31, 71]))[:2]
         after = [s.state[1] if isinstance(s, LightningStore) else s.keys[1, :10] for s in cache.stores]
         for x, y in zip(before, after):
             assert torch.equal(x, y)

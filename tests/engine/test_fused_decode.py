@@ -89,7 +89,7 @@ def test_fused_padding_rows_touch_nothing(sparse_model, ops_backend):
         idx = torch.tensor(runner.index_rows([1, 2], [30, 70], bucket))
         ids = torch.tensor([7, 9] + [0] * (bucket - 2))
         with torch.no_grad():
-            logits = runner.run_pieces(ids, idx, runner.attention_buffers(bucket), attend=None).logits[:2]
+            logits = runner.step(ids, idx, None)[:2]
         for b, s in zip(before, cache.stores):
             if isinstance(s, LightningStore):
                 assert torch.equal(b, s.state[0])

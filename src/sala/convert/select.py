@@ -33,6 +33,7 @@ from sala.convert.report import SELECTION_JSON, SELECTION_PNG, STUDENTS_FILE, se
 from sala.convert.verify import build_identity_model
 from sala.model.configuration_sala import SALAConfig, mixer_schedule
 from sala.model.modeling_sala import LightningAttention, SALAForCausalLM
+from sala.ops import scaled_residual
 from sala.utils.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -212,8 +213,8 @@ def _capture(teacher: SALAForCausalLM):
     """Record each attention layer's input and output, and the shared (layout, rope), during a teacher forward."""
     store: dict = {"x": {}, "y": {}}
 
-    def layer0_pre(_module, args):
-        store["layout"], store["rope"] = args[1], args[2]
+    def layer0_pre(_module, args):  # a decoder layer's args: (h, pending, layout, rope, cache)
+        store["layout"], store["rope"] = args[2], args[3]
 
     def attn_hook(i):
         def hook(_module, args, output):
@@ -326,11 +327,12 @@ def _run_from(model: SALAForCausalLM, h, start: int, layout, rope, swap: nn.Modu
     original = layer.self_attn
     layer.self_attn = swap
     try:
+        pending = None  # each layer returns its MLP output with the residual add left to the next (see the model)
         for j in range(start, len(model.model.layers)):
-            h = model.model.layers[j](h, layout, rope, None)
+            h, pending = model.model.layers[j](h, pending, layout, rope, None)
     finally:
         layer.self_attn = original
-    return h
+    return scaled_residual(h, pending, model.model.layers[-1].residual_scale)
 
 
 @torch.no_grad()

@@ -72,7 +72,7 @@ class E2EConfig:
     """Memory budget in GiB for the engines' plans (default: the device's memory)."""
     no_cuda_graphs: bool = False
     decode_attention: str = "auto"
-    """"fused", "pieces" or "auto" (``EngineConfig.fused_attention``)."""
+    """"fused", "eager" or "auto" (``EngineConfig.fused_attention``)."""
     decode_only: bool = False
     """Skip the prefill: fill the caches with random keys, values and states of the context's length, then
     time decode only (no TTFT). Decode cost does not depend on the cache's values, so this measures decode at

@@ -51,8 +51,8 @@ class EngineOptions:
     no_cuda_graphs: bool = False
     """Decode eagerly on CUDA."""
     decode_attention: str = "auto"
-    """Sparse-layer decode attention: "fused" into the graph-captured step, "pieces" (eager between graph
-    pieces) or "auto" (fused on CUDA)."""
+    """Sparse-layer decode attention: "fused" (one batched kernel; the step is one CUDA graph), "eager" (row by
+    row, no CUDA graph; "pieces" is its old name) or "auto" (fused on CUDA)."""
 
 
 @dataclass(kw_only=True)

@@ -10,9 +10,17 @@
   and ``ck2 [num_slots, n2, Hkv, D]``, extended window by window from the K cache, so they always equal the
   compression of the slot's whole K cache (spec §6.2 invariant) whatever the chunking.
 
-``view(slot)`` returns a :class:`~sala.model.cache.HybridCache` for one sequence whose layers write into the
-slot's buffers and return views, so ``SALAModel.forward(..., past_key_values=cache.view(slot))`` runs prefill
-chunks with no allocation beyond activations. Lengths are tracked explicitly on the host, never inferred.
+Both views implement the model's cache protocol (:mod:`sala.model.cache`), so prefill and decode run the model's
+one forward:
+
+* ``view(slot)``: one sequence as a batch-1 :class:`~sala.model.cache.HybridCache` whose layers write into the
+  slot's buffers and return views; ``SALAModel.forward(..., past_key_values=cache.view(slot))`` runs a prefill
+  chunk with no allocation beyond activations.
+* ``decode_view(idx, rows, fused)``: N sequences, one new token each, at their own slots and lengths. Lightning
+  layers step their pool rows in place; softmax layers write K/V at (slot, position) and attend either fused
+  (one batched kernel, shapes fixed by the batch: capturable in a CUDA graph) or eagerly row by row.
+
+Lengths are tracked explicitly on the host, never inferred.
 """
 
 from __future__ import annotations
@@ -21,7 +29,9 @@ import torch
 
 from sala.engine.types import EngineError
 from sala.model import HybridCache, SALAConfig
-from sala.ops import compress_keys
+from sala.model.cache import CompressedKeyTiers, LightningLayerCache, PaddedKV, SparseAttentionParams, compression_tiers
+from sala.model.layout import BatchLayout
+from sala.ops import append_compressed_keys, decode_attention_batch, dense_causal_attention, infllm_v2_attention
 from sala.ops.infllm_v2 import num_windows
 
 
@@ -32,7 +42,7 @@ class LightningStore:
         self.state = torch.zeros(num_slots + 1, heads, head_dim, head_dim, dtype=dtype, device=device)
 
 
-class SparseStore:
+class SparseStore(CompressedKeyTiers):
     """K/V (and compressed keys) of one softmax layer for every slot."""
 
     def __init__(self, num_slots: int, max_seq_len: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -56,15 +66,22 @@ class SparseStore:
             raise EngineError("this layer has no compressed-key cache (config.sparse_attention is off)")
         if (kernel_size, kernel_stride) != self.compression:
             raise EngineError(f"compressed cache built for (kernel_size, stride) {self.compression}, asked for {(kernel_size, kernel_stride)}")
-        out = []
-        for buf, counts, ks, st in ((self.ck1, self.n1, kernel_size, kernel_stride),
-                                    (self.ck2, self.n2, 4 * kernel_size, 4 * kernel_stride)):
-            have, need = counts[slot], num_windows(keys.shape[0], ks, st)
-            if need > have:  # only the new windows: O(new tokens) per call (spec §6.2)
-                buf[slot, have:need] = compress_keys(keys, ks, st, start=have)
-                counts[slot] = need
-            out.append(buf[slot, : counts[slot]])
-        return out[0], out[1]
+        return super().compressed(slot, keys, kernel_size, kernel_stride)
+
+    def _tier(self, tier: int) -> tuple[torch.Tensor, list[int]]:
+        return (self.ck1, self.n1) if tier == 0 else (self.ck2, self.n2)
+
+    def stored_windows(self, seq: int, tier: int) -> int:
+        return self._tier(tier)[1][seq]
+
+    def store_windows(self, seq: int, tier: int, start: int, windows: torch.Tensor) -> None:
+        buf, counts = self._tier(tier)
+        buf[seq, start : start + windows.shape[0]] = windows
+        counts[seq] = start + windows.shape[0]
+
+    def read_windows(self, seq: int, tier: int, like: torch.Tensor) -> torch.Tensor:
+        buf, counts = self._tier(tier)
+        return buf[seq, : counts[seq]]
 
 
 class _LightningSlot:
@@ -86,8 +103,8 @@ class _LightningSlot:
         self._store.state[self._slot : self._slot + 1].copy_(value)
 
 
-class _SparseSlot:
-    """Model-facing view of one slot of a :class:`SparseStore` (``update`` / ``compressed`` as SparseLayerCache)."""
+class _SparseSlot(PaddedKV):
+    """Model-facing view of one slot of a :class:`SparseStore`: a batch-1 padded K/V (``update`` / ``compressed``)."""
 
     def __init__(self, store: SparseStore, cache: "StaticCache", slot: int) -> None:
         self._store, self._cache, self._slot = store, cache, slot
@@ -113,12 +130,12 @@ class _SparseSlot:
 class SlotCache(HybridCache):
     """One slot of a :class:`StaticCache` seen as the ``HybridCache`` of a batch-1 model call."""
 
-    def __init__(self, cache: "StaticCache", slot: int) -> None:  # no super().__init__: nothing to allocate
+    def __init__(self, cache: "StaticCache", slot: int) -> None:
         self._cache, self.slot = cache, slot
-        self.layers = [
+        super().__init__(layers=[
             _SparseSlot(store, cache, slot) if isinstance(store, SparseStore) else _LightningSlot(store, cache, slot)
             for store in cache.stores
-        ]
+        ])
 
     @property
     def seq_length(self) -> int:
@@ -127,6 +144,83 @@ class SlotCache(HybridCache):
     @seq_length.setter
     def seq_length(self, value: int) -> None:  # the model sets this after each forward
         self._cache.lengths[self.slot] = value
+
+
+class _DecodeKV:
+    """One softmax layer's K/V for a decode step over N slots (:class:`~sala.model.cache.SparseKV`).
+
+    ``idx`` [4, N] (device): RoPE position, K/V slot, K/V position, Lightning row of each row (padding rows of a
+    CUDA-graph batch: slot 0, the scratch column, the scratch state). ``rows`` (host): the real rows' slots and
+    lengths, which the eager path needs; the fused path reads only ``idx``, so it has no host work.
+    """
+
+    def __init__(self, store: SparseStore, cache: "StaticCache", idx: torch.Tensor,
+                 rows: tuple[list[int], list[int]] | None, fused: bool) -> None:
+        self.store, self.cache, self.idx, self.rows, self.fused = store, cache, idx, rows, fused
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BatchLayout,
+               mixer: SparseAttentionParams) -> torch.Tensor:
+        """q: [N, 1, H, D]; k, v: [N, 1, Hkv, D] -> o [N, 1, H, D]."""
+        store, (pos, kv_slot, kv_pos) = self.store, self.idx[:3]
+        store.keys[kv_slot, kv_pos] = k[:, 0]
+        store.values[kv_slot, kv_pos] = v[:, 0]
+        if self.fused:  # padding rows: position 0 of slot 0 completes no window and is only read
+            p, cap = mixer.params, self.cache.max_seq_len  # views without the scratch column
+            keys, values = store.keys[:, :cap], store.values[:, :cap]
+            if mixer.dense_len is not None:
+                append_compressed_keys(keys, store.ck1, store.ck2, kv_slot, pos, p.kernel_size, p.kernel_stride)
+            o = decode_attention_batch(q[:, 0], keys, values, store.ck1, store.ck2, kv_slot, pos, p, mixer.scale,
+                                       mixer.dense_len)
+            return o.reshape(q.shape)
+        if self.rows is None:
+            raise EngineError("eager decode attention needs the rows' slots and lengths")
+        return self._attend_eager(q, mixer, *self.rows)
+
+    def _attend_eager(self, q: torch.Tensor, mixer: SparseAttentionParams, slots: list[int], lengths: list[int]
+                      ) -> torch.Tensor:
+        """Row by row: InfLLM-v2 for rows at/above ``dense_len``; dense rows with equal length in consecutive
+        slots share one call."""
+        store, o = self.store, torch.zeros_like(q)  # rows past the real ones (a padded bucket) stay zero
+        n, i = len(slots), 0
+        while i < n:
+            L = lengths[i]
+            if mixer.uses_sparse(L):  # spec §5.2: the call's total length decides, per sequence
+                s, p = slots[i], mixer.params
+                kb, vb = store.keys[s, :L], store.values[s, :L]
+                ck1, ck2 = store.compressed(s, kb, p.kernel_size, p.kernel_stride)
+                o[i] = infllm_v2_attention(q[i], kb, vb, ck1, ck2, self.idx[0, i : i + 1], p, mixer.scale,
+                                           first_pos=L - 1)  # [1, H, D]
+                i += 1
+                continue
+            j = i + 1
+            while j < n and lengths[j] == L and slots[j] == slots[j - 1] + 1:
+                j += 1
+            s0 = slots[i]
+            o[i:j] = dense_causal_attention(q[i:j], store.keys[s0 : s0 + j - i, :L], store.values[s0 : s0 + j - i, :L],
+                                            None, mixer.scale)
+            i = j
+        return o
+
+
+class DecodeView(HybridCache):
+    """N sequences of a :class:`StaticCache`, one new token each, as the cache of one model call (see the module
+    docstring). The runner advances ``StaticCache.lengths`` after the step."""
+
+    def __init__(self, cache: "StaticCache", idx: torch.Tensor, rows: tuple[list[int], list[int]] | None,
+                 fused: bool) -> None:
+        super().__init__(layers=[
+            _DecodeKV(store, cache, idx, rows, fused) if isinstance(store, SparseStore)
+            else LightningLayerCache(store.state, idx[3])  # the pool, stepped in place at each row's state row
+            for store in cache.stores
+        ])
+
+    @property
+    def seq_length(self) -> int:
+        raise EngineError("a decode view holds sequences of different lengths: read StaticCache.lengths")
+
+    @seq_length.setter
+    def seq_length(self, value: int) -> None:  # the model sets it after a call; rows' lengths are the runner's
+        pass
 
 
 class StaticCache:
@@ -197,6 +291,12 @@ class StaticCache:
             raise EngineError(f"slot {slot} out of range [0, {self.num_slots})")
         self.sync_compressed(slot)
         return SlotCache(self, slot)
+
+    def decode_view(self, idx: torch.Tensor, rows: tuple[list[int], list[int]] | None, fused: bool) -> DecodeView:
+        """The cache of one decode step: ``idx`` [4, N] as :meth:`ModelRunner.index_rows` builds it; ``rows`` the
+        real rows' (slots, lengths after this token), needed by eager attention only; ``fused``: attention in one
+        batched kernel (compressed keys appended on the device; call :meth:`ensure_compressed` first)."""
+        return DecodeView(self, idx, rows, fused)
 
     def copy_slot(self, src: int, dst: int) -> None:
         """Duplicate a sequence into another slot (benchmarks: one prefill, many decoding copies)."""

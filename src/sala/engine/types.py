@@ -112,9 +112,9 @@ class EngineConfig:
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     """Batch buckets for CUDA-graph decode; a step pads its batch up to the next bucket."""
     fused_attention: bool | None = None
-    """Run the sparse layers' decode attention inside the step, so one CUDA graph holds the whole step (True), or
-    eagerly between graph-captured pieces (False). None: fused on CUDA, pieces elsewhere (on CPU the pieces
-    path is the reference one and has no launch overhead to save)."""
+    """Run the sparse layers' decode attention as one batched kernel, so one CUDA graph holds the whole step
+    (True), or row by row with host lengths, eagerly (False; no CUDA graph). None: fused on CUDA, eager elsewhere
+    (on CPU there is no launch overhead to save)."""
 
     def __post_init__(self) -> None:
         if self.fused_attention not in (None, True, False):
@@ -157,7 +157,7 @@ class RequestOutput:
     error: str | None = None
 
 
-DECODE_ATTENTION_MODES = {"auto": None, "fused": True, "pieces": False}
+DECODE_ATTENTION_MODES = {"auto": None, "fused": True, "eager": False, "pieces": False}  # pieces: the old name
 
 
 def fused_flag(mode: str) -> bool | None:

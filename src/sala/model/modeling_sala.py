@@ -18,8 +18,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,9 +25,10 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from sala.model.cache import HybridCache, LightningLayerCache, SparseLayerCache
+from sala.model.cache import HybridCache, LightningState, NoCache, SparseKV
 from sala.model.checkpoint_io import verify_checkpoint, write_official_config
 from sala.model.configuration_sala import SALAConfig
+from sala.model.layout import BatchLayout
 from sala.ops import (  # apply_rope, rms_norm and the elementwise glue: one fused kernel each on CUDA
     apply_rope,
     chunk_lightning,
@@ -166,31 +165,6 @@ class SALAMLP(nn.Module):
         return self.down_proj(silu_mul(gate, up))
 
 
-@dataclass
-class BatchLayout:
-    """Where each sequence's tokens sit in a call (computed once per forward, shared by every layer).
-
-    positions [B, T] absolute positions (pads clamped to 0); ``new_valid`` [B, T] bool (None: no padding);
-    ``pad`` left-pad count of each row; ``total`` the padded length L after this call.
-    Packed (varlen) input: B = 1 and ``cu_seqlens`` [D+1] marks D independent documents of the one row; positions
-    restart at 0 in each, Lightning states start at zero in each and attention never crosses a boundary.
-    """
-
-    positions: torch.Tensor
-    new_valid: torch.Tensor | None
-    key_valid: torch.Tensor | None
-    pad: list[int]
-    total: int
-    cu_seqlens: torch.Tensor | None = None
-    doc_bounds: list[tuple[int, int]] | None = None  # [(start, end)] of each document, from cu_seqlens
-
-    def valid_keys(self, b: int) -> int:
-        return self.total - self.pad[b]
-
-    def valid_new(self, b: int, num_new: int) -> int:
-        return min(num_new, self.valid_keys(b))
-
-
 class _Projections(nn.Module):
     """q/k/v/o projections with optional q/k RMSNorm shared by both mixers."""
 
@@ -258,7 +232,7 @@ class LightningAttention(_Projections):
     def gate_linear(self) -> nn.Linear | None:
         return self.z_proj if self.use_output_gate else None
 
-    def forward(self, x, layout: BatchLayout, rope, cache: LightningLayerCache | None) -> torch.Tensor:
+    def forward(self, x, layout: BatchLayout, rope, cache: LightningState | None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v, z = self.project(x, rope if self.use_rope else None)
         if layout.new_valid is not None:  # left pads must not enter the state (it starts at zero before them)
@@ -313,43 +287,12 @@ class SparseAttention(_Projections):
     def uses_sparse(self, num_keys: int) -> bool:
         return self.dense_len is not None and num_keys >= self.dense_len
 
-    def forward(self, x, layout: BatchLayout, rope, cache: SparseLayerCache | None) -> torch.Tensor:
-        B, T, _ = x.shape
+    def forward(self, x, layout: BatchLayout, rope, cache: SparseKV | None) -> torch.Tensor:
+        """x: [B, T, hidden] -> [B, T, hidden]. The cache stores k/v and runs the attention its layout calls for
+        (padded batch, packed documents or an engine's slots); None: this call's tokens only."""
         q, k, v, g = self.project(x, rope if self.use_rope else None)
-        if layout.doc_bounds is not None:
-            return self._output(self._packed_attention(q, k, v, layout.doc_bounds), g)
-        keys, values = cache.update(k, v) if cache is not None else (k, v)  # [B, L, Hkv, D]
-        sparse_rows = [b for b in range(B) if self.uses_sparse(layout.valid_keys(b))]
-        if len(sparse_rows) < B:
-            o = dense_causal_attention(q, keys, values, layout.key_valid, self.scale)
-        else:
-            o = torch.zeros_like(q)
-        for b in sparse_rows:
-            n, t = layout.valid_keys(b), layout.valid_new(b, T)
-            kb, vb = keys[b, layout.pad[b]:], values[b, layout.pad[b]:]  # index = absolute position
-            if cache is not None:
-                ck1, ck2 = cache.compressed(b, kb, self.params.kernel_size, self.params.kernel_stride)
-            else:
-                ck1, ck2 = SparseLayerCache().compressed(0, kb, self.params.kernel_size, self.params.kernel_stride)
-            q_pos = torch.arange(n - t, n, device=x.device)
-            o[b, T - t:] = infllm_v2_attention(q[b, T - t:], kb, vb, ck1, ck2, q_pos, self.params, self.scale,
-                                                first_pos=n - t)
+        o = (cache if cache is not None else NoCache()).attend(q, k, v, layout, self)  # [B, T, H, D]
         return self._output(o, g)
-
-    def _packed_attention(self, q, k, v, doc_bounds: list[tuple[int, int]]) -> torch.Tensor:
-        """q: [1, T, H, D], k, v: [1, T, Hkv, D] holding independent documents -> o [1, T, H, D]; each document
-        attends causally to itself only (dense below ``dense_len``, InfLLM-v2 from it, by its own length)."""
-        outs = []
-        for a, b in doc_bounds:
-            qd, kd, vd = q[:, a:b], k[:, a:b], v[:, a:b]
-            if self.uses_sparse(b - a):
-                ck1, ck2 = SparseLayerCache().compressed(0, kd[0], self.params.kernel_size, self.params.kernel_stride)
-                pos = torch.arange(b - a, device=q.device)
-                outs.append(infllm_v2_attention(qd[0], kd[0], vd[0], ck1, ck2, pos, self.params, self.scale,
-                                                first_pos=0)[None])
-            else:
-                outs.append(dense_causal_attention(qd, kd, vd, None, self.scale))
-        return torch.cat(outs, dim=1)
 
     def _output(self, o: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
         """o: [B, T, H, D] attention output -> sigmoid output gate -> o_proj -> [B, T, hidden]."""
@@ -379,27 +322,16 @@ class SALADecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = SALARMSNorm(config.hidden_size, config.rms_norm_eps)
         self.residual_scale = config.residual_scale
 
-    def forward(self, h, layout: BatchLayout, rope, cache) -> torch.Tensor:
-        h, mlp_out = self.step(h, None, layout, rope, cache)
-        return scaled_residual(h, mlp_out, self.residual_scale)
-
-    # The decode runner chains layers with the MLP's residual add left *pending* (the stream is h + y * a), so
-    # the next norm adds it in the same kernel (``residual_rms_norm``): one launch fewer per layer.
-    def step(self, h: torch.Tensor, pending: torch.Tensor | None, layout: BatchLayout, rope, cache
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer on the stream ``h + pending * a`` (``pending`` None: just h) -> (h', mlp_out), same convention."""
-        h, x = self.input_norm(h, pending)
-        return self.finish(h, self.self_attn(x, layout, rope, cache))
-
-    def input_norm(self, h: torch.Tensor, pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (the stream with ``pending`` added, its input RMSNorm)."""
-        return add_pending_and_norm(h, pending, self.residual_scale, self.input_layernorm)
-
-    def finish(self, h: torch.Tensor, attn_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Residual add of the mixer's output and post-attention norm (one kernel on CUDA), MLP -> (h, mlp_out),
-        the MLP's residual add left to the caller."""
+    # Layers chain with the MLP's residual add left *pending* (the stream is h + y * a): the next layer's input norm
+    # adds it in the same kernel (``residual_rms_norm``), one launch fewer per layer; the final norm adds the last.
+    def forward(self, h: torch.Tensor, pending: torch.Tensor | None, layout: BatchLayout, rope, cache
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer on the stream ``h + pending * a`` (``pending`` None: just h), h [B, T, hidden] -> (h', y) with
+        the same convention: y is the MLP's output, its residual add left to the caller."""
+        h, x = add_pending_and_norm(h, pending, self.residual_scale, self.input_layernorm)
+        attn_out = self.self_attn(x, layout, rope, cache)
         h, x = residual_rms_norm(h, attn_out, self.residual_scale, self.post_attention_layernorm.weight,
-                                 self.post_attention_layernorm.eps)
+                                 self.post_attention_layernorm.eps)  # one kernel on CUDA
         return h, self.mlp(x)
 
 
@@ -511,19 +443,24 @@ class SALAModel(SALAPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        layout: BatchLayout | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """input_ids: [B, T] (or inputs_embeds [B, T, hidden], used unscaled); attention_mask: [B, past + T]
         left-padded 0/1; position_ids [B, T] override RoPE positions only.
 
         Packed training input: input_ids [1, sum T] with ``cu_seqlens`` [D+1] (int) bounding D documents; each is
-        computed as if alone (positions from 0, fresh Lightning state, no attention across boundaries). No cache."""
+        computed as if alone (positions from 0, fresh Lightning state, no attention across boundaries). No cache.
+
+        ``layout``: attention metadata built by the caller (a serving engine's decode step, with its batched slot
+        cache). The caller vouches for ids and positions: nothing is checked on the host, so the call has no host
+        sync and can be captured in a CUDA graph."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
             if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
                 raise ValueError(f"input_ids must be an integer tensor [batch, seq], got {input_ids.dtype} {tuple(input_ids.shape)}")
-            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            if layout is None and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
                 bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)][0].item()
                 raise ValueError(f"token id {bad} is out of range for vocab_size {self.config.vocab_size}")
             h = self.embed_tokens(input_ids) * self.config.scale_emb
@@ -535,7 +472,7 @@ class SALAModel(SALAPreTrainedModel):
         if T == 0:
             raise ValueError("empty input: sequence length is 0")
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if cu_seqlens is not None or (self.training and any(l.gradient_checkpointing for l in self.layers)):
+        if cu_seqlens is not None or (self.training and any(layer.gradient_checkpointing for layer in self.layers)):
             if past_key_values is not None:
                 raise ValueError("packed input (cu_seqlens) and gradient-checkpointed training run without a cache; "
                                  "pass past_key_values=None")
@@ -545,29 +482,31 @@ class SALAModel(SALAPreTrainedModel):
         cache = past_key_values if use_cache else None
         if cache is not None and not isinstance(cache, HybridCache):
             raise TypeError(f"past_key_values must be a sala HybridCache, got {type(cache).__name__}")
-        past = cache.get_seq_length() if cache is not None else 0
-        if cu_seqlens is not None:
-            if attention_mask is not None and not bool((attention_mask == 1).all()):
-                raise ValueError("packed input (cu_seqlens) takes no padding; drop attention_mask or make it all ones")
-            layout = self._packed_layout(cu_seqlens, B, T, h.device)
-        else:
-            layout = self._layout(B, T, past, attention_mask, h.device)
-        max_pos = int(layout.positions.max()) if position_ids is None else int(position_ids.max())
-        if max_pos >= self.config.max_position_embeddings:
-            raise ValueError(
-                f"position {max_pos} exceeds max_position_embeddings={self.config.max_position_embeddings}; "
-                "RoPE is computed analytically, so raise max_position_embeddings in the config to extrapolate"
-            )
+        if layout is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            if cu_seqlens is not None:
+                if attention_mask is not None and not bool((attention_mask == 1).all()):
+                    raise ValueError("packed input (cu_seqlens) takes no padding; drop attention_mask or make it all ones")
+                layout = self._packed_layout(cu_seqlens, B, T, h.device)
+            else:
+                layout = self._layout(B, T, past, attention_mask, h.device)
+            max_pos = int(layout.positions.max()) if position_ids is None else int(position_ids.max())
+            if max_pos >= self.config.max_position_embeddings:
+                raise ValueError(
+                    f"position {max_pos} exceeds max_position_embeddings={self.config.max_position_embeddings}; "
+                    "RoPE is computed analytically, so raise max_position_embeddings in the config to extrapolate"
+                )
         rope_pos = layout.positions if position_ids is None else position_ids.to(h.device)
         rope = rope_cos_sin(rope_pos, self.config.head_dim, self.config.rope_theta, h.dtype)
         hidden_states = [h] if output_hidden_states else None
+        pending = None  # the last MLP output, not yet added to h (see SALADecoderLayer)
         for i, layer in enumerate(self.layers):
-            h = layer(h, layout, rope, cache[i] if cache is not None else None)
+            h, pending = layer(h, pending, layout, rope, cache[i] if cache is not None else None)
             if output_hidden_states:
-                hidden_states.append(h)
+                hidden_states.append(scaled_residual(h, pending, layer.residual_scale))
         if cache is not None:
             cache.seq_length = layout.total
-        h = self.norm(h)
+        _, h = add_pending_and_norm(h, pending, self.config.residual_scale, self.norm)
         return BaseModelOutputWithPast(
             last_hidden_state=h, past_key_values=cache, hidden_states=tuple(hidden_states) if hidden_states else None
         )
