@@ -160,7 +160,7 @@ def infllm_v2_attention(
 
     q: [T, H, D]; k, v: [L, Hkv, D] (all keys so far); ck1/ck2: compressions of k (see ``compress_keys``);
     q_pos: [T] -> o: [T, H, D] in q's dtype. ``first_pos``: optional promise that q_pos = first_pos + arange(T),
-    which lets the call run without any host sync (decode under an eager loop or between CUDA-graph pieces).
+    which lets the call run without any host sync (decode under an eager loop).
     """
     _check_seq(q, k, v, q_pos, first_pos)
     T = q.shape[0]
