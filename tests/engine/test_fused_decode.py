@@ -134,3 +134,41 @@ def test_prefill_after_fused_decode(sparse_model, ops_backend):
         results.append(logits[-1][0])
     torch.testing.assert_close(results[2], results[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(results[3], results[1], rtol=1e-4, atol=1e-4)
+
+
+def test_fused_step_glue_has_no_host_sync(sparse_model, monkeypatch):
+    """The fused decode step is captured whole in a CUDA graph, so the model's forward and the engine's views must
+    not read a tensor on the host (``.item()``, ``.tolist()``, ``bool``/``int``/``float`` of a tensor) on its way.
+    CI has no GPU to capture with: here every such call made from ``sala/model`` or ``sala/engine`` code during a
+    fused step raises (ops are exempt: their CPU twins may sync; the Triton kernels are checked on the GPU)."""
+    import sys
+
+    cache = StaticCache(sparse_model.config, 2, 128, torch.float32, "cpu")
+    runner = ModelRunner(sparse_model, cache, fused_attention=True)
+    runner.prefill(0, torch.tensor(random_prompt(70, seed=3)), want_logits=False)
+    cache.ensure_compressed(0)
+    idx = torch.tensor(runner.index_rows([0], [70], 2))
+    ids = torch.tensor([5, 0])
+
+    def guarded(name):
+        original = getattr(torch.Tensor, name)
+
+        def call(self, *args, **kwargs):
+            where = sys._getframe(1).f_code.co_filename.replace("\\", "/")
+            if "/sala/model/" in where or "/sala/engine/" in where:
+                raise AssertionError(f"host sync: Tensor.{name} from {where}:{sys._getframe(1).f_lineno}")
+            return original(self, *args, **kwargs)
+
+        return call
+
+    buffers = [t for s in cache.stores for t in ((s.state,) if isinstance(s, LightningStore) else (s.keys, s.values, s.ck1, s.ck2))]
+    saved = [t.clone() for t in buffers]
+    with torch.no_grad():
+        want = runner.step(ids, idx, None)  # unguarded, for the comparison below
+        for t, before in zip(buffers, saved):  # undo the step's in-place writes: the guarded step redoes them
+            t.copy_(before)
+        for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+            monkeypatch.setattr(torch.Tensor, name, guarded(name))
+        got = runner.step(ids, idx, None)
+    monkeypatch.undo()
+    torch.testing.assert_close(got[:1], want[:1], rtol=1e-5, atol=1e-5)
