@@ -237,3 +237,37 @@ def test_model_prefill_and_decode_cpu_equal_reference(tiny_sparse_config, monkey
             out = model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
             steps.append(out.logits)
     assert_close(torch.cat(steps, 1), ref, 1e-5, "decode after prefill")
+
+
+# ---- stage 1 and selection -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sharp", [False, True], ids=["smooth", "underflow-ties"])
+def test_stage1_scores_and_selection_equal_the_reference_bit_for_bit(dtype, sharp):
+    """The cpu stage 1 (one GEMM per KV head, only the windows a chunk can see) and selection (only the blocks it
+    can see, padded with -1) give the reference's exact bits, from chunks that see no coarse window yet to the
+    end of the sequence. ``sharp`` scales q up so most window probabilities underflow to exactly 0: the
+    selection then rests on index tie-breaks among zeros, which the visible-block shortcut must keep."""
+    from sala.ops.infllm_v2.cpu import cpu_select_blocks, cpu_stage1_block_scores
+    from sala.ops.infllm_v2.naive import naive_select_blocks, naive_stage1_block_scores
+
+    params = InfLLMv2Params(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, local_blocks=2, topk=3)
+    L, H, Hkv, D = 613, 9, 3, 32
+    g = torch.Generator().manual_seed(40 + sharp)
+    q = (torch.randn(L, H, D, generator=g) * (30.0 if sharp else 1.0)).to(dtype)
+    k = torch.randn(L, Hkv, D, generator=g).to(dtype)
+    ck1, ck2 = compress_keys(k, 8, 4, backend="naive"), compress_keys(k, 32, 16, backend="naive")
+    pos = torch.arange(L)
+    picks = [torch.arange(0, 20), torch.arange(20, 84), torch.arange(300, 364), torch.arange(L - 64, L),
+             torch.sort(torch.randperm(L, generator=g)[:50]).values]  # the last: scattered positions
+    checked_nonzero = 0
+    for rows in picks:
+        want = naive_stage1_block_scores(q[rows], ck1, ck2, pos[rows], params, D**-0.5)
+        got = cpu_stage1_block_scores(q[rows], ck1, ck2, pos[rows], params, D**-0.5)
+        assert got.dtype == want.dtype and torch.equal(got, want), rows[:3]
+        checked_nonzero += int((want != 0).any())
+        sel_want = naive_select_blocks(want, pos[rows], L, params)
+        assert torch.equal(cpu_select_blocks(got, pos[rows], L, params), sel_want), rows[:3]
+        # the shortcut also holds for a call whose keys end well past its queries (a chunk of a longer prefill)
+        assert torch.equal(cpu_select_blocks(got, pos[rows], L + 200, params),
+                           naive_select_blocks(want, pos[rows], L + 200, params))
+    assert checked_nonzero == len(picks) - 1  # only the first chunk sees no coarse window

@@ -86,6 +86,13 @@ def stage1_block_scores(
 register("stage1_block_scores", "naive", naive_stage1_block_scores)
 
 
+@register("stage1_block_scores", "cpu")
+def _cpu_stage1_block_scores(q, ck1, ck2, q_pos, params, scale):
+    from sala.ops.infllm_v2.cpu import cpu_stage1_block_scores
+
+    return cpu_stage1_block_scores(q, ck1, ck2, q_pos, params, scale)
+
+
 @register("stage1_block_scores", "triton")
 def _triton_stage1_block_scores(q, ck1, ck2, q_pos, params, scale):
     from sala.ops.infllm_v2.topk import triton_stage1_block_scores
@@ -101,6 +108,13 @@ def select_blocks(
 
 
 register("select_blocks", "naive", naive_select_blocks)
+
+
+@register("select_blocks", "cpu")
+def _cpu_select_blocks(scores, q_pos, num_keys, params):
+    from sala.ops.infllm_v2.cpu import cpu_select_blocks
+
+    return cpu_select_blocks(scores, q_pos, num_keys, params)
 
 
 @register("select_blocks", "triton")

@@ -3,7 +3,8 @@
 Same contracts as the entries in :mod:`sala.ops.infllm_v2`; the reference (``naive.py``) is the oracle. The
 reference materialises [H, T, L] scores against every key; here, per chunk of ``QUERY_CHUNK`` queries:
 
-1. stage-1 scores and block selection with the reference functions on that chunk only ([Hkv, Tc, n1]);
+1. stage-1 scores and block selection on that chunk only ([Hkv, Tc, n1]), with the reference's arithmetic (the
+   same bits) but no repeated keys and only the windows and blocks the chunk can see;
 2. per KV head, the union of the blocks any query of the chunk selected, gathered once: [Hkv, Lu, D];
 3. one SDPA call over the gathered keys (KV heads as the batch, each with its G query heads) with a boolean
    mask [Hkv, Tc, Lu] (the query's own selection and causality).
@@ -23,12 +24,73 @@ import torch.nn.functional as F
 
 from sala.ops.infllm_v2.naive import (
     InfLLMv2Params,
+    compute_dtype,
     naive_select_blocks,
-    naive_stage1_block_scores,
+    num_windows,
 )
 
 QUERY_CHUNK = 64
 """Queries per selection/attention chunk: one block of consecutive queries shares its sink and local window."""
+
+
+def cpu_stage1_block_scores(
+    q: torch.Tensor,
+    ck1: torch.Tensor,
+    ck2: torch.Tensor,
+    q_pos: torch.Tensor,
+    params: InfLLMv2Params,
+    scale: float,
+) -> torch.Tensor:
+    """The reference's stage-1 scores (same contract and, in tests, the same bits), computed leaner: one GEMM per
+    KV head with its G query heads as rows (the reference repeats every compressed key G times per call), over
+    only the windows some query of the call can see (a chunk early in a long sequence sees few of them).
+
+    q: [T, H, D]; ck1: [n1, Hkv, D]; ck2: [n2, Hkv, D]; q_pos: [T] -> [Hkv, T, n1].
+    """
+    dt = compute_dtype(q.dtype)
+    T, H, D = q.shape
+    n1, Hkv = ck1.shape[0], ck1.shape[1]
+    G = H // Hkv
+    out_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else dt
+    out = torch.zeros(Hkv, T, n1, dtype=out_dtype, device=q.device)
+    if n1 == 0 or T == 0:
+        return out
+    last = int(q_pos.max()) + 1  # windows ending past every query are invisible to all: not computed
+    v1 = min(n1, num_windows(last, params.kernel_size, params.kernel_stride))
+    if v1 == 0 or num_windows(last, params.coarse_kernel_size, params.coarse_kernel_stride) == 0:
+        return out  # no fine window, or no coarse window to normalise by: every score is 0
+    # the normaliser runs over every coarse window, masked, as in the reference: a shorter logsumexp rounds
+    # differently (n2 = n1 / 4, so this is the cheap quarter)
+    n2 = ck2.shape[0]
+    end1 = torch.arange(v1, device=q.device) * params.kernel_stride + params.kernel_size - 1
+    end2 = torch.arange(n2, device=q.device) * params.coarse_kernel_stride + params.coarse_kernel_size - 1
+    qg = q.to(dt).view(T, Hkv, G, D).permute(1, 2, 0, 3).reshape(Hkv, G * T, D)  # rows (g, t) of each KV head
+    s2 = torch.bmm(qg, ck2.to(dt).permute(1, 2, 0)).mul_(scale).view(Hkv, G, T, n2)
+    s2.masked_fill_(~(end2[None, :] <= q_pos[:, None]), float("-inf"))
+    lse = torch.logsumexp(s2, dim=-1, keepdim=True)  # [Hkv, G, T, 1], -inf if nothing visible
+    s1 = torch.bmm(qg, ck1[:v1].to(dt).permute(1, 2, 0)).mul_(scale).view(Hkv, G, T, v1)
+    s1.sub_(lse).exp_()
+    s1.masked_fill_(~(end1[None, :] <= q_pos[:, None]) | ~torch.isfinite(lse), 0.0)
+    out[..., :v1] = s1.sum(dim=1).to(out_dtype)
+    return out
+
+
+def cpu_select_blocks(scores: torch.Tensor, q_pos: torch.Tensor, num_keys: int, params: InfLLMv2Params) -> torch.Tensor:
+    """The reference's selection (identical result) ranking only the blocks some query of the call can see.
+
+    Blocks past the last query's block score 0 and, having the highest indices, lose every tie to the blocks
+    before them; any of them the reference picks is future for every query and becomes -1. So ranking the
+    visible blocks and padding with -1 gives the same [Hkv, T, K_sel] table, for a fraction of the sort when the
+    call's queries sit early in a long sequence.
+    """
+    bs = params.block_size
+    k_sel = params.num_selected(num_keys)
+    visible = min(math.ceil(num_keys / bs), int(q_pos.max()) // bs + 1) if q_pos.numel() else 0
+    windows = min(scores.shape[-1], visible * (bs // params.kernel_stride))  # what pooling those blocks reads
+    idx = naive_select_blocks(scores[..., :windows], q_pos, visible * bs, params, k_sel=k_sel)
+    if idx.shape[-1] < k_sel:
+        idx = F.pad(idx, (0, k_sel - idx.shape[-1]), value=-1)
+    return idx
 
 
 def _head_unions(topk_idx: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -72,20 +134,34 @@ def gathered_block_attention(
     L, Hkv = k.shape[0], k.shape[1]
     G = H // Hkv
     blocks, used, picked = _head_unions(topk_idx, math.ceil(L / block_size))  # [Hkv, U], [Hkv, U], [Hkv, Tc, U]
+    U = blocks.shape[1]
     tok = (blocks[:, :, None] * block_size + torch.arange(block_size, device=q.device)).flatten(1)  # [Hkv, Lu]
-    exists = (tok < L) & used.repeat_interleave(block_size, dim=-1)
-    mask = picked.repeat_interleave(block_size, dim=-1) & exists[:, None, :]  # [Hkv, Tc, Lu]
-    mask &= tok[:, None, :] <= q_pos[None, :, None]
-    blind = ~mask.any(dim=-1)  # [Hkv, Tc]
+    # The additive mask is built per block and only the blocks that end after the chunk's first query (its own
+    # block, a partial last block) get token-level causality: a token-level build of the whole [Hkv, Tc, Lu]
+    # mask cost ~3 ms a chunk at 32K. A float mask, because SDPA converts a boolean one on every call (~40% more).
+    allowed = picked & used[:, None, :]  # [Hkv, Tc, U]
+    neg = torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)
+    bias = torch.where(allowed, torch.zeros((), dtype=q.dtype, device=q.device), neg)
+    bias = bias[..., None].expand(Hkv, Tc, U, block_size).contiguous()  # [Hkv, Tc, U, bs]
+    edge = blocks * block_size + block_size - 1 > q_pos.min()  # [Hkv, U]: some token may lie after some query
+    seen = (allowed & ~edge[:, None, :]).any(dim=-1)  # [Hkv, Tc] a whole visible block selected
+    if bool(edge.any()):
+        eh, eu = edge.nonzero(as_tuple=True)  # a few (head, union slot) pairs
+        visible = tok.view(Hkv, U, block_size)[eh, eu][:, None, :] <= q_pos[None, :, None]  # [E, Tc, bs]
+        visible &= allowed[eh, :, eu][..., None]
+        bias[eh, :, eu] = bias[eh, :, eu].masked_fill(~visible, float("-inf"))
+        seen.index_put_((eh,), visible.any(dim=-1), accumulate=True)  # any visible edge token counts
+    bias = bias.view(Hkv, Tc, U * block_size)
+    blind = ~seen  # [Hkv, Tc]
     any_blind = bool(blind.any())
     if any_blind:
-        mask[..., 0] |= blind  # SDPA would give NaN for an all-False row; those rows are zeroed below
+        bias[..., 0] = bias[..., 0].masked_fill(blind, 0.0)  # SDPA would give NaN for an all -inf row; zeroed below
     # row t * Hkv + h of k viewed as [L * Hkv, D] is k[t, h]: one index_select (row copies) per tensor
     rows = (tok.clamp(max=L - 1) * Hkv + torch.arange(Hkv, device=q.device)[:, None]).flatten()
     kg, vg = (x.reshape(L * Hkv, D).index_select(0, rows).view(Hkv, -1, D) for x in (k, v))  # [Hkv, Lu, D]
     qh = q.transpose(0, 1).reshape(Hkv, G, Tc, D)  # query heads h*G .. h*G+G-1 share KV head h
     # enable_gqa keeps SDPA on its flash CPU kernel (1 KV head vs G query heads would otherwise take the math path)
-    o = F.scaled_dot_product_attention(qh, kg[:, None].to(q.dtype), vg[:, None].to(q.dtype), attn_mask=mask[:, None],
+    o = F.scaled_dot_product_attention(qh, kg[:, None].to(q.dtype), vg[:, None].to(q.dtype), attn_mask=bias[:, None],
                                        scale=scale, enable_gqa=True)  # [Hkv, G, Tc, D]
     if any_blind:
         o = o.masked_fill(blind[:, None, :, None], 0.0)
@@ -131,7 +207,7 @@ def cpu_infllm_v2_attention(
     q: [T, H, D]; k, v: [L, Hkv, D]; ck1: [n1, Hkv, D]; ck2: [n2, Hkv, D]; q_pos: [T] -> o: [T, H, D] (q dtype).
     """
     def select(a: int, b: int) -> torch.Tensor:
-        scores = naive_stage1_block_scores(q[a:b], ck1, ck2, q_pos[a:b], params, scale)
-        return naive_select_blocks(scores, q_pos[a:b], k.shape[0], params)
+        scores = cpu_stage1_block_scores(q[a:b], ck1, ck2, q_pos[a:b], params, scale)
+        return cpu_select_blocks(scores, q_pos[a:b], k.shape[0], params)
 
     return _attend_by_chunks(q, k, v, q_pos, params.block_size, scale, select)

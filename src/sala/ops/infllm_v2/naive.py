@@ -127,7 +127,7 @@ def naive_stage1_block_scores(
 
 
 def naive_select_blocks(
-    scores: torch.Tensor, q_pos: torch.Tensor, num_keys: int, params: InfLLMv2Params
+    scores: torch.Tensor, q_pos: torch.Tensor, num_keys: int, params: InfLLMv2Params, k_sel: int | None = None
 ) -> torch.Tensor:
     """Max-pool window scores to blocks, force sink + local blocks, take top K_sel (spec §5.5).
 
@@ -135,12 +135,13 @@ def naive_select_blocks(
     Forced (+inf): b < init_blocks, or qb - local_blocks <= b <= qb with qb = p // bs. Ties break towards the
     lower block index. The K_sel indices are sorted ascending and any index > qb (future) becomes -1.
 
-    scores: [Hkv, T, n1]; q_pos: [T]; num_keys: L -> topk_idx [Hkv, T, K_sel] int32.
+    scores: [Hkv, T, n1]; q_pos: [T]; num_keys: L -> topk_idx [Hkv, T, K_sel] int32 (``k_sel`` overrides K_sel;
+    with fewer blocks than that, the result has one column per block).
     """
     Hkv, T, n1 = scores.shape
     bs, st = params.block_size, params.kernel_stride
     n_blocks = math.ceil(num_keys / bs)
-    k_sel = params.num_selected(num_keys)
+    k_sel = params.num_selected(num_keys) if k_sel is None else k_sel
     r = bs // st
     left = (params.kernel_size - 1) // st  # windows starting before the block that still overlap it
     width = r + left
