@@ -15,8 +15,8 @@ The hybrid is the demo's: the GGUF converted with the bundled delta's conversion
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-import json
 import time
 from pathlib import Path
 
@@ -92,7 +92,8 @@ def main() -> None:
                      f"{r['decode_ms']:.1f} | {ratio('decode_ms')} | {r['peak_gib']:.2f} |")
     table = "\n".join(lines)
     print(table)
-    env = {"cpu": cpu_name(), "threads": threads, "torch": torch.__version__, "command": " ".join(sys.argv)}
+    env = {"cpu": cpu_name(), "threads": threads, "torch": torch.__version__, "command": " ".join(sys.argv),
+           "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE")}
     write_json(Path(args.out) / "real.json", {"environment": env, "rows": rows})
     write_text(Path(args.out) / "real.md", table + "\n")
 

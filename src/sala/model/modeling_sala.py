@@ -160,7 +160,23 @@ class SALAMLP(nn.Module):
         """One GEMM for gate and up (inference; see :class:`FusedLinears`)."""
         self._fused = FusedLinears.refresh(self._fused, [self.gate_proj, self.up_proj])
 
+    CPU_ROWS = 4096
+    """Inference on a CPU runs the MLP this many tokens at a time, so a long prompt's [T, intermediate]
+    activations stay small: 75 MB instead of 600 MB at 32K for SmolLM2's shape (peak memory), and 25% faster
+    where large allocations fault in 4 KB pages (``THP_MEM_ALLOC_ENABLE=0``; no change with huge pages). Rows are
+    independent, so results are the same."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows > self.CPU_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled():
+            flat, out = x.reshape(rows, x.shape[-1]), x.new_empty(*x.shape[:-1], self.down_proj.out_features)
+            flat_out = out.view(rows, -1)
+            for a in range(0, rows, self.CPU_ROWS):
+                flat_out[a : a + self.CPU_ROWS] = self._mlp(flat[a : a + self.CPU_ROWS])
+            return out
+        return self._mlp(x)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = run_linears([self.gate_proj, self.up_proj], self._fused, x)
         return self.down_proj(silu_mul(gate, up))
 

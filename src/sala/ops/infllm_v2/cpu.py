@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 from sala.ops.infllm_v2.naive import (
     InfLLMv2Params,
-    compute_dtype,
     naive_select_blocks,
     num_windows,
+    stage1_output,
 )
 
 QUERY_CHUNK = 64
@@ -47,12 +47,9 @@ def cpu_stage1_block_scores(
 
     q: [T, H, D]; ck1: [n1, Hkv, D]; ck2: [n2, Hkv, D]; q_pos: [T] -> [Hkv, T, n1].
     """
-    dt = compute_dtype(q.dtype)
-    T, H, D = q.shape
-    n1, Hkv = ck1.shape[0], ck1.shape[1]
+    dt, out = stage1_output(q, ck1)
+    (T, H, D), (n1, Hkv) = q.shape, ck1.shape[:2]
     G = H // Hkv
-    out_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else dt
-    out = torch.zeros(Hkv, T, n1, dtype=out_dtype, device=q.device)
     if n1 == 0 or T == 0:
         return out
     last = int(q_pos.max()) + 1  # windows ending past every query are invisible to all: not computed
@@ -71,7 +68,7 @@ def cpu_stage1_block_scores(
     s1 = torch.bmm(qg, ck1[:v1].to(dt).permute(1, 2, 0)).mul_(scale).view(Hkv, G, T, v1)
     s1.sub_(lse).exp_()
     s1.masked_fill_(~(end1[None, :] <= q_pos[:, None]) | ~torch.isfinite(lse), 0.0)
-    out[..., :v1] = s1.sum(dim=1).to(out_dtype)
+    out[..., :v1] = s1.sum(dim=1).to(out.dtype)
     return out
 
 

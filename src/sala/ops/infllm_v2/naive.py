@@ -82,6 +82,14 @@ def naive_compress_keys(k: torch.Tensor, kernel_size: int, kernel_stride: int, s
     return windows.mean(dim=-1)
 
 
+def stage1_output(q: torch.Tensor, ck1: torch.Tensor) -> tuple[torch.dtype, torch.Tensor]:
+    """(compute dtype, zeroed stage-1 score tensor [Hkv, T, n1]) for q [T, H, D], ck1 [n1, Hkv, D]: scores are kept
+    in q's dtype for bf16/fp16 inputs (as the official kernels round them before top-k), else the compute dtype."""
+    dt = compute_dtype(q.dtype)
+    out_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else dt
+    return dt, torch.zeros(ck1.shape[1], q.shape[0], ck1.shape[0], dtype=out_dtype, device=q.device)
+
+
 def naive_stage1_block_scores(
     q: torch.Tensor,
     ck1: torch.Tensor,
@@ -99,12 +107,10 @@ def naive_stage1_block_scores(
     q: [T, H, D]; ck1: [n1, Hkv, D]; ck2: [n2, Hkv, D]; q_pos: [T] -> [Hkv, T, n1]
     (q's dtype for bf16/fp16 inputs, else the compute dtype).
     """
-    dt = compute_dtype(q.dtype)
+    dt, out = stage1_output(q, ck1)
     T, H, D = q.shape
     n1, Hkv = ck1.shape[0], ck1.shape[1]
     G = H // Hkv
-    out_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else dt
-    out = torch.zeros(Hkv, T, n1, dtype=out_dtype, device=q.device)
     if n1 == 0 or T == 0:
         return out
     end1 = torch.arange(n1, device=q.device) * params.kernel_stride + params.kernel_size - 1  # last token of window
@@ -122,7 +128,7 @@ def naive_stage1_block_scores(
         p = torch.exp(s1 - lse)
         visible = (end1[None, :] <= pos[:, None])[None] & torch.isfinite(lse)
         p = torch.where(visible, p, torch.zeros((), dtype=dt, device=q.device))
-        out[:, a : a + step] = p.view(Hkv, G, -1, n1).sum(dim=1).to(out_dtype)
+        out[:, a : a + step] = p.view(Hkv, G, -1, n1).sum(dim=1).to(out.dtype)
     return out
 
 
