@@ -132,3 +132,24 @@ def test_autocast_mixed_residual_dtypes(tiny_sparse_config, monkeypatch):
     assert (torch.float32, torch.bfloat16) in seen  # the mixed add really ran
     assert_close(logits, separate, 1e-6, "fused vs separate under autocast")  # measured: identical
     assert_close(logits, want, 3e-2, "autocast vs fp32")  # measured 1.1e-2
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_cpu_mlp_row_chunks_equal_the_whole(tiny_sparse_config, monkeypatch, fused):
+    """Long CPU inputs run the MLP ``CPU_ROWS`` tokens at a time (small activations); a batch of 2 x 37 tokens
+    in chunks of 8 (the last one short, chunks crossing the batch rows) equals the one-call MLP."""
+    from sala.model.modeling_sala import SALAMLP
+
+    mlp = randomize_(SALAForCausalLM(tiny_sparse_config)).float().model.layers[1].mlp
+    if fused:
+        mlp.fuse_projections()
+    x = torch.randn(2, 37, tiny_sparse_config.hidden_size, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        whole = mlp(x)
+        monkeypatch.setattr(SALAMLP, "CPU_ROWS", 8)
+        chunked = mlp(x)
+    assert chunked.shape == whole.shape
+    assert_close(chunked, whole, rtol=1e-6)
+    with torch.enable_grad():  # training keeps one call (autograd through the chunks' writes is not wanted)
+        y = mlp(x.requires_grad_())
+    assert y.grad_fn is not None and "CopySlices" not in type(y.grad_fn).__name__

@@ -152,6 +152,29 @@ def test_infllm_v2_cpu_really_is_sparse():
     assert (sparse - dense).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_one_query_block_attention_matches_reference(dtype):
+    """A single query (the decode shortcut: no union, no mask tensor) anywhere in the keys, not only at the last
+    position: its own block's later keys stay masked, unused (-1) slots and a partial last block are skipped,
+    and a head with nothing visible gives zeros."""
+    L, Hkv, bs = 90, 3, 16
+    q, k, v, _, _ = _sparse_inputs(L, 1, dtype, seed=8)
+    g = torch.Generator().manual_seed(9)
+    for pos in (89, 50, 16, 3):  # last key; mid-block; a block's first token; inside the first block
+        own = pos // bs
+        idx = torch.sort(torch.randint(0, own + 1, (Hkv, 1, 4), generator=g, dtype=torch.int32), dim=-1).values
+        idx[:, :, -1] = own  # the own block, whose keys after pos must stay unseen
+        idx[2, :, 0] = -1
+        if pos == 50:
+            idx[1] = -1  # this head sees nothing
+        p = torch.tensor([pos])
+        out = block_sparse_attention(q, k, v, idx, p, bs, 0.3, backend="cpu")
+        ref = block_sparse_attention(q, k, v, idx, p, bs, 0.3, backend="naive")
+        assert_close(out, ref, RTOL[dtype], f"one query at {pos}")
+        if pos == 50:
+            assert torch.equal(out[:, 3:6], torch.zeros_like(out[:, 3:6]))  # query heads of KV head 1
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("T", [40, 90])  # one query chunk, and two (each chunk must get its own lists)
 def test_block_sparse_attention_cpu_matches_reference(dtype, T):
