@@ -180,11 +180,18 @@ def _one_query_attention(q, k, v, topk_idx, q_pos, block_size: int, scale: float
     valid = use.repeat_interleave(block_size, dim=-1) & (tok <= q_pos[0])  # [Hkv, K * bs]; pos < L
     rows = (tok.clamp(max=L - 1) * Hkv + torch.arange(Hkv, device=q.device)[:, None]).flatten()
     dt = torch.promote_types(q.dtype, torch.float32)  # scores and softmax in fp32 (fp64 for fp64), as SDPA does
-    kg, vg = (x.reshape(L * Hkv, D).index_select(0, rows).view(Hkv, -1, D).to(dt) for x in (k, v))
-    s = torch.bmm(q[0].view(Hkv, H // Hkv, D).to(dt), kg.transpose(1, 2)).mul_(scale)  # [Hkv, G, K * bs]
+    G = H // Hkv
+    kg = k.reshape(L * Hkv, D).index_select(0, rows).view(Hkv, -1, D).to(dt)
+    s = torch.bmm(q[0].view(Hkv, G, D).to(dt), kg.transpose(1, 2)).mul_(scale)  # [Hkv, G, K * bs]
     s.masked_fill_(~valid[:, None, :], float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # a head with nothing visible: zeros, as in the reference
-    return torch.bmm(p, vg).reshape(1, H, D).to(q.dtype)
+    if v.dtype == dt:  # p-weighted sums of V rows without gathering them first (half the time of gather + bmm)
+        bags = rows.view(Hkv, 1, -1).expand(Hkv, G, -1).reshape(-1)
+        offsets = torch.arange(0, bags.numel(), rows.numel() // Hkv, device=q.device)
+        o = F.embedding_bag(bags, v.reshape(L * Hkv, D), offsets, mode="sum", per_sample_weights=p.reshape(-1))
+    else:
+        o = torch.bmm(p, v.reshape(L * Hkv, D).index_select(0, rows).view(Hkv, -1, D).to(dt))
+    return o.reshape(1, H, D).to(q.dtype)
 
 
 def _attend_by_chunks(q, k, v, q_pos, block_size: int, scale: float, select) -> torch.Tensor:
