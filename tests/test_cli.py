@@ -100,13 +100,15 @@ def test_console_script_entry_point():
 
 
 def test_decode_attention_flag(capsys, monkeypatch):
-    """--decode-attention reaches the engine (fused/pieces/auto), --fused-decode stays an alias, bad values exit 2."""
+    """--decode-attention reaches the engine (fused/eager/auto; "pieces", eager's old name, and --fused-decode stay
+    aliases), bad values exit 2."""
     from sala.engine.types import EngineConfig, fused_flag
 
     parser = cli.build_parser()
-    for argv, want in ((["--decode-attention", "pieces"], "pieces"), (["--fused-decode"], "fused"), ([], "auto")):
+    for argv, want in ((["--decode-attention", "eager"], "eager"), (["--decode-attention", "pieces"], "pieces"),
+                       (["--fused-decode"], "fused"), ([], "auto")):
         assert parser.parse_args(["generate", "--demo", "--prompt", "x", *argv]).decode_attention == want
-    assert [fused_flag(m) for m in ("auto", "fused", "pieces")] == [None, True, False]
+    assert [fused_flag(m) for m in ("auto", "fused", "eager", "pieces")] == [None, True, False, False]
     with pytest.raises(ValueError, match="decode attention must be one of"):
         fused_flag("graph")
     with pytest.raises(ValueError, match="fused_attention must be True, False or None"):
@@ -115,7 +117,7 @@ def test_decode_attention_flag(capsys, monkeypatch):
 
     runners, init = [], ModelRunner.__init__
     monkeypatch.setattr(ModelRunner, "__init__", lambda self, *a, **kw: runners.append(self) or init(self, *a, **kw))
-    for mode, fused in (("fused", True), ("pieces", False)):
+    for mode, fused in (("fused", True), ("eager", False)):
         code, out, err = run(capsys, "generate", "--demo", "--prompt", "Hi", "--max-tokens", "4", "--decode-attention", mode, "--quiet")
         assert code == 0 and out.strip()
         assert len(runners) == 1 and runners.pop().fused is fused  # the engine's runner decodes as asked
