@@ -32,8 +32,6 @@ from sala.model.layout import BatchLayout
 from sala.ops import (  # apply_rope, rms_norm and the elementwise glue: one fused kernel each on CUDA
     apply_rope,
     chunk_lightning,
-    dense_causal_attention,
-    infllm_v2_attention,
     lightning_decay_slopes,
     lightning_step,
     qk_norm_rope,

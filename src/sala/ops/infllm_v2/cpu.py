@@ -111,6 +111,16 @@ def _head_unions(topk_idx: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, t
     return blocks, used, picked
 
 
+def _block_rows(blocks: torch.Tensor, block_size: int, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token positions and K/V rows of each KV head's blocks. blocks: [Hkv, n] (values >= 0) -> tok [Hkv, n * bs]
+    (may run past L in a partial last block) and rows [Hkv * n * bs]: row t * Hkv + h of k viewed as [L * Hkv, D]
+    is k[t, h], so one index_select per tensor gathers every head's blocks (positions past L read row L - 1)."""
+    Hkv = blocks.shape[0]
+    tok = (blocks[:, :, None] * block_size + torch.arange(block_size, device=blocks.device)).flatten(1)
+    rows = (tok.clamp(max=L - 1) * Hkv + torch.arange(Hkv, device=blocks.device)[:, None]).flatten()
+    return tok, rows
+
+
 def gathered_block_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -127,14 +137,14 @@ def gathered_block_attention(
     Each KV head gathers its own union of blocks ([Hkv, Lu, D], Lu = U * bs), so a decode step reads K_sel blocks
     per head; one SDPA call then runs with the KV heads as the batch and their G query heads as heads.
     """
+    if q.shape[0] == 1:
+        return _one_query_attention(q, k, v, topk_idx, q_pos, block_size, scale)
     Tc, H, D = q.shape
     L, Hkv = k.shape[0], k.shape[1]
     G = H // Hkv
-    if Tc == 1:
-        return _one_query_attention(q, k, v, topk_idx, q_pos, block_size, scale)
     blocks, used, picked = _head_unions(topk_idx, math.ceil(L / block_size))  # [Hkv, U], [Hkv, U], [Hkv, Tc, U]
     U = blocks.shape[1]
-    tok = (blocks[:, :, None] * block_size + torch.arange(block_size, device=q.device)).flatten(1)  # [Hkv, Lu]
+    tok, rows = _block_rows(blocks, block_size, L)  # [Hkv, Lu], [Hkv * Lu]
     # The additive mask is built per block and only the blocks that end after the chunk's first query (its own
     # block, a partial last block) get token-level causality: a token-level build of the whole [Hkv, Tc, Lu]
     # mask cost ~3 ms a chunk at 32K. A float mask, because SDPA converts a boolean one on every call (~40% more).
@@ -155,8 +165,6 @@ def gathered_block_attention(
     any_blind = bool(blind.any())
     if any_blind:
         bias[..., 0] = bias[..., 0].masked_fill(blind, 0.0)  # SDPA would give NaN for an all -inf row; zeroed below
-    # row t * Hkv + h of k viewed as [L * Hkv, D] is k[t, h]: one index_select (row copies) per tensor
-    rows = (tok.clamp(max=L - 1) * Hkv + torch.arange(Hkv, device=q.device)[:, None]).flatten()
     kg, vg = (x.reshape(L * Hkv, D).index_select(0, rows).view(Hkv, -1, D) for x in (k, v))  # [Hkv, Lu, D]
     qh = q.transpose(0, 1).reshape(Hkv, G, Tc, D)  # query heads h*G .. h*G+G-1 share KV head h
     # enable_gqa keeps SDPA on its flash CPU kernel (1 KV head vs G query heads would otherwise take the math path)
@@ -169,16 +177,16 @@ def gathered_block_attention(
 
 def _one_query_attention(q, k, v, topk_idx, q_pos, block_size: int, scale: float) -> torch.Tensor:
     """A decode step: one query reads its own selected blocks per KV head. No union and no mask tensor to build,
-    and two small batched GEMVs instead of SDPA's set-up (at 32K this halved the step's sparse-layer time).
+    a batched GEMV for the scores and ``embedding_bag`` for the V sums instead of SDPA's set-up (a sparse layer's
+    decode attention at 32K, SmolLM2 geometry: 1.78 -> 1.43 ms).
     q: [1, H, D]; k, v: [L, Hkv, D]; topk_idx: [Hkv, 1, K]; q_pos: [1] -> o: [1, H, D]."""
     _, H, D = q.shape
     L, Hkv = k.shape[0], k.shape[1]
     idx = torch.sort(topk_idx[:, 0].long(), dim=-1).values  # [Hkv, K], -1 = unused
     use = idx >= 0
     use[:, 1:] &= idx[:, 1:] != idx[:, :-1]  # a block listed twice is still attended once
-    tok = (idx.clamp(min=0)[:, :, None] * block_size + torch.arange(block_size, device=q.device)).flatten(1)
+    tok, rows = _block_rows(idx.clamp(min=0), block_size, L)
     valid = use.repeat_interleave(block_size, dim=-1) & (tok <= q_pos[0])  # [Hkv, K * bs]; pos < L
-    rows = (tok.clamp(max=L - 1) * Hkv + torch.arange(Hkv, device=q.device)[:, None]).flatten()
     dt = torch.promote_types(q.dtype, torch.float32)  # scores and softmax in fp32 (fp64 for fp64), as SDPA does
     G = H // Hkv
     kg = k.reshape(L * Hkv, D).index_select(0, rows).view(Hkv, -1, D).to(dt)
