@@ -142,3 +142,23 @@ def test_crop_is_refused_and_reset_empties(model):
     cache.reset()
     assert cache.get_seq_length() == 0 and cache[0].keys is None
     assert isinstance(cache[1], LightningLayerCache) and cache[1].state is None
+
+
+def test_misuse_of_the_caches_is_a_clear_error(model):
+    """A cache built from nothing (or from both), an eager decode view without its rows' lengths, and asking a
+    decode view (rows of different lengths) for one sequence length: each names what was wrong."""
+    from sala.engine.types import EngineError
+    from sala.model.layout import BatchLayout
+
+    with pytest.raises(ValueError, match="exactly one of mixer_is_sparse"):
+        HybridCache()
+    with pytest.raises(ValueError, match="exactly one of mixer_is_sparse"):
+        HybridCache([True], layers=[SparseLayerCache()])
+    static = StaticCache(model.config, 2, 128, torch.float32, "cpu")
+    view = static.decode_view(torch.zeros(4, 1, dtype=torch.long), None, fused=False)
+    with pytest.raises(EngineError, match="different lengths"):
+        view.get_seq_length()
+    q = torch.randn(1, 1, model.config.num_attention_heads, model.config.head_dim)
+    k = torch.randn(1, 1, model.config.num_key_value_heads, model.config.head_dim)
+    with pytest.raises(EngineError, match="eager decode attention needs the rows' slots and lengths"):
+        view[0].attend(q, k, k, BatchLayout.decode(torch.zeros(1, dtype=torch.long)), model.model.layers[0].self_attn)
