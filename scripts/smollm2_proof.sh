@@ -26,6 +26,10 @@ DISTILL_S=${DISTILL_S:-560}
 LONG_S=${LONG_S:-100}
 PHASE1_MINUTES=${PHASE1_MINUTES:-6}
 PHASE2_MINUTES=${PHASE2_MINUTES:-8.5}
+# tokens per optimizer step of each stage (seq_len x micro_batch of the smollm2 recipe)
+ALIGN_STEP=${ALIGN_STEP:-$((512 * 64))}
+DISTILL_STEP=${DISTILL_STEP:-$((2048 * 32))}
+LONG_STEP=${LONG_STEP:-$((8192 * 8))}
 SALA="python3 -m sala.cli -v"
 mkdir -p "$RUN" "$OUT"
 common=(--set "model.student=$RUN/converted" --set "model.teacher=$GGUF" --set "data.train=[\"data/text/train.txt\"]"
@@ -46,8 +50,8 @@ if [[ $PHASE == 1 ]]; then
         --context 32768 --device cuda 2>&1 | grep -v Warning | tail -n 6
     echo "== calibrate $(date +%T)"
     $SALA train smollm2 --out "$RUN/calib" --force --quiet --profile-steps "$PROFILE" "${common[@]}" \
-        --set stages.align.tokens=$((512 * 64 * 5)) --set stages.distill.tokens=$((2048 * 16 * 6)) \
-        --set stages.long.tokens=$((8192 * 4 * 4)) --set data.eval_windows=2 2>&1 | grep -E "stage|ppl|Error|error" || true
+        --set stages.align.tokens=$((ALIGN_STEP * 5)) --set stages.distill.tokens=$((DISTILL_STEP * 6)) \
+        --set stages.long.tokens=$((LONG_STEP * 4)) --set data.eval_windows=2 2>&1 | grep -E "stage|ppl|Error|error" || true
     python3 - "$RUN" <<'EOF'
 import json, sys
 from pathlib import Path
@@ -61,12 +65,12 @@ for stage in ("align", "distill", "long"):
     print(f"calibration {stage}: {tps[stage]:,.0f} tokens/s, MFU {sorted(mfu)[len(mfu) // 2]:.1%}")
 (run / "calibration.json").write_text(json.dumps(tps))
 EOF
-    python3 - "$RUN" "$ALIGN_S" "$DISTILL_S" "$LONG_S" <<'EOF'
+    python3 - "$RUN" "$ALIGN_S" "$DISTILL_S" "$LONG_S" "$ALIGN_STEP" "$DISTILL_STEP" "$LONG_STEP" <<'EOF'
 import json, sys
 from pathlib import Path
 run, shares = Path(sys.argv[1]), dict(zip(("align", "distill", "long"), map(float, sys.argv[2:5])))
 tps = json.loads((run / "calibration.json").read_text())
-per_step = {"align": 512 * 64, "distill": 2048 * 16, "long": 8192 * 4}
+per_step = dict(zip(("align", "distill", "long"), map(int, sys.argv[5:8])))
 lines = []
 for stage, secs in shares.items():
     steps = max(1, int(0.92 * tps[stage] * secs / per_step[stage]))

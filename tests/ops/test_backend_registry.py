@@ -34,6 +34,7 @@ OWN_BACKENDS = {
     "block_sparse_attention": {"naive", "cpu", "triton"},
     "infllm_v2_attention": {"naive", "cpu", "triton"},
     "dense_causal_attention": {"naive", "cpu", "triton"},
+    "varlen_causal_attention": {"naive", "cpu", "triton"},
     "append_compressed_keys": {"naive", "triton"},
     "decode_attention_batch": {"naive", "triton"},
 }

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from sala.ops import compress_keys, dense_causal_attention, infllm_v2_attention
+from sala.ops import compress_keys, dense_causal_attention, infllm_v2_attention, varlen_causal_attention
 from sala.ops.infllm_v2 import InfLLMv2Params, num_windows
 
 if TYPE_CHECKING:
@@ -147,15 +147,23 @@ class NoCache(PaddedKV):
     def attend(self, q, k, v, layout, mixer) -> torch.Tensor:
         if layout.doc_bounds is None:
             return super().attend(q, k, v, layout, mixer)
-        outs, p = [], mixer.params
-        for a, b in layout.doc_bounds:
-            qd, kd, vd = q[:, a:b], k[:, a:b], v[:, a:b]
-            if mixer.uses_sparse(b - a):
-                ck1, ck2 = self.compressed(0, kd[0], p.kernel_size, p.kernel_stride)
-                pos = torch.arange(b - a, device=q.device)
-                outs.append(infllm_v2_attention(qd[0], kd[0], vd[0], ck1, ck2, pos, p, mixer.scale, first_pos=0)[None])
-            else:
-                outs.append(dense_causal_attention(qd, kd, vd, None, mixer.scale))
+        docs, p = layout.doc_bounds, mixer.params
+        sparse = [mixer.uses_sparse(b - a) for a, b in docs]
+        dense = None
+        if not all(sparse):  # every short document at once; long ones are replaced below
+            bounds = [a for a, _ in docs] + [docs[-1][1]]
+            dense = varlen_causal_attention(q[0], k[0], v[0], layout.cu_seqlens, bounds, mixer.scale)[None]
+            if not any(sparse):
+                return dense
+        outs = []
+        for (a, b), long_doc in zip(docs, sparse):
+            if not long_doc:
+                outs.append(dense[:, a:b])
+                continue
+            kd, vd = k[0, a:b], v[0, a:b]
+            ck1, ck2 = self.compressed(0, kd, p.kernel_size, p.kernel_stride)
+            pos = torch.arange(b - a, device=q.device)
+            outs.append(infllm_v2_attention(q[0, a:b], kd, vd, ck1, ck2, pos, p, mixer.scale, first_pos=0)[None])
         return torch.cat(outs, dim=1)
 
 

@@ -14,6 +14,7 @@ from sala.ops.infllm_v2 import (
     infllm_v2_attention,
     select_blocks,
     stage1_block_scores,
+    varlen_causal_attention,
 )
 from sala.ops.elementwise import scaled_residual, sigmoid_gate, silu_mul
 from sala.ops.lightning import chunk_lightning, lightning_decay_slopes, lightning_step
@@ -39,4 +40,5 @@ __all__ = [
     "silu_mul",
     "select_blocks",
     "stage1_block_scores",
+    "varlen_causal_attention",
 ]

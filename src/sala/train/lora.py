@@ -83,8 +83,8 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
-        delta = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)  # [..., r] -> [..., out]
-        return out + delta * self.scaling
+        low = F.linear(self.lora_dropout(x), self.lora_A) * self.scaling  # scale the [..., r] side: r << out
+        return out + F.linear(low, self.lora_B)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha:g}"

@@ -427,7 +427,9 @@ class Trainer:
                 mfu = tps * fpt / (H200_BF16_PEAK * world) if self.device.type == "cuda" else None
                 self.metrics.write({"stage": stage.name, "step": step, "steps": total, "tokens": tokens_done,
                                     "loss": loss_value, "lr": lr, "grad_norm": float(gnorm), "tokens_per_s": tps,
-                                    "mfu": mfu, "time": time.time()})
+                                    "mfu": mfu, "time": time.time(),
+                                    "peak_gib": torch.cuda.max_memory_allocated(self.device) / 2**30
+                                    if self.device.type == "cuda" else None})
                 t_window, tok_window = time.perf_counter(), 0
                 if bar is not None:
                     bar.update(step - bar.n)
@@ -469,10 +471,13 @@ class Trainer:
                 torch.cuda.synchronize()
             wall = time.perf_counter() - self._profile_start
             profiler.__exit__(None, None, None)
-            key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-            table = profiler.key_averages().table(sort_by=key, row_limit=45)
+            averages = profiler.key_averages()
+            tables = [averages.table(sort_by="self_cpu_time_total", row_limit=30)]
+            if self.device.type == "cuda":  # kernels first; the host table shows launch and sync overhead
+                tables.insert(0, averages.table(sort_by="self_cuda_time_total", row_limit=45))
             path = self.out / f"profile-{stage.name}.txt"
-            path.write_text(f"{stage.name}: {n} steps in {wall:.3f} s wall ({wall / n:.3f} s/step)\n{table}\n")
+            path.write_text(f"{stage.name}: {n} steps in {wall:.3f} s wall ({wall / n:.3f} s/step)\n"
+                            + "\n".join(tables) + "\n")
             logger.info("profile of %d %s steps -> %s", n, stage.name, path)
             return None
         return profiler

@@ -29,6 +29,15 @@ def sparse_backward() -> str:
     return value
 
 
+def flash_varlen() -> bool:
+    """Packed training documents attend in one flash ``varlen_attn`` launch on CUDA; ``SALA_FLASH_VARLEN=0`` attends
+    document by document with SDPA instead (for a torch whose ``varlen_attn`` fails)."""
+    value = os.environ.get("SALA_FLASH_VARLEN", "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"SALA_FLASH_VARLEN must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def triton_interpret() -> bool:
     """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

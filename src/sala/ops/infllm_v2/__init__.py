@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from sala.ops.common.dispatch import call, register
+from sala.utils.env import flash_varlen
 from sala.ops.infllm_v2.naive import (
     InfLLMv2Params,
     naive_block_sparse_attention,
@@ -31,6 +32,7 @@ __all__ = [
     "num_windows",
     "select_blocks",
     "stage1_block_scores",
+    "varlen_causal_attention",
 ]
 
 
@@ -257,6 +259,55 @@ def _sdpa_dense_causal_attention(q, k, v, key_valid, scale):
 register("dense_causal_attention", "naive", naive_dense_causal_attention)
 register("dense_causal_attention", "cpu", _sdpa_dense_causal_attention)
 register("dense_causal_attention", "triton", _sdpa_dense_causal_attention)
+
+
+def varlen_causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    bounds: list[int],
+    scale: float,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Causal GQA attention inside each of S packed documents (none attends across a boundary).
+
+    q: [N, H, D]; k, v: [N, Hkv, D]; cu_seqlens: [S+1] int (0 .. N) on q's device; ``bounds``: the same values as
+    a host list (the caller has them; no host sync here) -> o: [N, H, D] (q dtype). ``triton`` (CUDA, 16-bit) runs
+    one flash varlen launch; the others attend document by document (``naive``: the reference).
+    """
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"varlen attention wants q [N, H, D], k/v [N, Hkv, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != q.shape[0] or any(b <= a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"bounds must rise strictly from 0 to N={q.shape[0]}, got {bounds[:8]}")
+    if cu_seqlens.shape != (len(bounds),):
+        raise ValueError(f"cu_seqlens {tuple(cu_seqlens.shape)} and bounds ({len(bounds)} values) disagree")
+    return call("varlen_causal_attention", backend, q.device, q, k, v, cu_seqlens, bounds, scale)
+
+
+def _by_document(dense):
+    def attend(q, k, v, cu_seqlens, bounds, scale):
+        return torch.cat([dense(q[None, a:b], k[None, a:b], v[None, a:b], None, scale)[0]
+                          for a, b in zip(bounds, bounds[1:])])
+    return attend
+
+
+def _flash_varlen(q, k, v, cu_seqlens, bounds, scale):
+    """One flash launch for 16-bit CUDA tensors of one dtype; other inputs attend document by document (SDPA)."""
+    from sala.ops.infllm_v2.dense import flash_varlen_causal_attention
+
+    if flash_varlen() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype == v.dtype:
+        return flash_varlen_causal_attention(q, k, v, cu_seqlens, bounds, scale)
+    return _sdpa_by_document(q, k, v, cu_seqlens, bounds, scale)
+
+
+_sdpa_by_document = _by_document(_sdpa_dense_causal_attention)
+register("varlen_causal_attention", "naive", _by_document(naive_dense_causal_attention))
+register("varlen_causal_attention", "cpu", _sdpa_by_document)
+register("varlen_causal_attention", "triton", _flash_varlen)
 
 
 def append_compressed_keys(

@@ -47,3 +47,49 @@ def sdpa_dense_causal_attention(
         o = F.scaled_dot_product_attention(qh[:, :, a:b], kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
         out[:, a:b] = o.transpose(1, 2)
     return out
+
+
+def _varlen_signature() -> frozenset[str]:
+    """Keyword names of torch's ``varlen_attn`` (causality is ``is_causal`` in torch 2.10, ``window_size`` after)."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+_VARLEN_PARAMS: frozenset[str] | None = None
+
+
+def flash_varlen_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, bounds: list[int], scale: float
+) -> torch.Tensor:
+    """Packed documents in one flash-attention launch (torch's ``varlen_attn``, forward and backward).
+
+    q: [N, H, D]; k, v: [N, Hkv, D] (16-bit, CUDA); cu_seqlens: [S+1] int on q's device; bounds: the same on the
+    host -> o: [N, H, D]. One launch instead of one SDPA call per document: per-document calls of new lengths cost
+    milliseconds of host time each (cuDNN builds a graph per shape), which starved the GPU in packed training.
+    """
+    global _VARLEN_PARAMS
+    from torch.nn.attention.varlen import varlen_attn
+
+    if _VARLEN_PARAMS is None:
+        _VARLEN_PARAMS = _varlen_signature()
+    H, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
+    kwargs: dict = {}
+    if "scale" in _VARLEN_PARAMS:
+        kwargs["scale"] = scale
+    elif abs(scale * D**0.5 - 1.0) > 1e-6:  # its fixed 1/sqrt(D): fold the rest into q
+        q = q * (scale * D**0.5)
+    if "window_size" in _VARLEN_PARAMS:
+        kwargs["window_size"] = (-1, 0)  # causal
+    else:
+        kwargs["is_causal"] = True
+    if H != Hkv:
+        if "enable_gqa" in _VARLEN_PARAMS:
+            kwargs["enable_gqa"] = True
+        else:  # older torch: one K/V head per query head
+            k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+    longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+    cu = cu_seqlens.to(torch.int32)
+    return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, longest, longest, **kwargs)
