@@ -118,3 +118,40 @@ def test_rms_norm_zero_size_and_mixed_residual():
     r, n = residual_rms_norm(h, y, 0.5, torch.ones(8, device=DEV), 1e-6, backend="triton")
     assert r.dtype == torch.float32
     assert_close(r, h + y.float() * 0.5, 1e-6, "mixed residual")
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype, tol", [(torch.bfloat16, torch.float32, 1e-2), (torch.float32, torch.float32, 1e-5),
+                                                   (torch.float16, torch.float16, 2e-3)], ids=["bf16-fp32w", "fp32", "fp16"])
+def test_rms_norm_backward_kernel_against_fp64(x_dtype, w_dtype, tol):
+    """The fused backward (dx, and dw summed from per-program partials over many programs) vs fp64 autograd."""
+    g = torch.Generator().manual_seed(7)
+    x = 2 * torch.randn(37, 3, 72, generator=g, dtype=torch.float64)
+    w = 1 + 0.3 * torch.randn(72, generator=g, dtype=torch.float64)
+    dy = torch.randn(37, 3, 72, generator=g, dtype=torch.float64)
+    xx = x.to(x_dtype).to(DEV).requires_grad_()
+    ww = w.to(w_dtype).to(DEV).requires_grad_()
+    rms_norm(xx, ww, 1e-6, backend="triton").backward(dy.to(torch.promote_types(x_dtype, w_dtype)).to(DEV))
+    xr, wr = (t.to(dt).double().requires_grad_() for t, dt in ((x, x_dtype), (w, w_dtype)))
+    naive_rms_norm(xr, wr, 1e-6).backward(dy.to(torch.promote_types(x_dtype, w_dtype)).double())
+    assert xx.grad.dtype == x_dtype and ww.grad.dtype == w_dtype
+    assert_close(xx.grad.double().cpu(), xr.grad, tol, "dx")
+    assert_close(ww.grad.double().cpu(), wr.grad, tol, "dw")
+
+
+def test_rms_norm_backward_on_head_views_and_one_input():
+    """q-norm style: x a strided head view of a projection; gradients for x only, then for the weight only."""
+    g = torch.Generator().manual_seed(3)
+    proj = torch.randn(6, 5 * 32, generator=g).to(DEV)
+    w = (1 + 0.2 * torch.randn(32, generator=g)).to(DEV)
+    dy = torch.randn(6, 3, 32, generator=g).to(DEV)
+    for need_x, need_w in ((True, False), (False, True)):
+        p, ww = proj.clone().requires_grad_(need_x), w.clone().requires_grad_(need_w)
+        rms_norm(p[:, :96].view(6, 3, 32), ww, 1e-5, backend="triton").backward(dy)
+        pr, wr = proj.double().requires_grad_(need_x), w.double().requires_grad_(need_w)
+        naive_rms_norm(pr[:, :96].view(6, 3, 32), wr, 1e-5).backward(dy.double())
+        if need_x:
+            assert_close(p.grad.double(), pr.grad, 1e-5, "dx")
+            assert ww.grad is None
+        else:
+            assert_close(ww.grad.double(), wr.grad, 1e-5, "dw")
+            assert p.grad is None

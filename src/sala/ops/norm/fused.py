@@ -3,8 +3,8 @@
 The model runs five RMSNorms per layer (input, q, k, Lightning output, post-attention); as PyTorch ops each is
 about eight kernels and as many passes over the activations (a cast to fp32, square, mean, rsqrt, scale, cast
 back, weight). Here each is one read and one write. Statistics in fp32; the normalised value is rounded to x's
-dtype before the weight multiply, as the reference does. Differentiable: the backward recomputes the
-reference formula under autograd (exact gradients, no saved intermediates beyond x).
+dtype before the weight multiply, as the reference does. Differentiable: the backward is one kernel too (dx and
+per-program partial dw from the saved x; the reference formula's exact gradients, casts taken as identities).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import triton
 import triton.language as tl
 
 from sala.ops.common.triton_utils import interp_rne, rne_bf16
-from sala.ops.norm.naive import naive_rms_norm
 from sala.utils.env import triton_interpret
 
 
@@ -90,6 +89,55 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, y: torch.Tensor 
     return out.view(x.shape), res
 
 
+# Backward of the plain norm (no residual), per row with h = x * inv, inv = rsqrt(mean(x^2) + eps):
+#   dx = inv * (dh - h * mean(dh * h)),  dh = dy * w;   dw = sum over rows of dy * round_x(h)
+# The casts of the forward are identities for the gradient (as autograd treats them), so the statistics are fp32
+# throughout. Each program writes its rows' partial dw; the host sums the [programs, D] partials.
+@triton.jit(do_not_specialize=["R"])
+def _rms_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, R, D, I, s_xo, s_xi, eps,
+                         BR: tl.constexpr, BD: tl.constexpr, HAS_DW: tl.constexpr):
+    pid = tl.program_id(0)
+    o_r = pid * BR + tl.arange(0, BR)
+    o_d = tl.arange(0, BD)
+    m = (o_r < R)[:, None] & (o_d < D)[None, :]
+    rows = o_r.to(tl.int64)
+    x_off = (rows // I) * s_xo + (rows % I) * s_xi
+    x = tl.load(x_ptr + x_off[:, None] + o_d[None, :], mask=m, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + rows[:, None] * D + o_d[None, :], mask=m, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + o_d, mask=o_d < D, other=0.0).to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+    h = x * inv[:, None]
+    dh = dy * w[None, :]
+    c = tl.sum(dh * h, axis=1) / D
+    dx = inv[:, None] * (dh - h * c[:, None])
+    tl.store(dx_ptr + rows[:, None] * D + o_d[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
+    if HAS_DW:
+        hr = h.to(x_ptr.dtype.element_ty).to(tl.float32)  # the forward rounds h to x's dtype before the weight
+        tl.store(dw_ptr + pid * D + o_d, tl.sum(dy * hr, axis=0), mask=o_d < D)
+
+
+def _backward(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, eps: float, need_dx: bool, need_dw: bool
+              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """x: [..., D]; weight: [D]; dy: like the forward's output -> (dx like x, dw like weight), each None if unneeded."""
+    D = x.shape[-1]
+    R = x.numel() // D if D else 0
+    if R == 0:
+        return (torch.zeros_like(x) if need_dx else None), (torch.zeros_like(weight) if need_dw else None)
+    x3 = _as_outer_inner(x)
+    dy2 = dy.reshape(R, D).contiguous()
+    dx = torch.empty(R, D, dtype=x.dtype, device=x.device)
+    BD = triton.next_power_of_2(D)
+    BR = max(1, min(16, 4096 // BD)) if not triton_interpret() else max(1, min(16, 1024 // BD))
+    programs = triton.cdiv(R, BR)
+    partial = torch.empty(programs if need_dw else 1, D, dtype=torch.float32, device=x.device)
+    _rms_norm_bwd_kernel[(programs,)](
+        x3, weight, dy2, dx, partial, R, D, x3.shape[1], x3.stride(0), x3.stride(1), eps,
+        BR=BR, BD=BD, HAS_DW=need_dw, num_warps=min(32, max(4, BR * BD // 1024)),
+    )
+    dw = partial.sum(0).to(weight.dtype) if need_dw else None
+    return (dx.view(x.shape) if need_dx else None), dw
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -100,12 +148,9 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        with torch.enable_grad():
-            xx, ww = x.detach().requires_grad_(ctx.needs_input_grad[0]), weight.detach().requires_grad_(ctx.needs_input_grad[1])
-            out = naive_rms_norm(xx, ww, ctx.eps)
-            inputs = [t for t, need in ((xx, ctx.needs_input_grad[0]), (ww, ctx.needs_input_grad[1])) if need]
-            grads = iter(torch.autograd.grad(out, inputs, grad))
-        return (next(grads) if ctx.needs_input_grad[0] else None, next(grads) if ctx.needs_input_grad[1] else None, None)
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dx, dw = _backward(x, weight, grad, ctx.eps, need_dx, need_dw)
+        return dx, dw, None
 
 
 def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
