@@ -211,8 +211,10 @@ def test_distillation_needs_teacher(raw):
 
 
 def test_sft_needs_chat_data():
-    with pytest.raises(RecipeError, match=r"stages \['long'\] use loss 'sft' but data\.sft lists no chat \.jsonl"):
+    with pytest.raises(RecipeError, match=r"stages \['long'\] read chat data .* but data\.sft lists no chat \.jsonl"):
         load_recipe("tiny-cpu", {"stages.long.loss": '"sft"'})
+    with pytest.raises(RecipeError, match=r"stages \['distill'\] read chat data"):
+        load_recipe("tiny-cpu", {"stages.distill.data": '"sft"'})
     r = load_recipe("tiny-cpu", {"stages.long.loss": '"sft"', "data.sft": '["chat.jsonl"]'})
     assert r.stages[2].loss == "sft"
 
@@ -229,3 +231,14 @@ def test_invalid_toml_file(tmp_path):
     bad.write_text("name = \n")
     with pytest.raises(RecipeError, match=r"bad\.toml is not valid TOML"):
         load_recipe(str(bad))
+
+
+def test_stage_data_source():
+    r = load_recipe("tiny-cpu", {"stages.distill.data": '"sft"', "data.sft": '["chat.jsonl"]'})
+    assert [s.source for s in r.stages] == ["train", "sft", "train"]
+    r = load_recipe("tiny-cpu", {"stages.long.loss": '"sft"', "data.sft": '["chat.jsonl"]'})
+    assert r.stages[2].source == "sft"
+    with pytest.raises(RecipeError, match=r"stages\[distill\]\.data must be 'train' or 'sft', got 'chat'"):
+        load_recipe("tiny-cpu", {"stages.distill.data": '"chat"'})
+    with pytest.raises(RecipeError, match=r"stages\[long\]\.data: the sft loss .* needs data = 'sft'"):
+        load_recipe("tiny-cpu", {"stages.long.loss": '"sft"', "stages.long.data": '"train"', "data.sft": '["c.jsonl"]'})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -357,3 +358,70 @@ def test_export_refuses_non_finite_weights(tiny, tmp_path, monkeypatch):
     result = run_train(TrainConfig(recipe="tiny-cpu", out=str(tmp_path / "run2"), quiet=True, check_weights=False,
                                    overrides=tiny.overrides(**budget)))
     assert result.finished and (tmp_path / "run2" / "final" / "config.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. starting from a trained delta; KL on chat-rendered data
+# ---------------------------------------------------------------------------------------------------------------
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+ONE_STEP_EACH = dict(stages__align__tokens=128, stages__distill__tokens=256, stages__long__tokens=128)
+
+
+@pytest.fixture(scope="module")
+def first_delta(tiny, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("first") / "run"
+    assert train(tiny, out, adapters__enabled="true", stages__align__tokens=256, stages__distill__tokens=512,
+                 stages__long__tokens=256).finished
+    return out
+
+
+def test_init_delta_starts_where_the_delta_ended_and_kl_reads_chats(tiny, first_delta, tmp_path, monkeypatch):
+    """model.init_delta: the second run's starting held-out ppl is the first run's final one (the delta is loaded,
+    not fresh adapters); a kl stage with data = "sft" trains on the rendered chats, and its delta is again relative
+    to the student (same base fingerprint)."""
+    student = tmp_path / "student"  # same weights, a tokenizer that renders chats
+    shutil.copytree(tiny.student, student)
+    (student / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    paras = [p for p in tiny.train.read_text().split("\n\f\n") if p.strip()]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
+                                                     {"role": "assistant", "content": p}]}) + "\n"
+                            for i, p in enumerate(paras[:6])))
+    import sala.train.trainer as trainer_mod
+
+    read = []  # the token index each stage's loader reads
+    real_loader = trainer_mod.PackedLoader
+    monkeypatch.setattr(trainer_mod, "PackedLoader", lambda index, **kw: read.append(index.root.name) or
+                        real_loader(index, **kw))
+    out = tmp_path / "second"
+    sets = tiny.overrides(adapters__enabled="true", model__student=str(student),
+                          model__init_delta=str(first_delta / "delta"), data__sft=json.dumps([str(chat)]),
+                          stages__distill__data='"sft"', **ONE_STEP_EACH)
+    assert run_train(TrainConfig(recipe="tiny-cpu", out=str(out), quiet=True, overrides=sets)).finished
+    evals = json.loads((out / "evals.json").read_text())
+    assert "converted" not in evals
+    assert evals["init_delta"]["student_ppl"] == pytest.approx(
+        json.loads((first_delta / "evals.json").read_text())["long"]["student_ppl"], rel=1e-6)
+    index = json.loads((out / "tokens" / "sft" / "index.json").read_text())
+    assert index["sft"] and index["num_docs"] == 6
+    assert [r["stage"] for r in _lines(out)] == ["align", "distill", "long"]
+    assert read == ["train", "sft", "train"]
+    base = json.loads((first_delta / "delta" / "delta.json").read_text())["base_fingerprint"]
+    assert json.loads((out / "delta" / "delta.json").read_text())["base_fingerprint"] == base
+
+
+def test_init_delta_mismatches_name_the_field(tiny, first_delta, other_student, tmp_path):
+    def run(**kw):
+        sets = tiny.overrides(**{"adapters__enabled": "true", "model__init_delta": str(first_delta / "delta"),
+                                 **ONE_STEP_EACH, **kw})
+        return run_train(TrainConfig(recipe="tiny-cpu", out=str(tmp_path / "x"), quiet=True, force=True, overrides=sets))
+
+    with pytest.raises(RecipeError, match=r"model\.init_delta: .* adapters\.rank = 4, the recipe says 8"):
+        run(adapters__rank=8)
+    with pytest.raises(RecipeError, match=r"model\.init_delta: .*fingerprint"):
+        run(model__student=str(other_student))
+    with pytest.raises(RecipeError, match=r"model\.init_delta: .* holds no delta\.json"):
+        run(model__init_delta=str(tmp_path))
+    with pytest.raises(RecipeError, match=r"model\.init_delta .* \[adapters\] enabled = false"):
+        run(adapters__enabled="false")

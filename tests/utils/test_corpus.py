@@ -166,3 +166,38 @@ def test_cli_main(tmp_path, capsys):
     assert corpus.main(["--out", str(tmp_path / "o"), "--source", str(tmp_path / "src")]) == 0
     assert "held-out 1 docs" in capsys.readouterr().out
     assert train_path(tmp_path / "o").is_file() and heldout_path(tmp_path / "o").is_file()
+
+
+DOCS = [
+    "Dealing with Bugs\n\nPython is a mature programming language which has established a reputation for\n"
+    "stability. Report what you find.\n\nA second paragraph of the same section, also prose and long enough to "
+    "count.\n\nUsing the Tracker\n\nThe tracker lists every issue that was reported, with its state and its "
+    "history, in one place.\n\nThird Title\n\nNot taken: two sections per document are enough for the rule here.",
+    "no title here, just a long opening line of prose that ends with a period and goes on for a while.\n\n"
+    ">>> print(1)\n\nTitle Before Code\n\n>>> x = 1\n>>> x\n1",
+]
+
+
+def test_chat_examples_keep_the_documents_own_text():
+    rows = corpus.chat_examples(DOCS)
+    assert [r["messages"][0]["content"] for r in rows] == ["What is Dealing with Bugs?", "Tell me about Using the Tracker."]
+    first, second = (r["messages"][1]["content"] for r in rows)
+    assert first == DOCS[0].split("\n\n")[1] + "\n\n" + DOCS[0].split("\n\n")[2]  # whole paragraphs, verbatim
+    assert second == DOCS[0].split("\n\n")[4]
+    assert all(r["messages"][0]["role"] == "user" and r["messages"][1]["role"] == "assistant" for r in rows)
+    short = corpus.chat_examples(DOCS, max_chars=120)  # at least one paragraph, never a cut one
+    assert short[0]["messages"][1]["content"] == DOCS[0].split("\n\n")[1]
+    assert corpus.chat_examples(DOCS, per_doc=1) == rows[:1]
+
+
+def test_chat_path_builds_once_and_follows_train(tmp_path):
+    (tmp_path / "train.txt").write_text(("\n" + DOC_SEPARATOR + "\n").join(DOCS) + "\n")
+    path = corpus.chat_path(tmp_path)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 2 and json.loads((tmp_path / "chat.json").read_text())["examples"] == 2
+    stamp = path.stat().st_mtime_ns
+    assert corpus.chat_path(tmp_path) == path and path.stat().st_mtime_ns == stamp  # up to date: not rewritten
+    (tmp_path / "train.txt").write_text(DOCS[0] + "\n")
+    assert len(corpus.chat_path(tmp_path).read_text().splitlines()) == 2
+    (tmp_path / "train.txt").write_text(DOCS[1] + "\n")
+    assert corpus.chat_path(tmp_path).read_text() == ""  # rebuilt from the new train split

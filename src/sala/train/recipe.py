@@ -43,6 +43,10 @@ class ModelSection:
     CPU runs compute in float32."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer in the backward (less activation memory, ~30% more compute)."""
+    init_delta: str | None = None
+    """A trained delta (``<run>/delta`` of ``sala train``) to start from: its adapters and tensors are loaded into the
+    student before the first stage. Its base fingerprint must match ``student`` and its adapter settings
+    ``[adapters]``; the run's own delta is then again relative to ``student``."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("bfloat16", "float16", "float32"):
@@ -88,7 +92,8 @@ class DataSection:
     heldout: str | None = None
     """Held-out file for evaluation after each stage (``corpus:heldout`` = the project's held-out split)."""
     sft: list[str] = field(default_factory=list)
-    """Chat ``.jsonl`` files (``{"messages": [...]}``) for ``sft`` stages; loss on assistant tokens only."""
+    """Chat ``.jsonl`` files (``{"messages": [...]}``) for ``sft`` stages (loss on assistant tokens only) and stages
+    with ``data = "sft"``; ``corpus:chat`` = chats built from the train split (see ``sala.utils.corpus``)."""
     cache_dir: str | None = None
     """Where token shards go (default: ``<out>/tokens``)."""
     eval_windows: int = 32
@@ -147,6 +152,9 @@ class StageConfig:
     """``kl``: distillation temperature."""
     kl_chunk: int = 4096
     """Rows per chunk of the fused lm_head + loss (memory: chunk x vocab fp32 logits)."""
+    data: str | None = None
+    """Which data the stage reads: ``train`` (plain text) or ``sft`` (the chat files; with ``kl`` the teacher is
+    matched on every token of the rendered chats). Default: ``sft`` for the sft loss, else ``train``."""
     save_every: int = 0
     """Checkpoint every this many optimizer steps (0: only at the end of the stage)."""
     log_every: int = 1
@@ -180,6 +188,15 @@ class StageConfig:
             raise RecipeError(f"{where}.betas must be two numbers in [0, 1), got {self.betas}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.temperature <= 0:
             raise RecipeError(f"{where}: weight_decay and grad_clip must be >= 0 and temperature > 0")
+        if self.data not in (None, "train", "sft"):
+            raise RecipeError(f"{where}.data must be 'train' or 'sft', got {self.data!r}")
+        if self.loss == "sft" and self.data == "train":
+            raise RecipeError(f"{where}.data: the sft loss trains on assistant tokens of chats; it needs data = 'sft'")
+
+    @property
+    def source(self) -> str:
+        """The index the stage reads: ``train`` or ``sft``."""
+        return self.data or ("sft" if self.loss == "sft" else "train")
 
     def tokens_per_step(self, world_size: int) -> int:
         return self.seq_len * self.micro_batch * self.grad_accum * world_size
@@ -227,9 +244,12 @@ class Recipe:
         needs_teacher = [s.name for s in self.stages if s.loss in ("align", "kl")]
         if needs_teacher and not self.model.teacher:
             raise RecipeError(f"stages {needs_teacher} distil from a teacher but model.teacher is not set")
-        sft = [s.name for s in self.stages if s.loss == "sft"]
+        sft = [s.name for s in self.stages if s.source == "sft"]
         if sft and not self.data.sft:
-            raise RecipeError(f"stages {sft} use loss 'sft' but data.sft lists no chat .jsonl file")
+            raise RecipeError(f"stages {sft} read chat data (loss 'sft' or data = 'sft') but data.sft lists no chat "
+                              ".jsonl file")
+        if self.model.init_delta and not self.adapters.enabled:
+            raise RecipeError("model.init_delta starts from a trained delta's adapters, but [adapters] enabled = false")
         uses_adapters = [s.name for s in self.stages if "adapters" in s.trainable]
         if uses_adapters and not self.adapters.enabled:
             raise RecipeError(f"stages {uses_adapters} train 'adapters' but [adapters] enabled = false")
@@ -388,7 +408,8 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 
 def resolve_path(spec: str) -> Path:
     """``pkg:<module>/<relative path>`` -> the file inside that installed package (found without importing it);
-    ``corpus:train`` / ``corpus:heldout`` -> the project's text corpus; anything else -> a plain path."""
+    ``corpus:train`` / ``corpus:heldout`` -> the project's text corpus, ``corpus:chat`` its chat examples (built from
+    the train split); anything else -> a plain path."""
     if spec.startswith("pkg:"):
         module, _, rel = spec[4:].partition("/")
         found = importlib.util.find_spec(module)
@@ -403,7 +424,8 @@ def resolve_path(spec: str) -> Path:
         from sala.utils import corpus
 
         which = spec[len("corpus:"):]
-        if which not in ("train", "heldout"):
-            raise RecipeError(f"{spec}: corpus names are corpus:train and corpus:heldout")
-        return corpus.train_path() if which == "train" else corpus.heldout_path()
+        paths = {"train": corpus.train_path, "heldout": corpus.heldout_path, "chat": corpus.chat_path}
+        if which not in paths:
+            raise RecipeError(f"{spec}: corpus names are corpus:train, corpus:heldout and corpus:chat")
+        return paths[which]()
     return Path(spec)

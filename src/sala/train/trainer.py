@@ -275,7 +275,9 @@ class Trainer:
         from sala.train.lora import apply_lora, model_fingerprint
 
         self.fingerprint = model_fingerprint(student)
-        if r.adapters.enabled:
+        if r.model.init_delta:
+            self._load_init_delta(student, r)
+        elif r.adapters.enabled:
             torch.manual_seed(r.seed)
             apply_lora(student, rank=r.adapters.rank, alpha=r.adapters.alpha, targets=tuple(r.adapters.targets),
                        rank_overrides=r.adapters.rank_overrides or None)
@@ -303,6 +305,30 @@ class Trainer:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(student_dir)
+
+    def _load_init_delta(self, student: SALAForCausalLM, r: Recipe) -> None:
+        """``model.init_delta``: the trained delta's adapters and tensors, with the recipe's adapter settings."""
+        from sala.train.lora import load_delta
+
+        path = resolve_path(r.model.init_delta)
+        if not (path / "delta.json").is_file():
+            raise RecipeError(f"model.init_delta: {path} holds no delta.json (sala train writes one into <run>/delta)")
+        meta = json.loads((path / "delta.json").read_text())
+        want = {"rank": r.adapters.rank, "alpha": r.adapters.alpha, "targets": list(r.adapters.targets),
+                "rank_overrides": dict(r.adapters.rank_overrides)}
+        for key, value in want.items():
+            have = meta.get(key)
+            if key == "rank_overrides":
+                have = dict(have or {})
+            if key == "targets":
+                have = list(have or [])
+            if have != value:
+                raise RecipeError(f"model.init_delta: {path} was trained with adapters.{key} = {have!r}, the recipe "
+                                  f"says {value!r}; use the settings it was trained with")
+        try:
+            load_delta(path, student)
+        except ValueError as e:
+            raise RecipeError(f"model.init_delta: {e}") from e
 
     def data_files(self) -> tuple[list[Path], list[Path], Path | None]:
         """(train, sft, heldout) paths, each checked to exist (before any model is loaded: a typo fails at once)."""
@@ -372,7 +398,7 @@ class Trainer:
         trained = select_trainable(self.student, stage.trainable, self.recipe.adapters.enabled)
         self._set_sparse(stage.sparse_attention)
         optimizer = self._optimizer(stage)
-        index = self.indexes["sft" if stage.loss == "sft" else "train"]
+        index = self.indexes[stage.source]
         loader = PackedLoader(index, seq_len=stage.seq_len, micro_batch=stage.micro_batch, rank=self.info.rank,
                               world_size=world, seed=self.recipe.seed + 1000 * idx)
         step, tokens_done = 0, 0
@@ -613,8 +639,8 @@ class Trainer:
                                           "device": str(self.device)})
         self.prepare_data()
         self.steps_this_process = 0
-        if latest is None and "heldout" in self.indexes:
-            evals["converted"] = self.heldout_ppl()
+        if latest is None and "heldout" in self.indexes:  # the starting point: the conversion or the init delta
+            evals["init_delta" if self.recipe.model.init_delta else "converted"] = self.heldout_ppl()
             self._write_json("evals.json", evals)
         summaries = []
         for idx in range(start, len(self.recipe.stages)):

@@ -565,6 +565,73 @@ def heldout_path(corpus_dir: str | os.PathLike | None = None) -> Path:
     return _existing("heldout.txt", corpus_dir)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# chat-format examples from the train split (real text in the assistant turn)
+
+CHAT_RULE = ("per train document, its first 2 sections with a title line (one line, <= 60 chars, no end "
+             "punctuation) followed by prose: user = a fixed question about the title (4 templates, by example "
+             "index), assistant = the section's paragraphs up to 900 chars (whole paragraphs, at least one)")
+CHAT_QUESTIONS = ("What is {t}?", "Tell me about {t}.", "Explain {t} briefly.", "Can you describe {t}?")
+CHAT_FORMAT_VERSION = 1
+
+
+def _is_title(par: str) -> bool:
+    line = par.strip()
+    return ("\n" not in line and 3 <= len(line) <= 60 and line[0].isalnum() and line[-1] not in ".:;,?!)]"
+            and not line.startswith(("*", "-", ">>>")))
+
+
+def _is_prose(par: str) -> bool:
+    return len(par) >= 80 and par.rstrip().endswith(".") and not par.lstrip().startswith(">>>")
+
+
+def chat_examples(documents: list[str], per_doc: int = 2, max_chars: int = 900) -> list[dict]:
+    """Chat records ``{"messages": [user, assistant]}`` from plain documents (see :data:`CHAT_RULE`): the
+    assistant content is the documents' own text, verbatim paragraphs; only the question is a template."""
+    out: list[dict] = []
+    for doc in documents:
+        pars = [p.strip("\n") for p in re.split(r"\n\s*\n", doc) if p.strip()]
+        taken = 0
+        i = 0
+        while i < len(pars) - 1 and taken < per_doc:
+            if not (_is_title(pars[i]) and _is_prose(pars[i + 1])):
+                i += 1
+                continue
+            body, j = [pars[i + 1]], i + 2
+            while j < len(pars) and not _is_title(pars[j]) and len("\n\n".join(body + [pars[j]])) <= max_chars:
+                body.append(pars[j])
+                j += 1
+            question = CHAT_QUESTIONS[len(out) % len(CHAT_QUESTIONS)].format(t=pars[i].strip())
+            out.append({"messages": [{"role": "user", "content": question},
+                                     {"role": "assistant", "content": "\n\n".join(body)}]})
+            taken += 1
+            i = j
+    return out
+
+
+def chat_path(corpus_dir: str | os.PathLike | None = None) -> Path:
+    """``chat.jsonl`` beside ``train.txt``, built from it by :func:`chat_examples` (rebuilt when train.txt or the
+    rule changed; ``chat.json`` records both)."""
+    train = train_path(corpus_dir)
+    out, meta_path = train.with_name("chat.jsonl"), train.with_name("chat.json")
+    sha = _sha256_file(train)
+    try:
+        meta = json.loads(meta_path.read_text())
+        if (meta.get("train_sha256") == sha and meta.get("format_version") == CHAT_FORMAT_VERSION and out.is_file()
+                and _sha256_file(out) == meta.get("sha256")):
+            return out
+    except (OSError, ValueError):
+        pass
+    records = chat_examples(split_documents(train.read_text(encoding="utf-8")))
+    blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    _write_atomic(out, blob)
+    _write_atomic(meta_path, (json.dumps({"format_version": CHAT_FORMAT_VERSION, "rule": CHAT_RULE,
+                                          "examples": len(records), "train_sha256": sha,
+                                          "sha256": hashlib.sha256(blob).hexdigest()}, indent=2) + "\n").encode())
+    logger.info("chat examples: %d from %s -> %s", len(records), train, out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sala.utils.corpus", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None, help="output directory (default: %s)" % default_corpus_dir())
