@@ -11,7 +11,8 @@
 #   GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf RUN=/tmp/smol SPARSE=0,... bash scripts/smollm2_proof.sh 1
 #   GGUF=... RUN=/tmp/smol OUT=$OUT bash scripts/smollm2_proof.sh 2
 # Stage shares (seconds of the total): ALIGN_S, DISTILL_S, LONG_S. SPARSE=halo runs HALO layer selection on the GPU
-# first (8 of 30 layers, first and last forced) and converts with its choice; PROFILE=N writes torch.profiler tables
+# first (8 of 30 layers, first and last forced) and converts with its choice; SPARSE=<layer_selection.json> takes
+# the choice of an earlier selection run; PROFILE=N writes torch.profiler tables
 # of N steps per stage of the calibration run ($RUN/calib/profile-<stage>.txt).
 set -euo pipefail
 export PYTHONPATH=${PYTHONPATH:-src}
@@ -38,7 +39,10 @@ common=(--set "model.student=$RUN/converted" --set "model.teacher=$GGUF" --set "
 if [[ $PHASE == 1 ]]; then
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
-    if [[ $SPARSE == halo ]]; then
+    if [[ -f $SPARSE ]]; then  # a layer_selection.json of an earlier `sala select-layers` run (e.g. on a CPU)
+        SPARSE=$(python3 -c "import json, sys; print(','.join(map(str, json.load(open(sys.argv[1]))['sparse_layers'])))" "$SPARSE")
+        echo "softmax layers from the selection file: $SPARSE"
+    elif [[ $SPARSE == halo ]]; then
         echo "== HALO layer selection $(date +%T)"
         $SALA select-layers --from "$GGUF" --out "$RUN/selection" --text data/text/train.txt --num-sparse 8 \
             --device cuda --quiet 2>&1 | grep -vE "Warning|Loading|Converting" | tail -n 40
