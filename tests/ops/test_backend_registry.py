@@ -37,7 +37,12 @@ OWN_BACKENDS = {
     "varlen_causal_attention": {"naive", "cpu", "triton"},
     "append_compressed_keys": {"naive", "triton"},
     "decode_attention_batch": {"naive", "triton"},
+    "fp8_linear": {"naive", "cpu", "triton"},
 }
+
+# Ops whose ``triton`` implementation is a CUDA library call: CPU tensors run the reference even under the
+# Triton interpreter.
+CUDA_ONLY_TRITON = {"fp8_linear"}
 
 
 def _args(op: str, dtype=torch.float32) -> tuple:
@@ -47,10 +52,12 @@ def _args(op: str, dtype=torch.float32) -> tuple:
     w = torch.ones(8, dtype=dtype)
     q, k = torch.randn(1, 3, 2, 8, dtype=dtype), torch.randn(1, 3, 1, 8, dtype=dtype)
     cos, sin = torch.ones(1, 3, 1, 8), torch.zeros(1, 3, 1, 8)
+    fp8_weight = torch.randn(16, 8).to(torch.float8_e4m3fn), torch.rand(16) + 0.5
     return {
         "silu_mul": (x, y), "sigmoid_gate": (x, y), "scaled_residual": (x, y, 0.5),
         "rms_norm": (x, w, 1e-6), "residual_rms_norm": (x, y, 0.5, w, 1e-6),
         "apply_rope": (q, cos, sin), "qk_norm_rope": (q, k, w, w, 1e-6, 1e-6, (cos, sin)),
+        "fp8_linear": (x, *fp8_weight, None, dtype),
     }.get(op, ())
 
 
@@ -86,7 +93,7 @@ def test_sala_backend_forces_auto(op, monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors may take Triton under the interpreter
     monkeypatch.setenv("SALA_BACKEND", "triton")
-    assert resolve(op, "auto", CPU, *_args(op)) is _fn(op, "triton")
+    assert resolve(op, "auto", CPU, *_args(op)) is _fn(op, "naive" if op in CUDA_ONLY_TRITON else "triton")
     assert resolve(op, "naive", CPU, *_args(op)) is _fn(op, "naive")
 
 

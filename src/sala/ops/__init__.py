@@ -17,6 +17,7 @@ from sala.ops.infllm_v2 import (
     varlen_causal_attention,
 )
 from sala.ops.elementwise import scaled_residual, sigmoid_gate, silu_mul
+from sala.ops.fp8 import fp8_linear, quantize_fp8_activation, quantize_fp8_weight
 from sala.ops.lightning import chunk_lightning, lightning_decay_slopes, lightning_step
 from sala.ops.norm import residual_rms_norm, rms_norm
 from sala.ops.rope import apply_rope, qk_norm_rope
@@ -29,10 +30,13 @@ __all__ = [
     "compress_keys",
     "decode_attention_batch",
     "dense_causal_attention",
+    "fp8_linear",
     "infllm_v2_attention",
     "lightning_decay_slopes",
     "lightning_step",
     "qk_norm_rope",
+    "quantize_fp8_activation",
+    "quantize_fp8_weight",
     "residual_rms_norm",
     "rms_norm",
     "scaled_residual",

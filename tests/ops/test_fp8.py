@@ -1,0 +1,171 @@
+"""FP8 (e4m3) quantisation and ``fp8_linear``: scale rules, error bounds, per-channel isolation, the reference vs
+an independent fp64 computation and vs the unquantised linear, the CPU ``_scaled_mm`` backend vs the reference,
+input errors; the CUDA GEMM vs the reference on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sala.ops import fp8_linear, quantize_fp8_activation, quantize_fp8_weight
+from sala.ops.fp8 import FP8_DTYPE, dequantize_fp8_weight, naive_fp8_linear
+from sala.utils.testing import assert_close, rel_l2
+
+E4M3_MAX = 448.0
+
+
+def _randn(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _fp64_reference(x, q, s, bias=None):
+    """dequant(W) @ dequant(x)^T + bias in fp64, computed here from the scale rules (not with the module's code)."""
+    x64 = x.double().reshape(-1, x.shape[-1])
+    xs = x64.abs().amax(-1, keepdim=True) / E4M3_MAX
+    xs = torch.where(xs > 0, xs, torch.ones_like(xs)).float()  # the scale is an fp32 number, like the module's
+    xq = (x64.float() / xs).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
+    out = (xq.double() * xs.double()) @ (q.double() * s.double()[:, None]).t()
+    if bias is not None:
+        out = out + bias.double()
+    return out.reshape(*x.shape[:-1], q.shape[0])
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (7, 300), (1, 16)])
+def test_weight_quantisation_error_and_exact_scales(shape):
+    w = 0.05 * _randn(*shape, seed=shape[1])
+    q, s = quantize_fp8_weight(w)
+    assert q.dtype == FP8_DTYPE and q.shape == w.shape and s.dtype == torch.float32 and s.shape == (shape[0],)
+    assert torch.equal(s, w.abs().amax(1) / E4M3_MAX)  # scale = absmax / 448 exactly, per output channel
+    assert torch.equal(q.float().abs().amax(1), torch.full((shape[0],), E4M3_MAX))  # each row's absmax hits 448
+    assert_close(dequantize_fp8_weight(q, s), w, 4e-2, "dequantised weight")
+    assert rel_l2(dequantize_fp8_weight(q, s), w) > 1e-3  # it is really quantised (3 mantissa bits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_activation_scales_are_per_token(dtype):
+    x = (3 * _randn(2, 5, 64, seed=4)).to(dtype)
+    x[1, 2] *= 1000  # one loud token must not coarsen the others
+    q, s = quantize_fp8_activation(x)
+    assert q.shape == x.shape and s.shape == (2, 5, 1) and s.dtype == torch.float32
+    assert torch.equal(s, x.float().abs().amax(-1, keepdim=True) / E4M3_MAX)
+    deq = q.float() * s
+    for b in range(2):
+        for t in range(5):
+            assert_close(deq[b, t], x[b, t].float(), 4e-2, f"token {b},{t}")
+
+
+def test_zero_rows_get_unit_scale_and_stay_zero():
+    w = _randn(6, 32, seed=2)
+    w[1] = 0
+    w[4] = 0
+    q, s = quantize_fp8_weight(w)
+    assert s[1] == 1 and s[4] == 1 and torch.isfinite(s).all()
+    deq = dequantize_fp8_weight(q, s)
+    assert torch.isfinite(deq).all() and (deq[1] == 0).all() and (deq[4] == 0).all()
+    x = _randn(3, 32, seed=3)
+    x[2] = 0
+    xq, xs = quantize_fp8_activation(x)
+    assert xs[2, 0] == 1 and (xq[2].float() == 0).all()
+    out = fp8_linear(x, q, s, backend="naive")
+    assert torch.isfinite(out).all() and (out[2] == 0).all() and (out[:, 1] == 0).all()
+
+
+def test_values_past_448_after_scaling_stay_finite():
+    """A row of fp32 subnormals gets a subnormal scale rounded down by ~5%, so x / scale reaches ~470 > 448: the
+    clamp keeps the cast finite (torch 2.13's CPU cast also saturates; other devices and versions need not)."""
+    tiny = torch.finfo(torch.float32).smallest_normal * 2.0**-23  # the smallest fp32 subnormal
+    w = torch.tensor([[10.49 * tiny * E4M3_MAX, 1e-42, -3e-43], [448.0, -3e4, 1.0]])
+    assert (w[0, 0] / (w[0].abs().max() / E4M3_MAX)) > 460
+    q, s = quantize_fp8_weight(w)
+    assert torch.isfinite(q.float()).all() and q.float().abs().max() == E4M3_MAX
+    assert_close(dequantize_fp8_weight(q, s)[1], w[1], 4e-2, "large row")
+
+
+def test_an_outlier_channel_does_not_hurt_the_others():
+    w = 0.02 * _randn(32, 128, seed=5)
+    w[7] *= 1e6  # one channel with outliers
+    q, s = quantize_fp8_weight(w)
+    deq = dequantize_fp8_weight(q, s)
+    keep = torch.arange(32) != 7
+    assert_close(deq[keep], w[keep], 4e-2, "other channels")
+    assert torch.equal(deq[keep], dequantize_fp8_weight(*quantize_fp8_weight(w[keep])))  # as if it were absent
+    # with one scale for the whole tensor the other channels would fall below e4m3's smallest subnormal (zero)
+    ts = w.abs().max() / E4M3_MAX
+    per_tensor = (w / ts).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE).float() * ts
+    assert rel_l2(per_tensor[keep], w[keep]) > 0.2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("lead", [(9,), (2, 5), (2, 3, 4)], ids=["2d", "3d", "4d"])
+def test_reference_matches_fp64_and_the_unquantised_linear(dtype, bias, lead):
+    K, N = 96, 48
+    x = (2 * _randn(*lead, K, seed=len(lead))).to(dtype)
+    w = 0.1 * _randn(N, K, seed=11)
+    b = 0.3 * _randn(N, seed=12) if bias else None
+    q, s = quantize_fp8_weight(w)
+    out = fp8_linear(x, q, s, b, backend="naive")
+    assert out.shape == (*lead, N) and out.dtype == dtype
+    rtol = 1e-6 if dtype == torch.float32 else (8e-3 if dtype == torch.bfloat16 else 1e-3)
+    assert_close(out, _fp64_reference(x, q, s, b), rtol, "naive vs fp64 dequantised product")
+    exact = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    assert_close(out, exact, 6e-2, "fp8 vs unquantised linear")
+    assert rel_l2(out, exact) > 1e-3  # the activation and weight rounding really happen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("out_dtype", [None, torch.float32], ids=["same", "fp32-out"])
+def test_cpu_scaled_mm_matches_reference(dtype, out_dtype):
+    x = _randn(3, 7, 64, seed=21, dtype=dtype)
+    q, s = quantize_fp8_weight(0.1 * _randn(40, 64, seed=22))
+    b = 0.2 * _randn(40, seed=23)
+    got = fp8_linear(x, q, s, b, out_dtype=out_dtype, backend="cpu")
+    want = naive_fp8_linear(x, q, s, b, out_dtype or dtype)
+    assert got.dtype == want.dtype and got.shape == want.shape == (3, 7, 40)
+    assert_close(got, want, 1e-6 if got.dtype == torch.float32 else 8e-3, "cpu _scaled_mm vs reference")
+    assert fp8_linear(x, q, s, b, out_dtype=out_dtype).dtype == want.dtype  # auto takes the same path
+
+
+def test_bad_inputs_are_refused_clearly():
+    x = _randn(4, 32)
+    q, s = quantize_fp8_weight(_randn(8, 32, seed=1))
+    with pytest.raises(ValueError, match="q_weight of dtype torch.float8_e4m3fn"):
+        fp8_linear(x, q.float(), s)
+    with pytest.raises(ValueError, match=r"in = x.shape\[-1\] = 16"):
+        fp8_linear(x[:, :16], q, s)
+    with pytest.raises(ValueError, match=r"w_scale \[out\] = \[8\] float32"):
+        fp8_linear(x, q, s[:4])
+    with pytest.raises(ValueError, match=r"w_scale \[out\] = \[8\] float32"):
+        fp8_linear(x, q, s.bfloat16())
+    with pytest.raises(ValueError, match=r"bias \[out\] = \[8\]"):
+        fp8_linear(x, q, s, torch.ones(32))
+    with pytest.raises(ValueError, match="x in float16, bfloat16 or float32"):
+        fp8_linear(x.double(), q, s)
+    with pytest.raises(ValueError, match="out_dtype must be"):
+        fp8_linear(x, q, s, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"float weight \[out, in\]"):
+        quantize_fp8_weight(_randn(2, 3, 4))
+    with pytest.raises(ValueError, match="float tensor"):
+        quantize_fp8_activation(torch.ones(3, 4, dtype=torch.long))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_cuda_scaled_mm_matches_reference(dtype, bias):
+    """The CUDA GEMM (row-wise ``_scaled_mm`` for bf16 outputs, unit-scale fp32 GEMM + scales otherwise) vs the
+    reference on the same device; shapes not multiples of 16 decline to the reference."""
+    from sala.ops.common.dispatch import resolve
+
+    dev = torch.device("cuda")
+    x = (2 * _randn(3, 37, 256, seed=31)).to(dtype).to(dev)  # 111 tokens: M need not be a multiple of 16
+    q, s = quantize_fp8_weight((0.05 * _randn(384, 256, seed=32)).to(dev))
+    b = (0.2 * _randn(384, seed=33)).to(dev) if bias else None
+    with torch.no_grad():
+        got = fp8_linear(x, q, s, b, backend="triton")
+        want = naive_fp8_linear(x, q, s, b, dtype)
+    assert got.dtype == dtype and got.shape == (3, 37, 384)
+    assert_close(got.float(), want.float(), 1e-5 if dtype == torch.float32 else 8e-3, "cuda fp8 GEMM vs reference")
+    assert resolve("fp8_linear", "auto", dev, x, q, s, b, dtype).__name__ == "_cuda_fp8_linear"
+    q2, s2 = quantize_fp8_weight((0.05 * _randn(40, 256, seed=34)).to(dev))  # out = 40: not a multiple of 16
+    assert resolve("fp8_linear", "auto", dev, x, q2, s2, None, dtype) is naive_fp8_linear
