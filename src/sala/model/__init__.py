@@ -6,6 +6,7 @@ from sala.model.cache import HybridCache
 from sala.model.checkpoint_io import CheckpointError, expected_shapes, verify_checkpoint
 from sala.model.configuration_sala import SALAConfig, mixer_schedule, preset
 from sala.model.modeling_sala import SALAForCausalLM, SALAModel, SALAPreTrainedModel
+from sala.model.quantize import FP8Linear, quantize_fp8_
 
 
 def _register() -> None:
@@ -25,6 +26,7 @@ _register()
 
 __all__ = [
     "CheckpointError",
+    "FP8Linear",
     "HybridCache",
     "SALAConfig",
     "SALAForCausalLM",
@@ -33,5 +35,6 @@ __all__ = [
     "expected_shapes",
     "mixer_schedule",
     "preset",
+    "quantize_fp8_",
     "verify_checkpoint",
 ]

@@ -1,0 +1,190 @@
+"""FP8 weight quantisation of a whole model (``quantize_fp8_``): which Linears are replaced, logits close to the
+unquantised model, generate() through the HybridCache, fused projections dropped, dtype casts keep the fp8
+format, state_dict round trip through safetensors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sala.model import SALAForCausalLM
+from sala.model.quantize import FP8Linear, quantize_fp8_
+from sala.utils.testing import assert_close, rel_l2
+from tests.conftest import randomize_
+
+FP8 = torch.float8_e4m3fn
+
+
+def _model(config, seed=0, **over):
+    """A random tiny model. std 0.1 keeps each projection's gain below 1 (0.1 * sqrt(hidden 64)), as in a trained
+    network; at randomize_'s default 0.2 the random layers amplify any rounding 2-3x (bf16's logit error too)."""
+    for key, value in over.items():
+        setattr(config, key, value)
+    return randomize_(SALAForCausalLM(config), std=0.1, seed=seed).float().eval()
+
+
+def _ids(config, B=2, T=70, seed=3):  # 70 tokens: past dense_len = 64, so the sparse path runs too
+    return torch.randint(3, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _expected_names(model) -> set[str]:
+    names = set()
+    for i, layer in enumerate(model.model.layers):
+        attn = ["q_proj", "k_proj", "v_proj", "o_proj"] + [n for n in ("z_proj", "o_gate") if hasattr(layer.self_attn, n)]
+        names |= {f"model.layers.{i}.self_attn.{n}" for n in attn}
+        names |= {f"model.layers.{i}.mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")}
+    return names
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_fp8_linear_module_from_a_linear(bias):
+    from sala.ops import fp8_linear, quantize_fp8_weight
+
+    g = torch.Generator().manual_seed(2)
+    lin = nn.Linear(48, 24, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(0.1 * torch.randn(24, 48, generator=g))
+        if bias:
+            lin.bias.copy_(torch.randn(24, generator=g))
+    m = FP8Linear.from_linear(lin)
+    q, s = quantize_fp8_weight(lin.weight)
+    assert torch.equal(m.weight.view(torch.uint8), q.view(torch.uint8)) and torch.equal(m.weight_scale, s)
+    assert (m.bias is None) if not bias else torch.equal(m.bias, lin.bias)
+    x = torch.randn(3, 5, 48, generator=g)
+    with torch.no_grad():
+        out = m(x)
+        assert torch.equal(out, fp8_linear(x, q, s, lin.bias))
+        assert_close(out, lin(x), 6e-2, "FP8Linear vs Linear")
+    assert (m.in_features, m.out_features) == (48, 24)
+
+
+def test_replaces_exactly_the_decoder_projections(tiny_sparse_config):
+    model = _model(tiny_sparse_config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = quantize_fp8_(model)
+    expected = _expected_names(model)
+    assert len(names) == len(set(names)) and set(names) == expected
+    assert any(".z_proj" in n for n in names) and any(".o_gate" in n for n in names)  # both mixer kinds present
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        if name in expected:
+            assert type(module) is FP8Linear and module.weight.dtype == FP8 and module.weight_scale.dtype == torch.float32
+        else:
+            assert type(module) is not FP8Linear
+    assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is nn.Embedding
+    state = model.state_dict()
+    replaced_weights = {n + ".weight" for n in expected}
+    assert set(state) == set(before) | {n + ".weight_scale" for n in expected}
+    for key, value in before.items():  # embeddings, norms, lm_head: untouched
+        if key not in replaced_weights:
+            assert torch.equal(state[key], value), key
+    w = model.model.layers[0].mlp.down_proj
+    assert "float8_e4m3fn" in repr(w) and f"in_features={w.in_features}" in repr(w)
+
+
+def test_skip_leaves_named_projections(tiny_sparse_config):
+    model = _model(tiny_sparse_config)
+    names = quantize_fp8_(model, skip=("lm_head", "o_proj", "model.layers.2.mlp"))
+    assert not any(n.endswith("o_proj") or n.startswith("model.layers.2.mlp.") for n in names)
+    assert set(names) == {n for n in _expected_names(model)
+                          if not (n.endswith("o_proj") or n.startswith("model.layers.2.mlp."))}
+    assert type(model.model.layers[0].self_attn.o_proj) is nn.Linear
+    assert type(model.model.layers[2].mlp.up_proj) is nn.Linear
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "qkv-bias"])
+def test_logits_stay_close_to_the_unquantised_model(tiny_sparse_config, dtype, bias):
+    model = _model(tiny_sparse_config, qkv_bias=bias).to(dtype)
+    ids = _ids(tiny_sparse_config)
+    quant = copy.deepcopy(model)
+    quantize_fp8_(quant)
+    with torch.no_grad():
+        ref = model(ids).logits
+        out = quant(ids).logits
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    err = rel_l2(out, ref)
+    assert err < 0.1, f"fp8 logits rel L2 {err:.3e}"
+    assert err > 1e-3  # the projections really are quantised
+    agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert agree > 0.8, f"greedy next-token agreement {agree:.2f}"
+
+
+def test_generate_with_the_hybrid_cache(tiny_sparse_config):
+    model = _model(tiny_sparse_config)
+    quantize_fp8_(model)
+    a = _ids(tiny_sparse_config, B=1, T=60, seed=4)
+    with torch.no_grad():
+        out = model.generate(a, max_new_tokens=8, do_sample=False)  # decode crosses dense_len = 64
+        seq = a
+        for _ in range(8):  # per-token activation scales: the cached decode equals a full recompute
+            seq = torch.cat([seq, model(seq).logits[:, -1:].argmax(-1)], 1)
+    assert out.shape == (1, 68) and torch.equal(out, seq)
+
+
+def test_fused_projections_are_dropped(tiny_sparse_config):
+    plain, fused = _model(tiny_sparse_config), _model(tiny_sparse_config)
+    ids = _ids(tiny_sparse_config)
+    fused.fuse_projections()
+    assert fused.model.layers[0].self_attn._fused is not None and fused.model.layers[0].mlp._fused is not None
+    quantize_fp8_(plain)
+    quantize_fp8_(fused)
+    for layer in fused.model.layers:
+        assert layer.self_attn._fused is None and layer.mlp._fused is None
+    with torch.no_grad():
+        want = plain(ids).logits
+        assert torch.equal(fused(ids).logits, want)
+        fused.fuse_projections()  # FP8Linear groups are not fusable: still the separate fp8 path
+        assert fused.model.layers[1].self_attn._fused is None
+        assert torch.equal(fused(ids).logits, want)
+
+
+def test_state_dict_round_trip_through_safetensors(tiny_sparse_config, tmp_path):
+    model = _model(tiny_sparse_config, qkv_bias=True)
+    quantize_fp8_(model)
+    path = tmp_path / "fp8.safetensors"
+    save_file(model.state_dict(), str(path))
+    loaded = load_file(str(path))
+    assert loaded["model.layers.0.self_attn.q_proj.weight"].dtype == FP8
+    assert loaded["model.layers.0.self_attn.q_proj.weight_scale"].dtype == torch.float32
+    other = _model(tiny_sparse_config, seed=5)  # different random weights, then the same structure
+    quantize_fp8_(other)
+    other.load_state_dict(loaded)
+    ids = _ids(tiny_sparse_config)
+    with torch.no_grad():
+        assert torch.equal(other(ids).logits, model(ids).logits)
+    fresh = _model(tiny_sparse_config, seed=6)
+    quantize_fp8_(fresh)
+    with pytest.raises(RuntimeError, match="FP8Linear loads float8_e4m3fn weights"):
+        fresh.load_state_dict(_model(tiny_sparse_config, seed=7).state_dict(), strict=False)
+
+
+def test_dtype_casts_keep_the_fp8_format(tiny_sparse_config):
+    model = _model(tiny_sparse_config, qkv_bias=True)
+    quantize_fp8_(model)
+    q = model.model.layers[0].self_attn.q_proj
+    weight, scale = q.weight.clone(), q.weight_scale.clone()
+    model.to(torch.bfloat16)
+    assert q.weight.dtype == FP8 and torch.equal(q.weight.float(), weight.float())
+    assert q.weight_scale.dtype == torch.float32 and torch.equal(q.weight_scale, scale)
+    assert q.bias.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        out = model(_ids(tiny_sparse_config)).logits
+    assert torch.isfinite(out).all()
+
+
+def test_refuses_non_sala_models_and_adapters(tiny_sparse_config):
+    with pytest.raises(ValueError, match="wants a SALA model"):
+        quantize_fp8_(nn.Sequential(nn.Linear(4, 4)))
+
+    class Adapter(nn.Linear):
+        pass
+
+    model = _model(tiny_sparse_config)
+    model.model.layers[1].mlp.up_proj = Adapter(tiny_sparse_config.hidden_size, tiny_sparse_config.intermediate_size)
+    with pytest.raises(ValueError, match="up_proj is a Adapter"):
+        quantize_fp8_(model)
