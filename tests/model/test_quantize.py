@@ -188,3 +188,17 @@ def test_refuses_non_sala_models_and_adapters(tiny_sparse_config):
     model.model.layers[1].mlp.up_proj = Adapter(tiny_sparse_config.hidden_size, tiny_sparse_config.intermediate_size)
     with pytest.raises(ValueError, match="up_proj is a Adapter"):
         quantize_fp8_(model)
+
+
+@pytest.mark.gpu
+def test_quantised_bf16_model_on_cuda(tiny_sparse_config):
+    """On a GPU the projections take the fp8 GEMM (hidden 64, intermediate 128: multiples of 16)."""
+    model = _model(tiny_sparse_config).to("cuda", torch.bfloat16)
+    quant = copy.deepcopy(model)
+    quantize_fp8_(quant)
+    ids = _ids(tiny_sparse_config).cuda()
+    with torch.no_grad():
+        ref, out = model(ids).logits, quant(ids).logits
+        gen = quant.generate(ids[:1, :60], max_new_tokens=8, do_sample=False)
+    assert rel_l2(out, ref) < 0.1 and (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
+    assert gen.shape == (1, 68)

@@ -126,6 +126,13 @@ def test_cpu_scaled_mm_matches_reference(dtype, out_dtype):
     assert fp8_linear(x, q, s, b, out_dtype=out_dtype).dtype == want.dtype  # auto takes the same path
 
 
+@pytest.mark.parametrize("backend", ["naive", "cpu"])
+def test_empty_batches(backend):
+    q, s = quantize_fp8_weight(_randn(16, 32))
+    assert fp8_linear(torch.randn(0, 32), q, s, _randn(16), backend=backend).shape == (0, 16)
+    assert fp8_linear(torch.randn(2, 0, 32).bfloat16(), q, s, backend=backend).shape == (2, 0, 16)
+
+
 def test_bad_inputs_are_refused_clearly():
     x = _randn(4, 32)
     q, s = quantize_fp8_weight(_randn(8, 32, seed=1))

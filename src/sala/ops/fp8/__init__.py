@@ -54,7 +54,8 @@ def fp8_linear(x: torch.Tensor, q_weight: torch.Tensor, w_scale: torch.Tensor, b
     """``x @ W^T + bias`` with W = q_weight * w_scale[:, None] and x quantised to e4m3 per token on the fly.
 
     x: [..., in] fp16/bf16/fp32; q_weight: [out, in] float8_e4m3fn; w_scale: [out] float32; bias: [out] or None
-    -> [..., out] in ``out_dtype`` (default: x's dtype). Inference only: no gradients flow through the quantiser.
+    -> [..., out] in ``out_dtype`` (default: x's dtype). Meant for inference: with autograd on x the reference runs,
+    its fp8 casts passing gradients straight through; the quantised weight is a constant.
     """
     if x.dtype not in _FLOAT:
         raise ValueError(f"fp8_linear wants x in float16, bfloat16 or float32; got {x.dtype}")
