@@ -2,7 +2,7 @@
 the bundled trained delta: held-out perplexity and greedy agreement (issue 15, item 2; a CPU run uses the cpu
 backend's ``torch._scaled_mm``, a GPU run the CUDA one).
 
-    python benchmarks/fp8_quality.py [--context 2048] [--windows 8] [--device cpu] [--out results/fp8_quality]
+    python benchmarks/fp8_quality.py [--context 2048] [--windows 8] [--device cpu] [--skip down_proj] [--out DIR]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="benchmarks/results/fp8_quality")
+    ap.add_argument("--skip", default="", help="projections left unquantised, e.g. down_proj,o_proj (lm_head always)")
     args = ap.parse_args()
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -43,7 +44,9 @@ def main() -> None:
     runs = {}
     for name in ("reference", "fp8"):
         if name == "fp8":
-            report["quantized_linears"] = len(quantize_fp8_(m.hybrid))
+            skip = ("lm_head", *filter(None, args.skip.split(",")))
+            report["skipped"] = list(skip)
+            report["quantized_linears"] = len(quantize_fp8_(m.hybrid, skip=skip))
         t0 = time.time()
         ppl = score_text(m.hybrid, tokens, args.context, batch=1, max_windows=args.windows)
         runs[name] = {"ppl": ppl["ppl"], "tokens_scored": ppl["tokens_scored"], "greedy": greedy(m.hybrid, prompt, 32),
