@@ -314,15 +314,12 @@ class Trainer:
         if not (path / "delta.json").is_file():
             raise RecipeError(f"model.init_delta: {path} holds no delta.json (sala train writes one into <run>/delta)")
         meta = json.loads((path / "delta.json").read_text())
+        recorded = {"rank": meta.get("rank"), "alpha": meta.get("alpha"), "targets": list(meta.get("targets") or []),
+                    "rank_overrides": dict(meta.get("rank_overrides") or {})}
         want = {"rank": r.adapters.rank, "alpha": r.adapters.alpha, "targets": list(r.adapters.targets),
                 "rank_overrides": dict(r.adapters.rank_overrides)}
         for key, value in want.items():
-            have = meta.get(key)
-            if key == "rank_overrides":
-                have = dict(have or {})
-            if key == "targets":
-                have = list(have or [])
-            if have != value:
+            if (have := recorded[key]) != value:
                 raise RecipeError(f"model.init_delta: {path} was trained with adapters.{key} = {have!r}, the recipe "
                                   f"says {value!r}; use the settings it was trained with")
         try:

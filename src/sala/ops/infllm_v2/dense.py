@@ -11,6 +11,8 @@ against). Four cases, cheapest first:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
@@ -49,6 +51,7 @@ def sdpa_dense_causal_attention(
     return out
 
 
+@functools.cache
 def _varlen_signature() -> frozenset[str]:
     """Keyword names of torch's ``varlen_attn`` (causality is ``is_causal`` in torch 2.10, ``window_size`` after)."""
     import inspect
@@ -56,9 +59,6 @@ def _varlen_signature() -> frozenset[str]:
     from torch.nn.attention.varlen import varlen_attn
 
     return frozenset(inspect.signature(varlen_attn).parameters)
-
-
-_VARLEN_PARAMS: frozenset[str] | None = None
 
 
 def flash_varlen_causal_attention(
@@ -70,23 +70,21 @@ def flash_varlen_causal_attention(
     host -> o: [N, H, D]. One launch instead of one SDPA call per document: per-document calls of new lengths cost
     milliseconds of host time each (cuDNN builds a graph per shape), which starved the GPU in packed training.
     """
-    global _VARLEN_PARAMS
     from torch.nn.attention.varlen import varlen_attn
 
-    if _VARLEN_PARAMS is None:
-        _VARLEN_PARAMS = _varlen_signature()
+    params = _varlen_signature()
     H, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
     kwargs: dict = {}
-    if "scale" in _VARLEN_PARAMS:
+    if "scale" in params:
         kwargs["scale"] = scale
     elif abs(scale * D**0.5 - 1.0) > 1e-6:  # its fixed 1/sqrt(D): fold the rest into q
         q = q * (scale * D**0.5)
-    if "window_size" in _VARLEN_PARAMS:
+    if "window_size" in params:
         kwargs["window_size"] = (-1, 0)  # causal
     else:
         kwargs["is_causal"] = True
     if H != Hkv:
-        if "enable_gqa" in _VARLEN_PARAMS:
+        if "enable_gqa" in params:
             kwargs["enable_gqa"] = True
         else:  # older torch: one K/V head per query head
             k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
