@@ -5,6 +5,7 @@ format, state_dict round trip through safetensors."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sala.model import SALAForCausalLM
-from sala.model.quantize import FP8Linear, quantize_fp8_
+from sala.model.checkpoint_io import CheckpointError
+from sala.model.quantize import FP8Config, FP8Linear, quantize_fp8_
 from sala.utils.testing import assert_close, rel_l2
 from tests.conftest import randomize_
 
@@ -188,6 +190,126 @@ def test_refuses_non_sala_models_and_adapters(tiny_sparse_config):
     model.model.layers[1].mlp.up_proj = Adapter(tiny_sparse_config.hidden_size, tiny_sparse_config.intermediate_size)
     with pytest.raises(ValueError, match="up_proj is a Adapter"):
         quantize_fp8_(model)
+
+
+@pytest.mark.parametrize("group", [None, 32], ids=["rowwise", "group32"])
+def test_from_pretrained_quantises_at_load(tiny_sparse_config, tmp_path, group):
+    model = _model(tiny_sparse_config, qkv_bias=True)
+    model.save_pretrained(tmp_path / "plain")
+    loaded = SALAForCausalLM.from_pretrained(tmp_path / "plain", quantization_config=FP8Config(group_size=group)).eval()
+    direct = copy.deepcopy(model)
+    names = quantize_fp8_(direct, group_size=group)
+    for name in names:
+        module = loaded.get_submodule(name)
+        assert type(module) is FP8Linear and module.group_size == group
+        assert torch.equal(module.weight_scale, direct.get_submodule(name).weight_scale)
+    ids = _ids(tiny_sparse_config)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, direct(ids).logits)
+    assert loaded.config.quantization_config.group_size == group
+
+
+def test_pre_quantised_checkpoint_round_trip(tiny_sparse_config, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _model(tiny_sparse_config, qkv_bias=True)
+    quantize_fp8_(model, group_size=32, skip=("lm_head", "o_proj"))
+    model.save_pretrained(tmp_path / "fp8")
+    saved = json.loads((tmp_path / "fp8" / "config.json").read_text())["quantization_config"]
+    assert saved == {"quant_method": "sala_fp8", "group_size": 32, "modules_to_not_convert": ["lm_head", "o_proj"],
+                     "calibrated": False}
+    ids = _ids(tiny_sparse_config)
+    with torch.no_grad():
+        want = model(ids).logits
+        for loader in (SALAForCausalLM, AutoModelForCausalLM):
+            again = loader.from_pretrained(tmp_path / "fp8").eval()
+            assert type(again.model.layers[0].mlp.up_proj) is FP8Linear
+            assert type(again.model.layers[0].self_attn.o_proj) is nn.Linear  # skipped at save, skipped at load
+            assert torch.equal(again(ids).logits, want)
+        half = SALAForCausalLM.from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16)
+    up = half.model.layers[1].mlp.up_proj
+    assert up.weight.dtype == FP8 and up.weight_scale.dtype == torch.float32  # the format's dtypes survive dtype=
+    assert torch.equal(up.weight_scale, model.model.layers[1].mlp.up_proj.weight_scale)
+
+
+def test_pre_quantised_checkpoint_errors(tiny_sparse_config, tmp_path):
+    model = _model(tiny_sparse_config)
+    model.save_pretrained(tmp_path / "plain")
+    quantize_fp8_(model, group_size=32)
+    model.save_pretrained(tmp_path / "fp8")
+
+    def edit(folder, **quant):
+        path = tmp_path / folder / "config.json"
+        cfg = json.loads(path.read_text())
+        cfg["quantization_config"] = {**cfg.get("quantization_config", {}), **quant}
+        path.write_text(json.dumps(cfg))
+
+    edit("fp8", group_size=64)  # scales of groups of 32 on disk, config says 64
+    with pytest.raises(CheckpointError, match=r"weight_scale has shape \[\d+, 2\], config expects \[\d+, 1\]"):
+        SALAForCausalLM.from_pretrained(tmp_path / "fp8")
+    edit("plain", quant_method="sala_fp8", group_size=32)  # an unquantised checkpoint claiming to be fp8
+    with pytest.raises(CheckpointError, match="missing .* tensors, e.g. .*weight_scale"):
+        SALAForCausalLM.from_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="unknown keys \\['block'\\]"):
+        FP8Config(block=128)
+    with pytest.raises(ValueError, match="power of two"):
+        FP8Config(group_size=100)
+
+
+def test_pre_quantised_checkpoint_with_bf16_weights_is_refused(tiny_sparse_config, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _model(tiny_sparse_config)
+    quantize_fp8_(model, group_size=32)
+    model.save_pretrained(tmp_path / "fp8")
+    path = tmp_path / "fp8" / "model.safetensors"
+    tensors = load_file(str(path))
+    name = "model.layers.1.mlp.down_proj.weight"
+    tensors[name] = tensors[name].to(torch.bfloat16)  # e.g. a tool that "converted the checkpoint to bf16"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"{name} is BF16, .*sala_fp8.* expects F8_E4M3"):
+        SALAForCausalLM.from_pretrained(tmp_path / "fp8")
+
+
+@pytest.mark.parametrize("group", [None, 32], ids=["rowwise", "group32"])
+def test_gptq_calibration_beats_round_to_nearest(tiny_sparse_config, group):
+    """GPTQ from calibration batches: on held-out inputs of each projection (captured from the unquantised model),
+    ||X (W_q - W)^T|| is smaller than with rounding to nearest; same scales, so only the codes moved. Embeddings of
+    rank 8 make the inputs correlated, as a trained model's are (with isotropic inputs there is nothing to gain)."""
+    model = _model(tiny_sparse_config)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb.copy_(torch.randn(emb.shape[0], 8, generator=g) @ torch.randn(8, emb.shape[1], generator=g) / 8**0.5
+                  + 0.1 * torch.randn(emb.shape, generator=g))
+    rtn, gptq = copy.deepcopy(model), copy.deepcopy(model)
+    quantize_fp8_(rtn, group_size=group)
+    calibration = [_ids(tiny_sparse_config, B=4, T=70, seed=s) for s in (10, 11)]
+    names = quantize_fp8_(gptq, group_size=group, calibration=calibration)
+    assert gptq.config.quantization_config.calibrated and len(names) == len(_expected_names(model))
+    inputs = {}
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda mod, args, out, n=n: inputs.__setitem__(n, args[0].reshape(-1, args[0].shape[-1]))) for n in names]
+    with torch.no_grad():
+        model(_ids(tiny_sparse_config, B=4, seed=20))
+    for h in hooks:
+        h.remove()
+
+    def output_error(quant):
+        total = 0.0
+        for n in names:
+            m = quant.get_submodule(n)
+            w = m.weight.float() * (m.weight_scale[:, None] if group is None
+                                    else m.weight_scale.repeat_interleave(group, 1)[:, :m.in_features])
+            total += ((inputs[n] @ (w - model.get_submodule(n).weight).t()) ** 2).sum().item()
+        return total ** 0.5
+
+    for n in names:
+        assert torch.equal(gptq.get_submodule(n).weight_scale, rtn.get_submodule(n).weight_scale)
+    err_rtn, err_gptq = output_error(rtn), output_error(gptq)
+    assert err_gptq < 0.8 * err_rtn, (err_gptq, err_rtn)
+    with pytest.raises(ValueError, match="calibration is empty"):
+        quantize_fp8_(copy.deepcopy(model), calibration=[])
 
 
 @pytest.mark.gpu

@@ -9,6 +9,7 @@ import torch
 
 from sala.ops import fp8_linear, quantize_fp8_activation, quantize_fp8_weight
 from sala.ops.fp8 import FP8_DTYPE, dequantize_fp8_weight, naive_fp8_linear
+from sala.ops.fp8.naive import gptq_fp8_weight
 from sala.utils.testing import assert_close, rel_l2
 
 E4M3_MAX = 448.0
@@ -140,9 +141,9 @@ def test_bad_inputs_are_refused_clearly():
         fp8_linear(x, q.float(), s)
     with pytest.raises(ValueError, match=r"in = x.shape\[-1\] = 16"):
         fp8_linear(x[:, :16], q, s)
-    with pytest.raises(ValueError, match=r"w_scale \[out\] = \[8\] float32"):
+    with pytest.raises(ValueError, match=r"\(row-wise\) wants w_scale \[8\] float32"):
         fp8_linear(x, q, s[:4])
-    with pytest.raises(ValueError, match=r"w_scale \[out\] = \[8\] float32"):
+    with pytest.raises(ValueError, match=r"\(row-wise\) wants w_scale \[8\] float32"):
         fp8_linear(x, q, s.bfloat16())
     with pytest.raises(ValueError, match=r"bias \[out\] = \[8\]"):
         fp8_linear(x, q, s, torch.ones(32))
@@ -154,6 +155,20 @@ def test_bad_inputs_are_refused_clearly():
         quantize_fp8_weight(_randn(2, 3, 4))
     with pytest.raises(ValueError, match="float tensor"):
         quantize_fp8_activation(torch.ones(3, 4, dtype=torch.long))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [64, 128])
+def test_cuda_group_gemm_matches_reference(group):
+    """The Triton group-scale kernel compiled on a GPU, prefill- and decode-sized M, against the reference."""
+    dev = torch.device("cuda")
+    q, s = quantize_fp8_weight((0.05 * _randn(1536, 576, seed=35)).to(dev), group)
+    for m in (1, 7, 300):
+        x = (2 * _randn(m, 576, seed=36)).bfloat16().to(dev)
+        with torch.no_grad():
+            got = fp8_linear(x, q, s, backend="triton", group_size=group)
+            want = naive_fp8_linear(x, q, s, None, torch.bfloat16, group)
+        assert_close(got.float(), want.float(), 8e-3, f"cuda group GEMM vs reference, M={m}")
 
 
 @pytest.mark.gpu
@@ -173,6 +188,131 @@ def test_cuda_scaled_mm_matches_reference(dtype, bias):
         want = naive_fp8_linear(x, q, s, b, dtype)
     assert got.dtype == dtype and got.shape == (3, 37, 384)
     assert_close(got.float(), want.float(), 1e-5 if dtype == torch.float32 else 8e-3, "cuda fp8 GEMM vs reference")
-    assert resolve("fp8_linear", "auto", dev, x, q, s, b, dtype).__name__ == "_cuda_fp8_linear"
+    assert resolve("fp8_linear", "auto", dev, x, q, s, b, dtype, None).__name__ == "_triton_fp8_linear"
     q2, s2 = quantize_fp8_weight((0.05 * _randn(40, 256, seed=34)).to(dev))  # out = 40: not a multiple of 16
-    assert resolve("fp8_linear", "auto", dev, x, q2, s2, None, dtype) is naive_fp8_linear
+    assert resolve("fp8_linear", "auto", dev, x, q2, s2, None, dtype, None) is naive_fp8_linear
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# group-wise scales
+# ---------------------------------------------------------------------------------------------------------------
+def _fp64_group_reference(x, q, s, group, bias=None):
+    """The group-wise fp8 linear in fp64 from the scale rules, group by group (not with the module's code)."""
+    x64 = x.double().reshape(-1, x.shape[-1])
+    out = torch.zeros(x64.shape[0], q.shape[0], dtype=torch.float64)
+    for g, k0 in enumerate(range(0, x64.shape[1], group)):
+        xg = x64[:, k0:k0 + group]
+        xs = (xg.abs().amax(-1, keepdim=True) / E4M3_MAX).float()
+        xs = torch.where(xs > 0, xs, torch.ones_like(xs))
+        xq = (xg.float() / xs).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
+        out += (xq.double() @ q[:, k0:k0 + group].double().t()) * xs.double() * s[:, g].double()[None, :]
+    if bias is not None:
+        out = out + bias.double()
+    return out.reshape(*x.shape[:-1], q.shape[0])
+
+
+@pytest.mark.parametrize("shape,group", [((16, 96), 32), ((5, 200), 64), ((3, 576), 128)])
+def test_group_scales_are_exact_per_group_with_a_ragged_tail(shape, group):
+    w = 0.05 * _randn(*shape, seed=shape[1])
+    q, s = quantize_fp8_weight(w, group)
+    n_groups = -(-shape[1] // group)
+    assert s.shape == (shape[0], n_groups) and s.dtype == torch.float32
+    for g in range(n_groups):
+        block = w[:, g * group:(g + 1) * group]  # the last one is shorter when group does not divide in
+        assert torch.equal(s[:, g], block.abs().amax(1) / E4M3_MAX), f"group {g}"
+        assert torch.equal(q[:, g * group:(g + 1) * group].float().abs().amax(1), torch.full((shape[0],), E4M3_MAX))
+    assert_close(dequantize_fp8_weight(q, s, group), w, 4e-2, "dequantised weight")
+
+
+def test_a_loud_group_does_not_coarsen_its_row():
+    """Row-wise scales give a 1e5x louder group's neighbours fp8 subnormals; group scales keep them at full
+    relative precision."""
+    x = _randn(4, 128, seed=8)
+    x[:, :32] *= 1e5
+    rowwise = quantize_fp8_activation(x)
+    grouped = quantize_fp8_activation(x, 32)
+    assert grouped[1].shape == (4, 4)
+    quiet = slice(32, 128)
+    err_row = rel_l2(rowwise[0].float()[:, quiet] * rowwise[1], x[:, quiet])
+    err_group = rel_l2((grouped[0].float() * grouped[1].repeat_interleave(32, -1))[:, quiet], x[:, quiet])
+    assert err_group < 4e-2 < err_row
+
+
+@pytest.mark.parametrize("backend", ["naive", "cpu"])
+@pytest.mark.parametrize("shape,group", [((2, 7, 96), 32), ((9, 200), 64)])
+def test_group_linear_matches_fp64(backend, shape, group):
+    x = (2 * _randn(*shape, seed=11)).bfloat16()
+    q, s = quantize_fp8_weight(0.05 * _randn(40, shape[-1], seed=12), group)
+    b = 0.2 * _randn(40, seed=13)
+    with torch.no_grad():
+        got = fp8_linear(x, q, s, b, out_dtype=torch.float32, backend=backend, group_size=group)
+    assert got.shape == (*shape[:-1], 40)
+    assert_close(got.double(), _fp64_group_reference(x.float(), q, s, group, b), 1e-6, "group fp8 linear vs fp64")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("m,k,n,group", [(5, 96, 40, 32), (37, 200, 72, 64), (1, 576, 33, 128)])
+def test_triton_group_gemm_matches_reference(monkeypatch, dtype, m, k, n, group):
+    """The Triton kernel in the interpreter: ragged K tails, M and N not multiples of the tiles, one-row decode."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = (2 * _randn(m, k, seed=21)).to(dtype)
+    q, s = quantize_fp8_weight(0.05 * _randn(n, k, seed=22), group)
+    b = (0.2 * _randn(n, seed=23)).to(dtype)
+    with torch.no_grad():
+        got = fp8_linear(x, q, s, b, backend="triton", group_size=group)
+        want = fp8_linear(x, q, s, b, backend="naive", group_size=group)
+    assert got.dtype == dtype and got.shape == (m, n)
+    tol = 1e-6 if dtype == torch.float32 else 8e-3  # one rounding of the output (the interpreter accumulates in fp32)
+    assert_close(got.float(), want.float(), tol, "triton group GEMM vs reference")
+    assert_close(got.double(), _fp64_group_reference(x.float(), q, s, group, b.float()), max(tol, 1e-6), "vs fp64")
+
+
+def test_group_layout_errors_are_specific():
+    x = _randn(4, 96)
+    q, s = quantize_fp8_weight(_randn(8, 96, seed=1), 32)
+    with pytest.raises(ValueError, match=r"\(group_size=32\) wants w_scale \[8, 3\]"):
+        fp8_linear(x, q, s[:, :2], group_size=32)
+    with pytest.raises(ValueError, match=r"\(row-wise\) wants w_scale \[8\]"):
+        fp8_linear(x, q, s)  # group scales passed without their group_size
+    for bad in (48, 16, 2048, 0, True):
+        with pytest.raises(ValueError, match="power of two from 32 to 1024"):
+            quantize_fp8_weight(_randn(8, 96), bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPTQ
+# ---------------------------------------------------------------------------------------------------------------
+def _correlated_inputs(n_rows, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k**0.5
+    return torch.randn(n_rows, k, generator=g) @ mix + 0.3 * torch.randn(n_rows, k, generator=g)
+
+
+@pytest.mark.parametrize("group", [None, 32])
+def test_gptq_lowers_the_output_error_with_the_same_scales(group):
+    w = 0.05 * _randn(48, 96, seed=41)
+    x = _correlated_inputs(4000, 96, seed=42)
+    q, s = gptq_fp8_weight(w, x.t() @ x, group)
+    rq, rs = quantize_fp8_weight(w, group)
+    rs = rs[:, None] if group is None else rs
+    assert q.dtype == FP8_DTYPE and torch.equal(s, rs)  # only the codes move
+    x_test = _correlated_inputs(2000, 96, seed=42)[1000:]  # same distribution
+    err = lambda codes: (x_test @ (dequantize_fp8_weight(codes, s[:, 0] if group is None else s, group) - w).t()).norm()
+    assert err(q) < 0.9 * err(rq), (err(q), err(rq))
+
+
+def test_gptq_with_a_diagonal_hessian_is_round_to_nearest():
+    w = 0.05 * _randn(16, 64, seed=43)
+    h = torch.diag(torch.rand(64, generator=torch.Generator().manual_seed(44)) + 0.5)
+    q, _ = gptq_fp8_weight(w, h, 32, block=16)
+    assert torch.equal(q.view(torch.uint8), quantize_fp8_weight(w, 32)[0].view(torch.uint8))
+
+
+def test_gptq_dead_inputs_and_shape_errors():
+    w = 0.05 * _randn(8, 32, seed=45)
+    x = _correlated_inputs(500, 32, seed=46)
+    x[:, 5] = 0  # a feature no calibration input uses: its weight column is dropped, nothing is NaN
+    q, s = gptq_fp8_weight(w, x.t() @ x)
+    assert torch.isfinite(q.float()).all() and (q[:, 5].float() == 0).all()
+    with pytest.raises(ValueError, match=r"hessian \[in, in\] = \[32, 32\]"):
+        gptq_fp8_weight(w, torch.eye(16))

@@ -126,6 +126,11 @@ def verify_checkpoint(directory: str | os.PathLike, config: SALAConfig) -> None:
     """Raise :class:`CheckpointError` unless the directory holds exactly the tensors ``config`` needs."""
     found = checkpoint_tensors(directory)
     expected = expected_shapes(config)
+    dtypes: dict[str, str] = {}
+    if getattr(config, "quantization_config", None):
+        from sala.model.quantize import quantized_tensors
+
+        expected, dtypes = quantized_tensors(expected, config.quantization_config)
     if config.tie_word_embeddings:
         found = {k: v for k, v in found.items() if k != "lm_head.weight"}
     missing = sorted(set(expected) - set(found))
@@ -137,6 +142,10 @@ def verify_checkpoint(directory: str | os.PathLike, config: SALAConfig) -> None:
     for name, shape in expected.items():
         if found[name][1] != shape:
             raise CheckpointError(f"tensor {name} has shape {list(found[name][1])}, config expects {list(shape)}")
+    for name, dtype in dtypes.items():
+        if found[name][0] != dtype:
+            raise CheckpointError(f"tensor {name} is {found[name][0]}, but config.json's quantization_config "
+                                  f"({config.quantization_config['quant_method']}) expects {dtype}")
 
 
 def write_official_config(directory: str | os.PathLike) -> None:

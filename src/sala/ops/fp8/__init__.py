@@ -1,10 +1,16 @@
-"""FP8 (e4m3) weight-and-activation linear for inference: per-output-channel weight scales, dynamic per-token
-activation scales, one fp8 GEMM (``torch._scaled_mm`` with row-wise scales) where the hardware has one.
+"""FP8 (e4m3) weight-and-activation linear for inference. Two scale layouts:
+
+* row-wise (``group_size=None``): one scale per output channel of the weight, one dynamic scale per token of the
+  activation; the GEMM is ``torch._scaled_mm`` with row-wise scales (cuBLASLt on CUDA, also on CPU);
+* group-wise (``group_size=g``, a power of two from 32 to 1024): one scale per ``g`` consecutive input features,
+  for each output channel and for each token (finer: a loud group no longer coarsens its whole row); the GEMM is
+  our Triton kernel (``triton_gemm.py``), which applies the two scales to each group's fp32 partial sum.
 
 ``naive`` dequantises both operands to fp32 and multiplies (any device; the oracle). It models the activation
 quantisation too, so a backend's only difference from it is the GEMM's accumulation order and output rounding.
-``cpu``: ``torch._scaled_mm`` on CPU tensors (same arithmetic, no dequantised fp32 weight copy). ``triton``: the
-CUDA GEMM (cuBLASLt/CUTLASS behind ``torch._scaled_mm``, no Triton kernel of ours); CUDA tensors only.
+``cpu``: ``torch._scaled_mm`` on CPU tensors for row-wise scales (no dequantised fp32 weight copy); group-wise
+scales take the reference there. ``triton``: ``torch._scaled_mm`` on CUDA for row-wise scales, the Triton kernel
+for group-wise ones (CUDA, or the CPU interpreter with ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ from __future__ import annotations
 import torch
 
 from sala.ops.common.dispatch import call, register
-from sala.ops.fp8.naive import FP8_DTYPE, FP8_MAX, dequantize_rows, naive_fp8_linear, quantize_rows
+from sala.ops.fp8.naive import (FP8_DTYPE, FP8_MAX, dequantize_groups, naive_fp8_linear, num_groups,
+                                quantize_groups, quantize_rows)
+from sala.utils.env import triton_interpret
 
 __all__ = [
     "FP8_DTYPE",
@@ -22,41 +30,62 @@ __all__ = [
     "naive_fp8_linear",
     "quantize_fp8_activation",
     "quantize_fp8_weight",
+    "check_group_size",
 ]
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def quantize_fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w: [out, in] float -> (q [out, in] float8_e4m3fn, scale [out] float32), ``w ~= q * scale[:, None]``.
+GROUP_SIZES = tuple(2**i for i in range(5, 11))
+"""Group sizes the group-wise layout takes: powers of two (the Triton kernel's K step; fp8 tensor-core dots want
+K >= 32)."""
 
-    One scale per output channel (row): absmax / 448; an all-zero row gets scale 1."""
+
+def check_group_size(group_size: int | None) -> int | None:
+    """``group_size`` itself when it is None (row-wise) or one of :data:`GROUP_SIZES`; otherwise a ValueError."""
+    if group_size is not None and (isinstance(group_size, bool) or group_size not in GROUP_SIZES):
+        raise ValueError(f"FP8 group_size must be None (row-wise scales) or a power of two from 32 to 1024; got "
+                         f"{group_size!r}")
+    return group_size
+
+
+def quantize_fp8_weight(w: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w: [out, in] float -> (q [out, in] float8_e4m3fn, scale float32): ``w ~= q * scale`` expanded.
+
+    Row-wise (``group_size=None``): scale [out], absmax / 448 of each output channel. Group-wise: scale
+    [out, ceil(in / group_size)], one per channel and group of input features. An all-zero group gets scale 1."""
+    check_group_size(group_size)
     if w.dim() != 2 or not w.is_floating_point() or w.dtype == FP8_DTYPE:
         raise ValueError(f"quantize_fp8_weight wants a float weight [out, in]; got {w.dtype} {tuple(w.shape)}")
-    q, scale = quantize_rows(w.detach())
-    return q, scale[:, 0]
+    q, scale = quantize_groups(w.detach(), group_size)
+    return q, (scale[:, 0] if group_size is None else scale)
 
 
-def dequantize_fp8_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(q [out, in] float8_e4m3fn, scale [out]) -> fp32 weight [out, in]."""
-    return dequantize_rows(q, scale[:, None])
+def dequantize_fp8_weight(q: torch.Tensor, scale: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+    """(q [out, in] float8_e4m3fn, scale [out] or [out, G]) -> fp32 weight [out, in]."""
+    return dequantize_groups(q, scale[:, None] if group_size is None else scale, group_size)
 
 
-def quantize_fp8_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [..., in] float -> (q [..., in] float8_e4m3fn, scale [..., 1] float32): one dynamic scale per token."""
+def quantize_fp8_activation(x: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [..., in] float -> (q [..., in] float8_e4m3fn, scale [..., G] float32): dynamic scales, one per token
+    (G = 1) or per token and group of ``group_size`` features (G = ceil(in / group_size))."""
+    check_group_size(group_size)
     if x.dim() < 1 or not x.is_floating_point() or x.dtype == FP8_DTYPE:
         raise ValueError(f"quantize_fp8_activation wants a float tensor [..., in]; got {x.dtype} {tuple(x.shape)}")
-    return quantize_rows(x.detach())
+    return quantize_groups(x.detach(), group_size)
 
 
 def fp8_linear(x: torch.Tensor, q_weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
-               out_dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
-    """``x @ W^T + bias`` with W = q_weight * w_scale[:, None] and x quantised to e4m3 per token on the fly.
+               out_dtype: torch.dtype | None = None, backend: str = "auto",
+               group_size: int | None = None) -> torch.Tensor:
+    """``x @ W^T + bias`` with W the dequantised weight and x quantised to e4m3 on the fly with the same layout.
 
-    x: [..., in] fp16/bf16/fp32; q_weight: [out, in] float8_e4m3fn; w_scale: [out] float32; bias: [out] or None
+    x: [..., in] fp16/bf16/fp32; q_weight: [out, in] float8_e4m3fn; w_scale: [out] float32 (row-wise,
+    ``group_size=None``) or [out, ceil(in / group_size)] float32 (group-wise); bias: [out] or None
     -> [..., out] in ``out_dtype`` (default: x's dtype). Meant for inference: with autograd on x the reference runs,
     its fp8 casts passing gradients straight through; the quantised weight is a constant.
     """
+    check_group_size(group_size)
     if x.dtype not in _FLOAT:
         raise ValueError(f"fp8_linear wants x in float16, bfloat16 or float32; got {x.dtype}")
     if x.dim() < 1:
@@ -68,8 +97,10 @@ def fp8_linear(x: torch.Tensor, q_weight: torch.Tensor, w_scale: torch.Tensor, b
         raise ValueError(f"fp8_linear wants q_weight [out, in] with in = x.shape[-1] = {x.shape[-1]}; got "
                          f"q_weight {tuple(q_weight.shape)}")
     out_features = q_weight.shape[0]
-    if w_scale.dtype != torch.float32 or tuple(w_scale.shape) != (out_features,):
-        raise ValueError(f"fp8_linear wants w_scale [out] = [{out_features}] float32; got {w_scale.dtype} "
+    want = (out_features,) if group_size is None else (out_features, num_groups(q_weight.shape[1], group_size))
+    if w_scale.dtype != torch.float32 or tuple(w_scale.shape) != want:
+        layout = "row-wise" if group_size is None else f"group_size={group_size}"
+        raise ValueError(f"fp8_linear ({layout}) wants w_scale {list(want)} float32; got {w_scale.dtype} "
                          f"{tuple(w_scale.shape)}")
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"fp8_linear wants bias [out] = [{out_features}] or None; got {tuple(bias.shape)}")
@@ -79,7 +110,7 @@ def fp8_linear(x: torch.Tensor, q_weight: torch.Tensor, w_scale: torch.Tensor, b
     tensors = [x, q_weight, w_scale] + ([bias] if bias is not None else [])
     if len({t.device for t in tensors}) != 1:
         raise ValueError(f"fp8_linear wants every tensor on one device; got {[str(t.device) for t in tensors]}")
-    return call("fp8_linear", backend, x.device, x, q_weight, w_scale, bias, out_dtype)
+    return call("fp8_linear", backend, x.device, x, q_weight, w_scale, bias, out_dtype, group_size)
 
 
 register("fp8_linear", "naive", naive_fp8_linear)
@@ -100,21 +131,33 @@ def _no_grad(x: torch.Tensor) -> bool:
     return not (torch.is_grad_enabled() and x.requires_grad)
 
 
-@register("fp8_linear", "cpu", accepts=lambda x, qw, ws, b, out_dtype: x.device.type == "cpu" and _no_grad(x))
-def _cpu_fp8_linear(x, q_weight, w_scale, bias, out_dtype) -> torch.Tensor:
+@register("fp8_linear", "cpu", accepts=lambda x, qw, ws, b, out_dtype, group_size:
+          x.device.type == "cpu" and _no_grad(x) and group_size is None)
+def _cpu_fp8_linear(x, q_weight, w_scale, bias, out_dtype, group_size) -> torch.Tensor:
     # CPU _scaled_mm takes row-wise scales and any of the three output dtypes; it avoids the reference's fp32
     # dequantised copy of the whole weight on every call.
     return _scaled_mm_rowwise(x, q_weight, w_scale, bias, out_dtype)
 
 
-def _cuda_gemm_takes(x, q_weight, w_scale, bias, out_dtype) -> bool:
-    """CUDA tensors whose GEMM cuBLASLt accepts: in and out multiples of 16 (fp8 operand alignment)."""
-    return (x.device.type == "cuda" and _no_grad(x)
-            and q_weight.shape[1] % 16 == 0 and q_weight.shape[0] % 16 == 0)
+def _triton_takes(x, q_weight, w_scale, bias, out_dtype, group_size) -> bool:
+    """Group-wise: the Triton kernel (CUDA or the interpreter). Row-wise: CUDA tensors whose GEMM cuBLASLt accepts
+    (in and out multiples of 16, the fp8 operand alignment)."""
+    if not _no_grad(x):
+        return False
+    if group_size is not None:
+        return x.device.type == "cuda" or triton_interpret()
+    return x.device.type == "cuda" and q_weight.shape[1] % 16 == 0 and q_weight.shape[0] % 16 == 0
 
 
-@register("fp8_linear", "triton", accepts=_cuda_gemm_takes)
-def _cuda_fp8_linear(x, q_weight, w_scale, bias, out_dtype) -> torch.Tensor:
+@register("fp8_linear", "triton", accepts=_triton_takes)
+def _triton_fp8_linear(x, q_weight, w_scale, bias, out_dtype, group_size) -> torch.Tensor:
+    if group_size is not None:
+        from sala.ops.fp8.triton_gemm import triton_fp8_group_gemm
+
+        lead = x.shape[:-1]
+        xq, xs = quantize_groups(x.reshape(-1, x.shape[-1]), group_size)
+        out = triton_fp8_group_gemm(xq, xs, q_weight, w_scale, bias, out_dtype, group_size)
+        return out.reshape(*lead, q_weight.shape[0])
     if out_dtype == torch.bfloat16:  # row-wise scaling on CUDA produces bf16 only
         return _scaled_mm_rowwise(x, q_weight, w_scale, bias, out_dtype)
     # fp16/fp32 outputs: the fp8 GEMM with unit tensor-wise scales into fp32, then the two scales and the bias
