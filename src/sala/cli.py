@@ -78,6 +78,21 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                                                 "SALA_NUM_THREADS; 1 with --demo)")
     g.add_argument("--check-weights", action="store_true", help="refuse a checkpoint with NaN/inf weights at load "
                                                                 "(reads every weight once)")
+    _quantize_flags(g)
+
+
+def _fp8_group_size(text: str) -> int:
+    from sala.ops.fp8 import GROUP_SIZES
+
+    value = _NON_NEGATIVE(text)
+    if value and value not in GROUP_SIZES:
+        raise argparse.ArgumentTypeError(f"must be 0 (row-wise) or a power of two from 32 to 1024; got {value}")
+    return value
+
+
+def _quantize_flags(g) -> None:
+    g.add_argument("--quantize", choices=("fp8",))  # help and defaults: the fields of ModelOptions
+    g.add_argument("--fp8-group-size", type=_fp8_group_size)
 
 
 def _engine_flags(p: argparse.ArgumentParser) -> None:
@@ -261,7 +276,9 @@ def _bench_e2e_flags(p):
     p.add_argument("--decode-steps", type=_POSITIVE, help="timed decode steps (default 32 on a GPU, 8 on a CPU)")
     p.add_argument("--decode-batch", type=_POSITIVE, help="the larger decode batch (default 8 on a GPU, 1 on a CPU)")
     p.add_argument("--chunk", type=_POSITIVE)
-    p.add_argument("--systems", help="comma-separated subset of sala, dense, hf")
+    p.add_argument("--systems", help="comma-separated subset of sala, sala-fp8, dense, hf")
+    p.add_argument("--quantize", choices=("fp8",))
+    p.add_argument("--fp8-group-size", type=_fp8_group_size)
     p.add_argument("--device", type=_device, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", help="auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float16 | float32")
     p.add_argument("--gpu-mem", type=_GIB)
@@ -387,6 +404,29 @@ def _convert(args):
     return 0
 
 
+def _quantize_cmd_flags(p):
+    p.add_argument("--model", required=True)  # help and defaults: the fields of QuantizeConfig
+    p.add_argument("--out", required=True)
+    p.add_argument("--group-size", type=_fp8_group_size)
+    p.add_argument("--calibrate")
+    p.add_argument("--calibration-tokens", type=_POSITIVE)
+    p.add_argument("--calibration-length", type=_POSITIVE)
+    p.add_argument("--skip", action="append")
+    p.add_argument("--device", type=_device)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--check-weights", action=argparse.BooleanOptionalAction)
+    from sala.engine.quantize import QuantizeConfig
+
+    _from_config(p, QuantizeConfig)
+
+
+def _quantize_cmd(args):
+    from sala.engine.quantize import QuantizeConfig, run_quantize
+
+    print(run_quantize(_fill(QuantizeConfig, args)).summary())
+    return 0
+
+
 def _eval_flags(p):
     from sala.eval.cli import add_eval_subcommands  # flags and runners of ppl | niah | ruler live in the eval room
 
@@ -426,6 +466,8 @@ COMMANDS: dict[str, Command] = {
     "serve": ("OpenAI-compatible HTTP server (completions, chat, SSE streaming)", _serve_flags, _serve),
     "convert": ("dense Transformer checkpoint -> SALA hybrid (weight inheritance, HyPE, optional HALO selection)", _convert_flags, _convert),
     "select-layers": ("HALO layer selection: which layers stay softmax", _select_layers_flags, _select_layers),
+    "quantize": ("SALA checkpoint -> FP8 checkpoint (e4m3 weights, fp32 scales; round to nearest or GPTQ with "
+                 "--calibrate)", _quantize_cmd_flags, _quantize_cmd),
     "bench": ("benchmarks", _bench_flags, None),
     "train": ("train a converted hybrid with a staged recipe (align -> distil -> long context / SFT); torchrun for "
               "several GPUs", _train_flags, None),

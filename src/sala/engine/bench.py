@@ -43,7 +43,7 @@ from sala.utils.fs import atomic_file, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
-SYSTEMS = ("sala", "dense", "hf")
+SYSTEMS = ("sala", "sala-fp8", "dense", "hf")
 SHAPES = ("released", "small", "tiny", "smollm2")
 CPU_CONTEXTS = "1K,4K,8K,16K,32K"
 GPU_CONTEXTS = "32K,64K,128K,256K,512K,1M"
@@ -79,10 +79,19 @@ class E2EConfig:
     long contexts without paying for the prefill (e.g. the dense baseline at 256K)."""
     threads: int | None = None
     """CPU threads for torch (default: ``sala.utils.env.default_cpu_threads``)."""
+    quantize: str | None = None
+    """fp8: run the SALA system with FP8 projections (system sala-fp8); list both sala,sala-fp8 in --systems to
+    compare bf16 and fp8 in one run."""
+    fp8_group_size: int = 128
+    """Scale group of the sala-fp8 system (0 = row-wise scales)."""
     seed: int = 0
     out: str = "out/e2e"
 
     def __post_init__(self) -> None:
+        if self.quantize not in (None, "fp8"):
+            raise ValueError(f"--quantize takes fp8; got {self.quantize!r}")
+        if self.quantize == "fp8":  # the flag names the quantised twin of the sala system
+            self.systems = ",".join("sala-fp8" if s == "sala" else s for s in self.system_list)
         if self.shape not in SHAPES:
             raise ValueError(f"--shape must be one of {SHAPES}, got {self.shape!r}")
         bad = set(self.system_list) - set(SYSTEMS)
@@ -404,11 +413,20 @@ def build_system(system: str, cfg: E2EConfig, device: torch.device, dtype: torch
     if system == "hf":
         model = hf_dense(cfg.shape, cfg.layers, max_len, device, dtype, cfg.seed)
         return model, {"params": sum(p.numel() for p in model.parameters())}
-    mc = sala_config(cfg.shape, cfg.layers, max_len) if system == "sala" else dense_config(cfg.shape, cfg.layers, max_len)
+    sala = system.startswith("sala")
+    mc = sala_config(cfg.shape, cfg.layers, max_len) if sala else dense_config(cfg.shape, cfg.layers, max_len)
     embed = mc.vocab_size * mc.hidden_size
     info = {"params": num_parameters(mc), "weight_read_bytes": (num_parameters(mc) - embed) * dtype.itemsize,
             "kv_bytes_per_token": plan_memory(mc, batch=1, context=1).kv_bytes_per_token}
-    return random_model(mc, device, dtype, cfg.seed), info
+    model = random_model(mc, device, dtype, cfg.seed)
+    if system == "sala-fp8":
+        from sala.model.quantize import quantize_fp8_
+
+        quantize_fp8_(model, group_size=cfg.fp8_group_size or None)
+        state = model.state_dict()  # fp8 codes + scales, bf16 lm_head; the embedding is gathered, not read whole
+        info["weight_read_bytes"] = (sum(t.numel() * t.element_size() for t in state.values())
+                                     - state["model.embed_tokens.weight"].numel() * dtype.itemsize)
+    return model, info
 
 
 def bench_row(system: str, model, ctx: int, cfg: E2EConfig, device: torch.device, out=None) -> Row:
@@ -500,7 +518,7 @@ def _best_dense(by: dict, ctx: int, attr: str) -> tuple[float | None, str | None
 
 
 def _print_row(row: Row, out) -> None:
-    print(f"  {row.system:>5} {row.context:>9,}: {row.status:<7} TTFT {_fmt(row.ttft_s, '.3f')} s  "
+    print(f"  {row.system:>8} {row.context:>9,}: {row.status:<7} TTFT {_fmt(row.ttft_s, '.3f')} s  "
           f"decode b1 {_fmt(row.decode_ms_b1, '.2f')} ms  peak {_fmt(row.peak_gib, '.2f')} GiB {row.note}", file=out, flush=True)
 
 
@@ -535,6 +553,8 @@ def summarize(rows: list[Row], infos: dict, bandwidth: float | None, shape: str,
     s1m = by.get(("sala", 1048576))
     if shape == "released" and s1m:
         targets["prefill_1m_s"] = (s1m.ttft_s, "<= 60")
+    if shape == "released":
+        targets.update(_fp8_targets(by, infos, bandwidth))
     if cpu:
         targets.update(_cpu_targets(by))
     if targets:
@@ -542,6 +562,26 @@ def summarize(rows: list[Row], infos: dict, bandwidth: float | None, shape: str,
         lines += [f"- {k}: {v[0]:.3f} (target {v[1]})" if isinstance(v, tuple) and v[0] is not None else f"- {k}: {v}"
                   for k, v in targets.items()]
     return "\n".join(lines), targets
+
+
+def _fp8_targets(by: dict, infos: dict, bandwidth: float | None) -> dict:
+    """Issue 15's FP8 targets on the released shape: TTFT 256K <= 6 s and >= 8x the fastest dense system, 1M
+    prefill <= 35 s, decode 256K b1 <= 3.5 ms/token, b8 >= 2,000 tokens/s."""
+    targets: dict = {}
+    f256, f1m = by.get(("sala-fp8", 262144)), by.get(("sala-fp8", 1048576))
+    if bandwidth and "sala-fp8" in infos:
+        targets["fp8_weight_read_floor_ms"] = infos["sala-fp8"]["weight_read_bytes"] / bandwidth * 1000
+    if f256 and f256.status == "ok":
+        targets["fp8_ttft_256k_s"] = (f256.ttft_s, "<= 6.0")
+        t_best, _ = _best_dense(by, 262144, "ttft_s")
+        if t_best and f256.ttft_s:
+            targets["fp8_ttft_256k_speedup_vs_best_dense"] = (t_best / f256.ttft_s, ">= 8")
+        targets["fp8_decode_256k_b1_ms"] = (f256.decode_ms_b1, "<= 3.5")
+        if f256.decode_tok_s_bn:
+            targets[f"fp8_decode_256k_b{f256.batch_n}_tok_s"] = (f256.decode_tok_s_bn, ">= 2000")
+    if f1m and f1m.status == "ok":
+        targets["fp8_prefill_1m_s"] = (f1m.ttft_s, "<= 35")
+    return targets
 
 
 def _cpu_targets(by: dict) -> dict:

@@ -36,6 +36,12 @@ class ModelOptions:
     1 for --demo)."""
     check_weights: bool = False
     """Refuse the checkpoint if a weight holds NaN/inf (such weights load, then every request fails)."""
+    quantize: str | None = None
+    """fp8: quantise every decoder projection to e4m3 at load (weights and, on the fly, activations; embeddings,
+    norms and lm_head stay). A checkpoint written by ``sala quantize`` is fp8 already and needs no flag."""
+    fp8_group_size: int = 128
+    """With --quantize fp8: one scale per this many input features (32-1024, a power of two), or 0 for one scale
+    per output channel / token (cuBLASLt's row-wise GEMM)."""
 
 
 @dataclass(kw_only=True)
@@ -177,8 +183,25 @@ def _load(opts: ModelOptions, path: str, context: int | None = None):
     if opts.check_weights:
         from sala.model.checkpoint_io import check_finite_weights
 
-        check_finite_weights(model.named_parameters(), f"checkpoint {path}")
+        check_finite_weights(model.state_dict().items(), f"checkpoint {path}")
+    if opts.quantize is not None:
+        quantize_model(model, opts.quantize, opts.fp8_group_size)
     return model, tokenizer
+
+
+def quantize_model(model, method: str, group_size: int) -> None:
+    """``--quantize`` at load: fp8 (group_size 0 = row-wise). A checkpoint quantised already is left as it is."""
+    from sala.model.quantize import describe, quantize_fp8_
+
+    if method != "fp8":
+        raise ValueError(f"--quantize takes fp8; got {method!r}")
+    saved = getattr(model.config, "quantization_config", None)
+    if saved:
+        logger.warning("checkpoint is quantised already (%s); --quantize %s ignored", describe(saved), method)
+        return
+    names = quantize_fp8_(model, group_size=group_size or None)
+    logger.info("quantised %d projections to fp8 (%s)", len(names),
+                f"groups of {group_size}" if group_size else "row-wise scales")
 
 
 def _engine(model, tokenizer, opts: EngineOptions, max_seq_len: int, progress=None):

@@ -165,7 +165,7 @@ def nonfinite_tensors(named) -> list[tuple[str, int, int]]:
     bad = []
     for name, t in named:
         if t.is_floating_point() and t.numel():
-            n = int((~torch.isfinite(t)).sum())
+            n = int((~torch.isfinite(t.float() if t.element_size() == 1 else t)).sum())  # no isfinite for fp8
             if n:
                 bad.append((name, n, t.numel()))
     return bad

@@ -282,6 +282,16 @@ class FP8Config(QuantizationConfigMixin):
             raise ValueError(f"FP8Config: unknown keys {unknown}; known: group_size, modules_to_not_convert, calibrated")
 
 
+def describe(quantization_config: Any) -> str:
+    """One line for messages: ``sala_fp8, group_size 128, GPTQ`` (a config object or its dict)."""
+    cfg = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
+    parts = [str(cfg.get("quant_method"))]
+    if cfg.get("quant_method") == QUANT_METHOD:
+        parts.append(f"group_size {cfg.get('group_size')}" if cfg.get("group_size") else "row-wise scales")
+        parts.append("GPTQ" if cfg.get("calibrated") else "round to nearest")
+    return ", ".join(parts)
+
+
 @register_quantizer(QUANT_METHOD)
 class FP8Quantizer(HfQuantizer):
     """Pre-quantised checkpoint: FP8Linear modules replace the Linears before the weights load (codes and scales

