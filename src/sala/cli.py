@@ -257,6 +257,7 @@ def _serve_flags(p):
     p.add_argument("--served-model-name")
     p.add_argument("--max-request-bytes", type=_POSITIVE)
     p.add_argument("--log-level")
+    p.add_argument("--warmup-tokens", type=_NON_NEGATIVE)
     _from_config(p, _commands().ServeConfig)
 
 
@@ -264,6 +265,19 @@ def _serve(args):
     from sala.engine.commands import ServeConfig, run_serve
 
     return run_serve(_fill(ServeConfig, args))
+
+
+def _warmup_flags(p):
+    _model_flags(p)
+    _engine_flags(p)
+    p.add_argument("--prompt-tokens")  # help and defaults: the fields of WarmupConfig
+    p.add_argument("--decode-tokens", type=_POSITIVE)
+    _from_config(p, _commands().WarmupConfig)
+
+
+def _warmup(args):
+    c = _commands()
+    return c.run_warmup(_fill(c.WarmupConfig, args))
 
 
 def _bench_e2e_flags(p):
@@ -464,6 +478,8 @@ COMMANDS: dict[str, Command] = {
     "generate": ("generate from a prompt, streaming, with TTFT and tokens/s", _generate_flags, _generate),
     "chat": ("multi-turn chat with the tokenizer's chat template", _chat_flags, _chat),
     "serve": ("OpenAI-compatible HTTP server (completions, chat, SSE streaming)", _serve_flags, _serve),
+    "warmup": ("compile the kernels a model needs and fill the tuning cache; prints the first request's TTFT (cold) "
+               "next to a warm one", _warmup_flags, _warmup),
     "convert": ("dense Transformer checkpoint -> SALA hybrid (weight inheritance, HyPE, optional HALO selection)", _convert_flags, _convert),
     "select-layers": ("HALO layer selection: which layers stay softmax", _select_layers_flags, _select_layers),
     "quantize": ("SALA checkpoint -> FP8 checkpoint (e4m3 weights, fp32 scales; round to nearest or GPTQ with "

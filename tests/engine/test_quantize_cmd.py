@@ -123,3 +123,22 @@ def test_bench_fp8_system(tmp_path):
     assert 0.4 < info_fp8["weight_read_bytes"] / info_bf["weight_read_bytes"] < 0.75  # fp8 codes + scales + bf16 head
     with pytest.raises(ValueError, match="--quantize takes fp8"):
         E2EConfig(quantize="int4")
+
+
+def test_warmup_command_reports_cold_and_warm(capsys, checkpoint):
+    code, out, err = run(capsys, "warmup", "--model", checkpoint, "--prompt-tokens", 96, "--decode-tokens", 4,
+                         "--threads", 1)
+    assert code == 0, err
+    assert "prompt 96 tokens: first request TTFT" in out and "warm" in out and "x warm" in out
+    code, _, err = run(capsys, "warmup", "--model", checkpoint, "--prompt-tokens", 96, "--context", 64)
+    assert code != 0 and "--context 64 is shorter than --prompt-tokens 96" in err
+
+
+def test_serve_warmup_default():
+    from sala.engine.commands import serve_warmup_tokens
+
+    assert serve_warmup_tokens(None, 8192, 32768, cuda=True) == 8192
+    assert serve_warmup_tokens(None, 8192, 32768, cuda=False) == 0
+    assert serve_warmup_tokens(0, 8192, 32768, cuda=True) == 0
+    assert serve_warmup_tokens(None, 8192, 4096, cuda=True) == 4096 - 9  # room for the decoded tokens
+    assert serve_warmup_tokens(100, 8192, 4096, cuda=False) == 100

@@ -152,6 +152,18 @@ class ServeConfig(ModelOptions, EngineOptions):
     """Largest request body in bytes."""
     log_level: str = "info"
     """uvicorn log level: critical, error, warning, info, debug, trace."""
+    warmup_tokens: int | None = None
+    """Before accepting requests, run one request with a prompt of this many tokens: it compiles the kernels, fills
+    the tuning cache and captures the CUDA graphs, so the first client does not pay for them. Default: one prefill
+    chunk on CUDA, none on CPU; 0 = off."""
+
+
+@dataclass(kw_only=True)
+class WarmupConfig(ModelOptions, EngineOptions):
+    prompt_tokens: str = "8K"
+    """Prompt length of the warm-up requests (e.g. 8K, 128K)."""
+    decode_tokens: int = 16
+    """Tokens decoded per request."""
 
 
 # ---- shared plumbing ------------------------------------------------------------------------------------------
@@ -473,6 +485,53 @@ def resolve_api_key(cfg: ServeConfig) -> str | None:
     return key
 
 
+def serve_warmup_tokens(requested: int | None, chunk: int, max_len: int, cuda: bool) -> int:
+    """Prompt tokens of ``serve``'s warm-up request: ``--warmup-tokens`` (0 = none), by default one prefill chunk on
+    CUDA and none on CPU (nothing to compile there); always leaving room for its 8 decoded tokens."""
+    want = requested if requested is not None else (chunk if cuda else 0)
+    return max(0, min(want, max_len - 9))
+
+
+def warm_up(engine, prompt_tokens: int, decode_tokens: int, seed: int = 0):
+    """One request of ``prompt_tokens`` random tokens decoding ``decode_tokens`` (greedy, EOS ignored) -> its
+    Completion. The first after load pays Triton compilation, tuning (:mod:`sala.ops.common.tuning`) and CUDA-graph
+    capture; both compiled kernels and tuning picks persist on disk for later processes."""
+    import torch
+
+    from sala.engine.types import SamplingParams
+
+    vocab = engine.model.config.vocab_size
+    ids = torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(seed)).tolist()
+    params = SamplingParams(max_tokens=decode_tokens, temperature=0.0, ignore_eos=True)
+    [c] = engine.generate([ids], params)
+    return c
+
+
+def run_warmup(cfg: WarmupConfig, out: TextIO | None = None) -> int:
+    """Load, then time the first request (cold) and an identical second one (warm): the cold-start cost a
+    server's first client would pay, and the compile / tuning caches filled for the processes that come after."""
+    from sala.engine.planner import parse_tokens
+
+    out = out or sys.stdout
+    tokens = parse_tokens(cfg.prompt_tokens)
+    context = _context(cfg) or tokens + cfg.decode_tokens + 1
+    if context < tokens + cfg.decode_tokens:
+        raise ValueError(f"--context {context} is shorter than --prompt-tokens {tokens} + --decode-tokens "
+                         f"{cfg.decode_tokens}")
+    with _model_source(cfg) as path:
+        t0 = time.perf_counter()
+        model, tokenizer = _load(cfg, path, _rope_limit(path, context))
+        engine = _engine(model, tokenizer, cfg, context)
+        load_s = time.perf_counter() - t0
+        cold = warm_up(engine, tokens, cfg.decode_tokens, cfg.seed)
+        warm = warm_up(engine, tokens, cfg.decode_tokens, cfg.seed)
+    ratio = cold.ttft / warm.ttft if warm.ttft > 0 else float("nan")
+    print(f"load {load_s:.2f} s; prompt {tokens:,} tokens: first request TTFT {cold.ttft:.3f} s (compile, tuning, "
+          f"graph capture), warm {warm.ttft:.3f} s: {ratio:.2f}x warm (target <= 1.2x after a warm-up in an "
+          f"earlier process); decode {cold.decode_tokens_per_s:.1f} -> {warm.decode_tokens_per_s:.1f} tok/s", file=out)
+    return 0
+
+
 def run_serve(cfg: ServeConfig) -> int:
     from sala.engine.server import AsyncEngine, ServerConfig, serve
 
@@ -482,6 +541,10 @@ def run_serve(cfg: ServeConfig) -> int:
         model, tokenizer = _load(cfg, path, _rope_limit(path, context))
         max_len = context or min(model.config.max_position_embeddings, 32768)
         engine = _engine(model, tokenizer, cfg, max_len)
+        warm = serve_warmup_tokens(cfg.warmup_tokens, cfg.chunk, max_len, next(model.parameters()).is_cuda)
+        if warm > 0:
+            c = warm_up(engine, warm, 8)
+            logger.info("warm-up request (%d prompt tokens): TTFT %.3f s", len(c.prompt_token_ids), c.ttft)
         name = cfg.served_model_name or ("sala-demo" if cfg.demo else Path(cfg.model).name)
         server_cfg = ServerConfig(model_name=name, api_key=key, max_request_bytes=cfg.max_request_bytes)
         logger.info("serving %s on http://%s:%d (batch %d, context %d)", name, cfg.host, cfg.port, cfg.batch, max_len)

@@ -50,6 +50,16 @@ def cache_dir() -> Path:
     return Path(base).expanduser() if base else Path.home() / ".cache" / "sala"
 
 
+def tuning_cache() -> bool:
+    """Kernel launch configurations picked by timing on a GPU persist under :func:`cache_dir` ``/tuning`` so a new
+    process does not time them again (a server's first request pays no tuning); ``SALA_TUNING_CACHE=0`` keeps them in
+    memory only."""
+    value = os.environ.get("SALA_TUNING_CACHE", "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"SALA_TUNING_CACHE must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def corpus_dir() -> Path | None:
     """The text corpus folder forced by ``SALA_CORPUS_DIR`` (None: the default location)."""
     value = os.environ.get("SALA_CORPUS_DIR", "").strip()

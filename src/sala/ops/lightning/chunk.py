@@ -47,6 +47,7 @@ from triton.runtime.errors import OutOfResources
 
 from sala.ops.common.fallback import log_fp64_fallback, map_sequences
 from sala.ops.common.launch import gpu_plan, num_sms
+from sala.ops.common.tuning import TuningCache, device_signature
 from sala.utils.env import triton_interpret
 
 logger = logging.getLogger(__name__)
@@ -259,8 +260,8 @@ _SEG_CONFIGS = {  # memory-bound: vary the bytes in flight
 }
 _TUNE_MIN_TOKENS = 1 << 17  # below total tokens x heads, take the default config: tuning would cost more
 _MAX_SEGMENTS = 64  # per sequence: bounds the quadratic cost of folding dS
-_BEST: dict[tuple, _Config] = {}
-_BEST_SEG: dict[tuple, _SegConfig] = {}
+_BEST = TuningCache("lightning_chunk", lambda: device_signature(torch.device("cuda")))
+_BEST_SEG = TuningCache("lightning_segment", lambda: device_signature(torch.device("cuda")))
 _INTERP_CONFIG = _Config(64, 4, 1)  # the interpreter's fixed plan (with 2-chunk segments) outside gpu_launch_configs()
 _INTERP_SEG_CHUNKS = 2
 
@@ -325,23 +326,13 @@ def _dot_dtype(*tensors: torch.Tensor) -> tuple[torch.dtype, bool]:
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-def _pick(cache: dict, key: tuple | None, candidates: tuple, run) -> object:
-    """Fastest candidate for ``key``, timed once with CUDA events and cached; the first when ``key`` is None."""
+def _pick(cache: TuningCache, key: tuple | None, candidates: tuple, run) -> object:
+    """Fastest candidate for ``key``, timed once with CUDA events and remembered (also across processes, see
+    :mod:`sala.ops.common.tuning`); the first when ``key`` is None."""
     if key is None:
         return candidates[0]
-    best = cache.get(key)
-    if best is None:
-        timings = {}
-        for cand in candidates:
-            try:
-                timings[cand] = triton.testing.do_bench(lambda cand=cand: run(cand), warmup=5, rep=20)
-            except OutOfResources as err:  # too big for this GPU
-                logger.debug("lightning chunk config %s skipped: %s", cand, err)
-        best = min(timings, key=timings.get)
-        cache[key] = best
-        logger.debug("lightning chunk timings (ms) for %s: %s", key, {str(c): round(t, 4) for c, t in timings.items()})
-        logger.info("lightning chunk picks %s for %s: fastest of %d (%.3f ms)", best, key, len(timings), timings[best])
-    return best
+    return cache.pick(key, candidates, lambda cand: triton.testing.do_bench(lambda: run(cand), warmup=5, rep=20),
+                      skip=(OutOfResources,))
 
 
 def _lightning_pass(
