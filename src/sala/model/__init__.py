@@ -6,7 +6,7 @@ from sala.model.cache import HybridCache
 from sala.model.checkpoint_io import CheckpointError, expected_shapes, verify_checkpoint
 from sala.model.configuration_sala import SALAConfig, mixer_schedule, preset
 from sala.model.modeling_sala import SALAForCausalLM, SALAModel, SALAPreTrainedModel
-from sala.model.quantize import FP8Linear, quantize_fp8_
+from sala.model.quantize import FP8Config, FP8Linear, quantize_fp8_
 
 
 def _register() -> None:
@@ -26,6 +26,7 @@ _register()
 
 __all__ = [
     "CheckpointError",
+    "FP8Config",
     "FP8Linear",
     "HybridCache",
     "SALAConfig",

@@ -261,7 +261,6 @@ def quantized_tensors(shapes: dict[str, tuple[int, ...]], quantization_config: A
 # ---------------------------------------------------------------------------------------------------------------
 # transformers integration: quantization_config = FP8Config(...) in from_pretrained, and pre-quantised checkpoints
 # ---------------------------------------------------------------------------------------------------------------
-@register_quantization_config(QUANT_METHOD)
 class FP8Config(QuantizationConfigMixin):
     """``quantization_config`` of an FP8 SALA model (``config.json``: ``{"quant_method": "sala_fp8", ...}``).
 
@@ -292,7 +291,6 @@ def describe(quantization_config: Any) -> str:
     return ", ".join(parts)
 
 
-@register_quantizer(QUANT_METHOD)
 class FP8Quantizer(HfQuantizer):
     """Pre-quantised checkpoint: FP8Linear modules replace the Linears before the weights load (codes and scales
     load as stored). Unquantised checkpoint: the weights load into the Linears, then :func:`quantize_fp8_` runs."""
@@ -321,3 +319,15 @@ class FP8Quantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _register() -> None:
+    """Make transformers map ``quant_method: "sala_fp8"`` to these classes (once; a module reload keeps the first)."""
+    for register, cls in ((register_quantization_config, FP8Config), (register_quantizer, FP8Quantizer)):
+        try:
+            register(QUANT_METHOD)(cls)
+        except ValueError:  # already registered
+            pass
+
+
+_register()

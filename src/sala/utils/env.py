@@ -38,6 +38,16 @@ def flash_varlen() -> bool:
     return value == "1"
 
 
+def cudnn_split() -> bool:
+    """Chunked dense prefill on CUDA attends through two cuDNN calls merged by log-sum-exp instead of one
+    FlashAttention-2 call with a lower-right causal bias (:mod:`sala.ops.infllm_v2.dense`); ``SALA_CUDNN_SPLIT=0``
+    keeps flash."""
+    value = os.environ.get("SALA_CUDNN_SPLIT", "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"SALA_CUDNN_SPLIT must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def triton_interpret() -> bool:
     """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
