@@ -93,6 +93,10 @@ class ModelRunner:
             logger.warning("decode runs eagerly: CUDA graphs need the fused decode attention (--decode-attention fused)")
             self.use_graphs = False
         model.fuse_projections()
+        compiled = self.net.precompile(cache.max_seq_len)  # a first long prompt would compile them in its TTFT
+        if compiled:
+            logger.info("precompiled sparse selection for %d block-count classes (up to %d blocks)", len(compiled),
+                        compiled[-1])
         logger.info("decode: %s, sparse-layer attention %s", "one CUDA graph per batch bucket" if self.use_graphs
                     else "eager", "fused (one batched kernel)" if self.fused else "row by row")
 

@@ -34,6 +34,7 @@ from sala.ops import (  # apply_rope, rms_norm and the elementwise glue: one fus
     chunk_lightning,
     lightning_decay_slopes,
     lightning_step,
+    precompile_selection,
     qk_norm_rope,
     residual_rms_norm,
     rms_norm,
@@ -301,6 +302,13 @@ class SparseAttention(_Projections):
     def uses_sparse(self, num_keys: int) -> bool:
         return self.dense_len is not None and num_keys >= self.dense_len
 
+    def precompile(self, max_keys: int, dtype: torch.dtype, device: torch.device) -> list[int]:
+        """Compile the sparse prefill's key-count-dependent kernel variants up to ``max_keys`` (see
+        :func:`sala.ops.precompile_selection`); nothing when sparse attention is off or never reached."""
+        if not self.uses_sparse(max_keys):
+            return []
+        return precompile_selection(max_keys, self.params, self.num_kv_heads, dtype, device)
+
     def forward(self, x, layout: BatchLayout, rope, cache: SparseKV | None) -> torch.Tensor:
         """x: [B, T, hidden] -> [B, T, hidden]. The cache stores k/v and runs the attention its layout calls for
         (padded batch, packed documents or an engine's slots); None: this call's tokens only."""
@@ -404,6 +412,19 @@ class SALAModel(SALAPreTrainedModel):
 
     def new_cache(self) -> HybridCache:
         return HybridCache([layer.is_sparse for layer in self.layers])
+
+    def precompile(self, max_len: int) -> list[int]:
+        """Compile, before the first request, the kernel variants that depend on the key count, for prompts up to
+        ``max_len`` tokens (the engine calls this at start; a no-op off Triton). -> the selection classes compiled."""
+        param = next(self.parameters())
+        done: dict[tuple, list[int]] = {}
+        for layer in self.layers:
+            if layer.is_sparse:
+                attn = layer.self_attn
+                key = (attn.params, attn.num_kv_heads)
+                if key not in done:  # the same geometry compiles the same variants
+                    done[key] = attn.precompile(max_len, param.dtype, param.device)
+        return sorted({c for classes in done.values() for c in classes})
 
     def _layout(self, B: int, T: int, past: int, attention_mask: torch.Tensor | None, device) -> BatchLayout:
         total = past + T

@@ -30,6 +30,7 @@ __all__ = [
     "dense_causal_attention",
     "infllm_v2_attention",
     "num_windows",
+    "precompile_selection",
     "select_blocks",
     "stage1_block_scores",
     "varlen_causal_attention",
@@ -225,6 +226,26 @@ def _triton_infllm_v2_attention(q, k, v, ck1, ck2, q_pos, params, scale, first_p
 
     topk_idx = triton_select_from_queries(q, ck1, ck2, q_pos, k.shape[0], params, scale)
     return block_sparse_attention(q, k, v, topk_idx, q_pos, params.block_size, scale, backend, first_pos)
+
+
+def precompile_selection(max_keys: int, params: InfLLMv2Params, kv_heads: int, dtype: torch.dtype,
+                         device: torch.device, backend: str = "auto") -> list[int]:
+    """Compile, ahead of the first long request, the kernel variants a prefill up to ``max_keys`` keys needs
+    (Triton: one per power-of-two class of key blocks, see ``topk.triton_precompile_selection``); -> the classes
+    compiled, [] where nothing is compiled (the naive and cpu backends)."""
+    if max_keys < 1 or kv_heads < 1:
+        raise ValueError(f"precompile_selection wants max_keys >= 1 and kv_heads >= 1; got {max_keys}, {kv_heads}")
+    return call("precompile_selection", backend, device, max_keys, params, kv_heads, dtype, device)
+
+
+register("precompile_selection", "naive", lambda *args: [])
+
+
+@register("precompile_selection", "triton")
+def _triton_precompile_selection(max_keys, params, kv_heads, dtype, device):
+    from sala.ops.infllm_v2.topk import triton_precompile_selection
+
+    return triton_precompile_selection(max_keys, params, kv_heads, dtype, device)
 
 
 def dense_causal_attention(

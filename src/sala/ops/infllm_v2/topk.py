@@ -462,6 +462,34 @@ def _run_select(src, tail, q_pos, num_keys, params, pooled: bool, dense_len: int
     return out, counts
 
 
+def triton_precompile_selection(max_keys: int, params: InfLLMv2Params, kv_heads: int, dtype: torch.dtype,
+                                device: torch.device, rows: int = 16) -> list[int]:
+    """Compile the prefill selection kernel for every block-count class up to ``max_keys`` keys; -> the classes.
+
+    ``NBP`` (the row's block scores held in registers, padded to a power of two) is a compile-time constant, so a
+    prefill compiles a new variant each time its key count passes a power of two of blocks: without this, a first
+    long request compiled them inside its time to first token (the 128K bench row, issue 15). Launches on a few
+    dummy rows, ``rows`` and ``rows + 1`` of them (Triton specialises integer arguments on divisibility by 16: full
+    prefill chunks are multiples of 16, a prompt's last chunk need not be); each variant is compiled once per
+    process, or read from Triton's disk cache.
+    """
+    bs = params.block_size
+    n_max = max(1, math.ceil(max_keys / bs))
+    score_dtype = _score_dtype(dtype)
+    classes: list[int] = []
+    nbp = 1
+    while True:
+        n_blk = min(nbp, n_max)
+        for t in (rows, rows + 1):
+            scores = torch.zeros(kv_heads, t, n_blk, dtype=score_dtype, device=device)
+            q_pos = torch.full((t,), n_blk * bs - 1, dtype=torch.long, device=device)
+            _run_select(scores, scores, q_pos, n_blk * bs, params, pooled=True)
+        classes.append(triton.next_power_of_2(n_blk))
+        if nbp >= n_max:
+            return classes
+        nbp *= 2
+
+
 def triton_select_blocks(scores: torch.Tensor, q_pos: torch.Tensor, num_keys: int, params: InfLLMv2Params) -> torch.Tensor:
     """Max-pool window scores to blocks, force sink + local blocks, take top K_sel (spec §5.5), as the reference.
 

@@ -1,0 +1,61 @@
+"""Precompiling the sparse selection: every compile-time block-count class a chunked prefill up to the planned
+length launches is compiled ahead by ``SALAModel.precompile`` (the engine's runner calls it at start), so a first
+long request compiles nothing new (issue 15: the 128K bench row paid new variants inside its TTFT)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sala.ops.infllm_v2.topk as topk
+from sala.model import SALAForCausalLM
+
+
+class _Recorder:
+    """Stands in for the Triton selection kernel: records each launch's NBP, then launches the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.nbp = kernel, []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.nbp.append(kwargs["NBP"])
+            return launch(*args, **kwargs)
+        return run
+
+
+def test_precompile_covers_every_class_a_chunked_prefill_launches(monkeypatch, tiny_sparse_config):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SALA_BACKEND", "triton")
+    model = SALAForCausalLM(tiny_sparse_config).eval()
+    recorder = _Recorder(topk._select_kernel)
+    monkeypatch.setattr(topk, "_select_kernel", recorder)
+    max_len = 232  # block_size 16: up to 15 blocks, classes 1..16
+    classes = model.model.precompile(max_len)
+    assert classes == [1, 2, 4, 8, 16]
+    assert sorted(set(recorder.nbp)) == classes and len(recorder.nbp) == 2 * len(classes)  # rows 16 and 17
+    recorder.nbp.clear()
+    cache = model.model.new_cache()
+    ids = torch.randint(3, tiny_sparse_config.vocab_size, (1, max_len), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for a in range(0, max_len, 48):  # chunked prefill, last chunk ragged (232 = 4 * 48 + 40)
+            model(ids[:, a:a + 48], past_key_values=cache, use_cache=True)
+    assert recorder.nbp and set(recorder.nbp) <= set(classes)
+
+
+def test_precompile_is_a_no_op_without_triton_or_sparse_attention(tiny_sparse_config, monkeypatch):
+    monkeypatch.delenv("SALA_BACKEND", raising=False)
+    model = SALAForCausalLM(tiny_sparse_config).eval()
+    assert model.model.precompile(4096) == []  # CPU tensors: the cpu backend compiles nothing
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SALA_BACKEND", "triton")
+    assert model.model.precompile(32) == []  # below dense_len (64) selection never runs
+    tiny_sparse_config.sparse_attention = False
+    assert SALAForCausalLM(tiny_sparse_config).model.precompile(4096) == []
+    from sala.ops import precompile_selection
+    from sala.ops.infllm_v2 import InfLLMv2Params
+
+    with pytest.raises(ValueError, match="max_keys >= 1 and kv_heads >= 1"):
+        precompile_selection(0, InfLLMv2Params(), 2, torch.float32, torch.device("cpu"))
