@@ -123,6 +123,8 @@ def test_bench_fp8_system(tmp_path):
     assert 0.4 < info_fp8["weight_read_bytes"] / info_bf["weight_read_bytes"] < 0.75  # fp8 codes + scales + bf16 head
     with pytest.raises(ValueError, match="--quantize takes fp8"):
         E2EConfig(quantize="int4")
+    with pytest.raises(ValueError, match="already lists sala-fp8"):
+        E2EConfig(quantize="fp8", systems="sala,sala-fp8")
 
 
 def test_warmup_command_reports_cold_and_warm(capsys, checkpoint):

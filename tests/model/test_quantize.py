@@ -227,6 +227,10 @@ def test_pre_quantised_checkpoint_round_trip(tiny_sparse_config, tmp_path):
             assert type(again.model.layers[0].self_attn.o_proj) is nn.Linear  # skipped at save, skipped at load
             assert torch.equal(again(ids).logits, want)
         half = SALAForCausalLM.from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16)
+        # a quantization_config passed for a checkpoint quantised already: the checkpoint's own config wins
+        with pytest.warns(UserWarning, match="quantization_config` from the model will be used"):
+            again = SALAForCausalLM.from_pretrained(tmp_path / "fp8", quantization_config=FP8Config(group_size=64))
+        assert again.model.layers[0].mlp.up_proj.group_size == 32
     up = half.model.layers[1].mlp.up_proj
     assert up.weight.dtype == FP8 and up.weight_scale.dtype == torch.float32  # the format's dtypes survive dtype=
     assert torch.equal(up.weight_scale, model.model.layers[1].mlp.up_proj.weight_scale)
@@ -267,8 +271,10 @@ def test_pre_quantised_checkpoint_with_bf16_weights_is_refused(tiny_sparse_confi
     name = "model.layers.1.mlp.down_proj.weight"
     tensors[name] = tensors[name].to(torch.bfloat16)  # e.g. a tool that "converted the checkpoint to bf16"
     save_file(tensors, str(path), metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=f"{name} is BF16, .*sala_fp8.* expects F8_E4M3"):
+    with pytest.raises(CheckpointError, match=f"{name} is BF16, .*sala_fp8, group_size 32.* expects F8_E4M3"):
         SALAForCausalLM.from_pretrained(tmp_path / "fp8")
+    with pytest.raises(CheckpointError, match=f"{name} is BF16"):  # the config as an object, not a dict
+        SALAForCausalLM.from_pretrained(tmp_path / "fp8", config=model.config)
 
 
 @pytest.mark.parametrize("group", [None, 32], ids=["rowwise", "group32"])

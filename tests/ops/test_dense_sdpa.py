@@ -105,8 +105,13 @@ def test_cudnn_split_is_checked_once_then_trusted_or_dropped(monkeypatch, caplog
         monkeypatch.setattr(dense, "_cudnn_split", fake)
         for _ in range(3):
             assert_close(sdpa_dense_causal_attention(q, k, k, None, 0.25), want, 1e-5)
-        assert dense._SPLIT_OK == {(q.device, q.dtype): kept}
+        assert dense._SPLIT_OK == {(q.device, q.dtype, 16, 4, 2): kept}
         assert len(calls) == (3 if kept else 1)  # trusted: used on every call; dropped: never again
+    # trusted, then a shape cuDNN refuses: that call and the later ones fall back instead of failing the prefill
+    monkeypatch.setattr(dense, "_SPLIT_OK", {(q.device, q.dtype, 16, 4, 2): True})
+    monkeypatch.setattr(dense, "_cudnn_split", lambda *a: (_ for _ in ()).throw(RuntimeError("no execution plan")))
+    assert_close(sdpa_dense_causal_attention(q, k, k, None, 0.25), want, 1e-5)
+    assert dense._SPLIT_OK == {(q.device, q.dtype, 16, 4, 2): False} and "cuDNN attention failed" in caplog.text
     assert "disagrees with flash" in caplog.text and "cuDNN attention unavailable" in caplog.text
     assert not split_wanted(q.transpose(1, 2))  # CPU tensors never take it
     monkeypatch.setenv("SALA_CUDNN_SPLIT", "2")
@@ -127,4 +132,4 @@ def test_cuda_chunked_prefill_split_matches_reference(dtype):
     for _ in range(2):  # the first call checks the split, the second runs it
         got = sdpa_dense_causal_attention(*(x.cuda().to(dtype) for x in (q, k, v)), None, 128**-0.5)
         assert_close(got.float().cpu(), want, 2e-2 if dtype == torch.bfloat16 else 4e-3)
-    assert dense._SPLIT_OK.get((torch.device("cuda", torch.cuda.current_device()), dtype)) is True
+    assert dense._SPLIT_OK.get((torch.device("cuda", torch.cuda.current_device()), dtype, 128, 8, 2)) is True

@@ -158,9 +158,10 @@ def test_bad_inputs_are_refused_clearly():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("group", [64, 128])
+@pytest.mark.parametrize("group", [32, 64, 128, 256, 512, 1024])
 def test_cuda_group_gemm_matches_reference(group):
-    """The Triton group-scale kernel compiled on a GPU, prefill- and decode-sized M, against the reference."""
+    """The Triton group-scale kernel compiled on a GPU, prefill- and decode-sized M, against the reference (groups
+    past 128 run in K steps of 128, so every size fits shared memory)."""
     dev = torch.device("cuda")
     q, s = quantize_fp8_weight((0.05 * _randn(1536, 576, seed=35)).to(dev), group)
     for m in (1, 7, 300):
@@ -251,7 +252,7 @@ def test_group_linear_matches_fp64(backend, shape, group):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("m,k,n,group", [(5, 96, 40, 32), (37, 200, 72, 64), (1, 576, 33, 128)])
+@pytest.mark.parametrize("m,k,n,group", [(5, 96, 40, 32), (37, 200, 72, 64), (1, 576, 33, 128), (3, 600, 20, 256)])
 def test_triton_group_gemm_matches_reference(monkeypatch, dtype, m, k, n, group):
     """The Triton kernel in the interpreter: ragged K tails, M and N not multiples of the tiles, one-row decode."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -282,9 +283,10 @@ def test_group_layout_errors_are_specific():
 # ---------------------------------------------------------------------------------------------------------------
 # GPTQ
 # ---------------------------------------------------------------------------------------------------------------
-def _correlated_inputs(n_rows, k, seed):
+def _correlated_inputs(n_rows, k, seed, mix_seed=7):
+    """Rows with one fixed correlation structure (``mix_seed``) and fresh samples (``seed``)."""
+    mix = torch.randn(k, k, generator=torch.Generator().manual_seed(mix_seed)) / k**0.5
     g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(k, k, generator=g) / k**0.5
     return torch.randn(n_rows, k, generator=g) @ mix + 0.3 * torch.randn(n_rows, k, generator=g)
 
 
@@ -296,7 +298,7 @@ def test_gptq_lowers_the_output_error_with_the_same_scales(group):
     rq, rs = quantize_fp8_weight(w, group)
     rs = rs[:, None] if group is None else rs
     assert q.dtype == FP8_DTYPE and torch.equal(s, rs)  # only the codes move
-    x_test = _correlated_inputs(2000, 96, seed=42)[1000:]  # same distribution
+    x_test = _correlated_inputs(1000, 96, seed=43)  # same distribution, other samples
     err = lambda codes: (x_test @ (dequantize_fp8_weight(codes, s[:, 0] if group is None else s, group) - w).t()).norm()
     assert err(q) < 0.9 * err(rq), (err(q), err(rq))
 

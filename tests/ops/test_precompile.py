@@ -12,16 +12,27 @@ from sala.model import SALAForCausalLM
 
 
 class _Recorder:
-    """Stands in for the Triton selection kernel: records each launch's NBP, then launches the real kernel."""
+    """Stands in for the Triton selection kernel: records each launch's compile key as Triton would form it (the
+    constexprs, and for each specialised integer argument whether it is 1 or divisible by 16), then launches the
+    real kernel."""
 
     def __init__(self, kernel):
-        self.kernel, self.nbp = kernel, []
+        self.kernel, self.nbp, self.keys, self.rows = kernel, [], [], []
+        names = list(kernel.arg_names) if hasattr(kernel, "arg_names") else list(kernel.fn.arg_names)
+        exempt = getattr(kernel, "do_not_specialize", None)  # compiled JITFunction, or the interpreter's kwargs
+        exempt = set(exempt if exempt is not None else getattr(kernel, "kwargs", {}).get("do_not_specialize") or ())
+        assert "T" in exempt  # the recorder must see the kernel's real exemptions
+        self.specialised = [i for i, n in enumerate(names) if n not in exempt and not n.isupper()]
 
     def __getitem__(self, grid):
         launch = self.kernel[grid]
 
         def run(*args, **kwargs):
             self.nbp.append(kwargs["NBP"])
+            ints = tuple((args[i] == 1, args[i] % 16 == 0) for i in self.specialised
+                         if i < len(args) and isinstance(args[i], int))
+            self.keys.append((tuple(sorted(kwargs.items())), ints))
+            self.rows.append(args[5])  # T
             return launch(*args, **kwargs)
         return run
 
@@ -32,17 +43,22 @@ def test_precompile_covers_every_class_a_chunked_prefill_launches(monkeypatch, t
     model = SALAForCausalLM(tiny_sparse_config).eval()
     recorder = _Recorder(topk._select_kernel)
     monkeypatch.setattr(topk, "_select_kernel", recorder)
-    max_len = 232  # block_size 16: up to 15 blocks, classes 1..16
+    max_len = 264  # block_size 16: up to 17 blocks, classes 1..32
     classes = model.model.precompile(max_len)
-    assert classes == [1, 2, 4, 8, 16]
-    assert sorted(set(recorder.nbp)) == classes and len(recorder.nbp) == 2 * len(classes)  # rows 16 and 17
+    assert classes == [1, 2, 4, 8, 16, 32]
+    assert sorted(set(recorder.nbp)) == classes
+    precompiled = set(recorder.keys)
     recorder.nbp.clear()
+    recorder.keys.clear()
+    recorder.rows.clear()
     cache = model.model.new_cache()
     ids = torch.randint(3, tiny_sparse_config.vocab_size, (1, max_len), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        for a in range(0, max_len, 48):  # chunked prefill, last chunk ragged (232 = 4 * 48 + 40)
+        for a in range(0, max_len, 48):  # full chunks of 48 rows, the last one of 24
             model(ids[:, a:a + 48], past_key_values=cache, use_cache=True)
     assert recorder.nbp and set(recorder.nbp) <= set(classes)
+    full = {key for key, rows in zip(recorder.keys, recorder.rows) if rows % 16 == 0}
+    assert full and full <= precompiled, full - precompiled  # full chunks: nothing new to compile
 
 
 def test_precompile_is_a_no_op_without_triton_or_sparse_attention(tiny_sparse_config, monkeypatch):

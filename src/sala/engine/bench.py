@@ -91,6 +91,9 @@ class E2EConfig:
         if self.quantize not in (None, "fp8"):
             raise ValueError(f"--quantize takes fp8; got {self.quantize!r}")
         if self.quantize == "fp8":  # the flag names the quantised twin of the sala system
+            if "sala-fp8" in self.system_list and "sala" in self.system_list:
+                raise ValueError("--quantize fp8 replaces sala by sala-fp8 in --systems, which already lists "
+                                 "sala-fp8; drop --quantize to compare sala and sala-fp8")
             self.systems = ",".join("sala-fp8" if s == "sala" else s for s in self.system_list)
         if self.shape not in SHAPES:
             raise ValueError(f"--shape must be one of {SHAPES}, got {self.shape!r}")

@@ -154,8 +154,8 @@ class ServeConfig(ModelOptions, EngineOptions):
     """uvicorn log level: critical, error, warning, info, debug, trace."""
     warmup_tokens: int | None = None
     """Before accepting requests, run one request with a prompt of this many tokens: it compiles the kernels, fills
-    the tuning cache and captures the CUDA graphs, so the first client does not pay for them. Default: one prefill
-    chunk on CUDA, none on CPU; 0 = off."""
+    the tuning cache and captures the batch-1 CUDA graph (larger batch buckets are captured when first used), so
+    the first client does not pay for them. Default: one prefill chunk on CUDA, none on CPU; 0 = off."""
 
 
 @dataclass(kw_only=True)

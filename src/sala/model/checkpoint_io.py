@@ -144,8 +144,10 @@ def verify_checkpoint(directory: str | os.PathLike, config: SALAConfig) -> None:
             raise CheckpointError(f"tensor {name} has shape {list(found[name][1])}, config expects {list(shape)}")
     for name, dtype in dtypes.items():
         if found[name][0] != dtype:
+            from sala.model.quantize import describe
+
             raise CheckpointError(f"tensor {name} is {found[name][0]}, but config.json's quantization_config "
-                                  f"({config.quantization_config['quant_method']}) expects {dtype}")
+                                  f"({describe(config.quantization_config)}) expects {dtype}")
 
 
 def write_official_config(directory: str | os.PathLike) -> None:

@@ -380,8 +380,8 @@ class SALAPreTrainedModel(PreTrainedModel):
             config = kwargs.get("config")
             if not isinstance(config, SALAConfig):
                 config = SALAConfig.from_pretrained(path)
-                for key in list(kwargs):
-                    if key in config.to_dict() and key not in ("dtype", "torch_dtype"):
+                for key in list(kwargs):  # quantization_config: the checkpoint's own decides what is on disk
+                    if key in config.to_dict() and key not in ("dtype", "torch_dtype", "quantization_config"):
                         setattr(config, key, kwargs[key])
                 config.check()
             verify_checkpoint(path, config)

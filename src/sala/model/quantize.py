@@ -40,9 +40,10 @@ class FP8Linear(nn.Module):
 
     Buffers (saved in ``state_dict`` under the Linear's names plus ``weight_scale``): ``weight`` [out, in]
     float8_e4m3fn, ``weight_scale`` [out] (row-wise, ``group_size=None``) or [out, ceil(in / group_size)] float32,
-    ``bias`` [out] (the model's dtype) or None. Casting the model
-    (``.to(dtype)``, ``.half()``) moves these two buffers but keeps their dtypes (only ``bias`` follows), since a
-    cast would turn the fp8 codes into unscaled floats. The output has x's dtype.
+    ``bias`` [out] (the model's dtype) or None. Casting the model (``.to(dtype)``) moves these two buffers but
+    keeps their dtypes (only ``bias`` follows), since a cast would turn the fp8 codes into unscaled floats; a model
+    loaded quantised through transformers refuses ``.half()``/``.float()`` (transformers' rule for quantised
+    models): use ``.to(dtype)``. The output has x's dtype.
     """
 
     _FIXED = ("weight", "weight_scale")

@@ -21,24 +21,27 @@ from sala.utils.env import triton_interpret
 @triton.jit(do_not_specialize=["M"])
 def _fp8_group_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K, NG,
                            s_am, s_asm, s_bn, s_bsn, s_cm,
-                           GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                           GROUP: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                            HAS_BIAS: tl.constexpr, RNE_O: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
-    rk = tl.arange(0, GROUP)
+    rk = tl.arange(0, BK)
     m_ok = rm < M
     n_ok = rn < N
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for g in range(0, NG):
-        k = g * GROUP + rk
-        k_ok = k < K
-        a = tl.load(a_ptr + rm[:, None] * s_am + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + rn[None, :] * s_bn + k[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        part = tl.zeros((BM, BN), dtype=tl.float32)
+        for s in tl.static_range(0, GROUP, BK):  # a large group in K steps of BK: tiles stay in shared memory
+            k = g * GROUP + s + rk
+            k_ok = k < K
+            a = tl.load(a_ptr + rm[:, None] * s_am + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptr + rn[None, :] * s_bn + k[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            part += tl.dot(a, b, out_dtype=tl.float32)
         sa = tl.load(as_ptr + rm * s_asm + g, mask=m_ok, other=0.0)
         sb = tl.load(bs_ptr + rn * s_bsn + g, mask=n_ok, other=0.0)
-        acc += tl.dot(a, b, out_dtype=tl.float32) * sa[:, None] * sb[None, :]
+        acc += part * sa[:, None] * sb[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if RNE_O:
@@ -76,6 +79,6 @@ def triton_fp8_group_gemm(xq: torch.Tensor, x_scale: torch.Tensor, q_weight: tor
     _fp8_group_gemm_kernel[grid](
         xq, x_scale, q_weight, w_scale, bias if bias is not None else w_scale, out, M, N, K, groups,
         xq.stride(0), x_scale.stride(0), q_weight.stride(0), w_scale.stride(0), out.stride(0),
-        GROUP=group_size, BM=bm, BN=bn, HAS_BIAS=bias is not None, RNE_O=interp_rne(out_dtype),
+        GROUP=group_size, BK=min(group_size, 128), BM=bm, BN=bn, HAS_BIAS=bias is not None, RNE_O=interp_rne(out_dtype),
         num_warps=warps, num_stages=stages)
     return out

@@ -16,7 +16,7 @@ earlier keys without a mask, and the chunk's own T keys with square (top-left) c
 outputs are merged exactly with their log-sum-exps (:func:`merge_attention`). Same FLOPs, faster kernel: this is
 what made the engine's dense baseline slower than transformers (70.7 vs 48.6 s at 256K on an H200). The first
 call on a device and dtype is checked against the flash path and the split is dropped, with a warning, if the two
-disagree or cuDNN refuses; ``SALA_CUDNN_SPLIT=0`` turns it off.
+disagree or cuDNN refuses (per head layout; a later refusal also falls back); ``SALA_CUDNN_SPLIT=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from sala.utils.env import cudnn_split
 logger = logging.getLogger(__name__)
 
 _MASK_ELEMS = 64 * 2**20  # bool mask elements per query chunk
-_SPLIT_OK: dict[tuple, bool] = {}  # (device, dtype) -> the cuDNN split passed its first-use check
+_SPLIT_OK: dict[tuple, bool] = {}  # (device, dtype, head_dim, heads, kv heads) -> passed its first-use check
 
 
 def merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
@@ -48,14 +48,19 @@ def merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2
 
 
 def _flash_lower_right(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, scale: float) -> torch.Tensor:
+    """Lower-right causal attention through SDPA. GQA stays inside the kernel only where flash takes the call
+    (CUDA, 16-bit, head_dim <= 256): elsewhere SDPA's fallback for a causal bias with GQA is the math kernel with
+    a full [T, L] score matrix, so the KV heads are expanded for the memory-efficient kernel instead."""
     T, L = qh.shape[2], kh.shape[2]
-    try:
-        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(T, L), scale=scale,
-                                              enable_gqa=True)
-    except TypeError:  # a torch whose CausalBias dispatch takes no enable_gqa: expand the KV heads
-        G = qh.shape[1] // kh.shape[1]
-        ke, ve = (x.repeat_interleave(G, dim=1) if G > 1 else x for x in (kh, vh))
-        return F.scaled_dot_product_attention(qh, ke, ve, attn_mask=causal_lower_right(T, L), scale=scale)
+    G = qh.shape[1] // kh.shape[1]
+    if G > 1 and qh.is_cuda and qh.dtype in (torch.float16, torch.bfloat16) and qh.shape[-1] <= 256:
+        try:
+            return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(T, L), scale=scale,
+                                                  enable_gqa=True)
+        except TypeError:  # a torch whose CausalBias dispatch takes no enable_gqa
+            pass
+    ke, ve = (x.repeat_interleave(G, dim=1) if G > 1 else x for x in (kh, vh))
+    return F.scaled_dot_product_attention(qh, ke, ve, attn_mask=causal_lower_right(T, L), scale=scale)
 
 
 def _cudnn_split(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, scale: float, att=None) -> torch.Tensor:
@@ -80,11 +85,16 @@ def _split_wanted(qh: torch.Tensor) -> bool:
 def _chunk_attention(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, scale: float) -> torch.Tensor:
     """Chunked-prefill attention (1 < T < L, no padding): the cuDNN split where it is checked and allowed, else
     flash with a lower-right causal bias."""
-    key = (qh.device, qh.dtype)
+    key = (qh.device, qh.dtype, qh.shape[-1], qh.shape[1], kh.shape[1])
     if not _split_wanted(qh) or _SPLIT_OK.get(key) is False:
         return _flash_lower_right(qh, kh, vh, scale)
     if key in _SPLIT_OK:
-        return _cudnn_split(qh, kh, vh, scale)
+        try:
+            return _cudnn_split(qh, kh, vh, scale)
+        except RuntimeError as e:  # a shape cuDNN refuses (lengths, strides): flash from now on for this key
+            _SPLIT_OK[key] = False
+            logger.warning("dense chunked prefill: cuDNN attention failed (%s); using flash", str(e).splitlines()[0])
+            return _flash_lower_right(qh, kh, vh, scale)
     want = _flash_lower_right(qh, kh, vh, scale)
     try:  # first use on this device and dtype: the split must agree with flash before it is trusted
         got = _cudnn_split(qh, kh, vh, scale)

@@ -468,10 +468,12 @@ def triton_precompile_selection(max_keys: int, params: InfLLMv2Params, kv_heads:
 
     ``NBP`` (the row's block scores held in registers, padded to a power of two) is a compile-time constant, so a
     prefill compiles a new variant each time its key count passes a power of two of blocks: without this, a first
-    long request compiled them inside its time to first token (the 128K bench row, issue 15). Launches on a few
-    dummy rows, ``rows`` and ``rows + 1`` of them (Triton specialises integer arguments on divisibility by 16: full
-    prefill chunks are multiples of 16, a prompt's last chunk need not be); each variant is compiled once per
-    process, or read from Triton's disk cache.
+    long request compiled them inside its time to first token (the 128K bench row, issue 15). Triton also
+    specialises the kernel's strides on divisibility by 16; they follow the row count T and the block count (the
+    lengths themselves are exempt). Each class is launched on dummy rows with T in (rows, rows + 1) and the block
+    count at the class's top and one below it, which covers every pattern of full prefill chunks (a multiple of
+    16 rows); a prompt's ragged last chunk can still meet one uncompiled pattern. Each variant is compiled once
+    per process, or read from Triton's disk cache.
     """
     bs = params.block_size
     n_max = max(1, math.ceil(max_keys / bs))
@@ -479,12 +481,13 @@ def triton_precompile_selection(max_keys: int, params: InfLLMv2Params, kv_heads:
     classes: list[int] = []
     nbp = 1
     while True:
-        n_blk = min(nbp, n_max)
-        for t in (rows, rows + 1):
-            scores = torch.zeros(kv_heads, t, n_blk, dtype=score_dtype, device=device)
-            q_pos = torch.full((t,), n_blk * bs - 1, dtype=torch.long, device=device)
-            _run_select(scores, scores, q_pos, n_blk * bs, params, pooled=True)
-        classes.append(triton.next_power_of_2(n_blk))
+        top = min(nbp, n_max)
+        for n_blk in sorted({top, max(1, top - 1)}):
+            for t in (rows, rows + 1):
+                scores = torch.zeros(kv_heads, t, n_blk, dtype=score_dtype, device=device)
+                q_pos = torch.full((t,), n_blk * bs - 1, dtype=torch.long, device=device)
+                _run_select(scores, scores, q_pos, n_blk * bs, params, pooled=True)
+        classes.append(triton.next_power_of_2(top))
         if nbp >= n_max:
             return classes
         nbp *= 2

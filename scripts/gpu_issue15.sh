@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU checks left open by CPU-only sessions (issues 14 and 15), one step per log in $OUT, so a device call cut
+# short still returns what finished. Each group fits one device call of 10 minutes:
+#   STEPS="tests before_after"      GPU tests of the new paths; issue 14's decode record, old code vs new
+#   STEPS="fp8 dense"               bf16 vs fp8 vs dense vs transformers at 128K/256K; the dense split's effect
+#   STEPS="cold"                    first-request TTFT after load (cold process, then warm process) and 1M
+# The before/after step needs the old tree: git archive 81d35b6 src | tar -x -C .before/ (carry .before).
+# Usage on the device machine, repo root:  OUT=out STEPS="tests before_after" bash scripts/gpu_issue15.sh
+set -uo pipefail
+export PYTHONPATH=src
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+STEPS=${STEPS:-all}
+step() {
+    local name=$1; shift
+    [[ $STEPS == all || " $STEPS " == *" $name "* ]] || return 0
+    echo "== $name  $(date +%T)"
+    "$@" > "$OUT/$name.log" 2>&1
+    echo "   rc $?"; tail -n 16 "$OUT/$name.log"
+}
+sala() { python -m sala.cli "$@"; }
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+export SALA_CACHE_DIR=$OUT/cache  # tuning picks of this run, returned with the logs
+
+# -- tests: fp8 GEMMs, the cuDNN split, precompile, cache protocol, fused decode, CUDA graphs
+group_tests() {
+    python -m pytest -q -p no:cacheprovider -m gpu tests/ops/test_fp8.py tests/model/test_quantize.py \
+        tests/ops/test_dense_sdpa.py tests/engine/test_fused_decode.py tests/engine/test_cuda_graphs.py \
+        tests/model/test_cache_protocol.py tests/ops/test_varlen_attention.py
+}
+step tests group_tests
+# -- issue 14: decode at 256K before (81d35b6) and after the one-forward redesign, same machine, same run
+step before_after bash -c 'for tree in .before/src src; do echo "## $tree"; PYTHONPATH=$tree python -m sala.cli \
+    bench e2e --systems sala --contexts 256K --decode-only --decode-steps 32 --decode-batch 8 \
+    --out "'"$OUT"'/e2e_$(basename $(dirname $tree))" | tail -n 6; done'
+# -- issue 15: bf16 vs fp8 (groups of 128, and row-wise) vs the dense systems
+step fp8 sala -v bench e2e --systems sala,sala-fp8,dense,hf --contexts 128K,256K --decode-steps 16 --decode-batch 8 \
+    --out "$OUT/e2e_fp8"
+step fp8_rowwise sala bench e2e --systems sala-fp8 --fp8-group-size 0 --contexts 256K --decode-steps 16 \
+    --decode-batch 8 --out "$OUT/e2e_fp8_rowwise"
+step dense bash -c 'for split in 0 1; do echo "## SALA_CUDNN_SPLIT=$split"; SALA_CUDNN_SPLIT=$split python -m sala.cli \
+    bench e2e --systems dense --contexts 128K --decode-steps 4 --decode-batch 1 --out "'"$OUT"'/e2e_dense_$split" \
+    | tail -n 4; done'
+# -- cold start: a fresh process (empty caches), then another one with the caches the first one left
+step cold bash -c 'for run in cold warm; do echo "## $run process"; python -m sala.cli warmup --model minicpm-sala-9b \
+    --prompt-tokens 128K --context 132K; done'
+step prefill_1m sala bench e2e --systems sala,sala-fp8 --contexts 1M --decode-steps 8 --decode-batch 1 --out "$OUT/e2e_1m"
