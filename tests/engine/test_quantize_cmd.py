@@ -14,14 +14,6 @@ from sala.model import SALAForCausalLM
 from sala.model.quantize import FP8Linear
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def checkpoint(tmp_path):
     return make_demo_checkpoint(tmp_path / "bf", preset="tiny-sparse", seed=1)

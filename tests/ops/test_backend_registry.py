@@ -38,10 +38,11 @@ OWN_BACKENDS = {
     "append_compressed_keys": {"naive", "triton"},
     "decode_attention_batch": {"naive", "triton"},
     "fp8_linear": {"naive", "cpu", "triton"},
+    "precompile_selection": {"naive", "triton"},
 }
 
-# Ops whose ``triton`` implementation is a CUDA library call: CPU tensors run the reference even under the
-# Triton interpreter.
+# Ops whose ``triton`` implementation is a CUDA library call for these arguments (fp8_linear with row-wise scales:
+# cuBLASLt): CPU tensors run the reference even under the Triton interpreter.
 CUDA_ONLY_TRITON = {"fp8_linear"}
 
 
@@ -57,7 +58,7 @@ def _args(op: str, dtype=torch.float32) -> tuple:
         "silu_mul": (x, y), "sigmoid_gate": (x, y), "scaled_residual": (x, y, 0.5),
         "rms_norm": (x, w, 1e-6), "residual_rms_norm": (x, y, 0.5, w, 1e-6),
         "apply_rope": (q, cos, sin), "qk_norm_rope": (q, k, w, w, 1e-6, 1e-6, (cos, sin)),
-        "fp8_linear": (x, *fp8_weight, None, dtype),
+        "fp8_linear": (x, *fp8_weight, None, dtype, None),
     }.get(op, ())
 
 
