@@ -330,3 +330,28 @@ def test_quantised_bf16_model_on_cuda(tiny_sparse_config):
         gen = quant.generate(ids[:1, :60], max_new_tokens=8, do_sample=False)
     assert rel_l2(out, ref) < 0.1 and (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
     assert gen.shape == (1, 68)
+
+
+def test_each_layer_is_calibrated_on_the_quantised_model_own_inputs(tiny_sparse_config, monkeypatch):
+    """GPTQ calibrates layer i on the stream that layers 0..i-1, already quantised, produce: exactly the finished
+    quantised model's hidden state i (the inputs are chained layer by layer from layer 0's captured inputs)."""
+    import sala.model.quantize as quantize
+    from sala.ops import scaled_residual
+
+    model = _model(tiny_sparse_config)
+    ids = _ids(tiny_sparse_config, B=2, T=70)
+    seen = []
+    real = quantize._layer_hessians
+
+    def spy(layer, linears, inputs):
+        [(h, pending, *_)] = inputs
+        seen.append(h.clone() if pending is None else scaled_residual(h, pending, layer.residual_scale))
+        return real(layer, linears, inputs)
+
+    monkeypatch.setattr(quantize, "_layer_hessians", spy)
+    quantize_fp8_(model, group_size=32, calibration=[ids])
+    with torch.no_grad():
+        want = model(ids, output_hidden_states=True).hidden_states
+    assert len(seen) == len(model.model.layers)
+    for i, stream in enumerate(seen):
+        assert torch.equal(stream, want[i]), f"layer {i}"

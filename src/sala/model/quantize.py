@@ -158,14 +158,34 @@ def _targets(model: nn.Module, skip: tuple[str, ...]) -> list[tuple[int, str, nn
 
 
 class _LayerDone(Exception):
-    """Raised by a hook after the decoder layer being calibrated: the rest of the forward is not needed."""
+    """Raised by a hook at the first decoder layer's input: calibration needs the model only up to there."""
 
 
 @torch.no_grad()
-def _layer_hessians(model: nn.Module, layer: nn.Module, linears: dict[str, nn.Linear],
-                    calibration: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """X^T X / rows [in, in] (fp32) of each Linear's inputs over the calibration batches, running the model only up
-    to the end of ``layer`` (earlier layers already quantised, as GPTQ's sequential order wants)."""
+def _first_layer_inputs(model: nn.Module, first: nn.Module, calibration: list[torch.Tensor]) -> list[list]:
+    """The positional arguments ``(h, pending, layout, rope, cache)`` the first decoder layer gets for each
+    calibration batch (the embedding and layout work of the model's own forward, nothing after it)."""
+    captured: list[list] = []
+
+    def grab(module, args):
+        captured.append(list(args))
+        raise _LayerDone
+
+    handle = first.register_forward_pre_hook(grab)
+    try:
+        for ids in calibration:
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _LayerDone:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def _layer_hessians(layer: nn.Module, linears: dict[str, nn.Linear], inputs: list[list]) -> dict[str, torch.Tensor]:
+    """X^T X / rows [in, in] (fp32) of each Linear's inputs while ``layer`` runs on each batch's ``inputs``."""
     sums = {name: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float32, device=lin.weight.device)
             for name, lin in linears.items()}
     rows = {name: 0 for name in linears}
@@ -177,17 +197,10 @@ def _layer_hessians(model: nn.Module, layer: nn.Module, linears: dict[str, nn.Li
             rows[name] += x.shape[0]
         return hook
 
-    def stop(module, args, output):
-        raise _LayerDone
-
     handles = [lin.register_forward_hook(collect(name)) for name, lin in linears.items()]
-    handles.append(layer.register_forward_hook(stop))
     try:
-        for ids in calibration:
-            try:
-                model(input_ids=ids, use_cache=False)
-            except _LayerDone:
-                pass
+        for args in inputs:
+            layer(*args)
     finally:
         for h in handles:
             h.remove()
@@ -204,8 +217,9 @@ def quantize_fp8_(model: nn.Module, group_size: int | None = DEFAULT_GROUP_SIZE,
     1024; activations get the same groups), or None for one scale per output channel (activations per token).
     ``skip``: names (whole, a dotted component such as ``"o_proj"``, or a dotted suffix) left unquantised.
     ``calibration``: token-id batches [B, T] of representative text; given, each layer is quantised by GPTQ from its
-    inputs' statistics (layers in order, each calibrated with the layers before it already quantised); else
-    rounding to nearest. Projections fused for inference (``fuse_projections()``) are unfused first (a later
+    inputs' statistics (layers in order, each calibrated on the outputs of the layers before it, already
+    quantised: one pass of each layer per batch, the batches' hidden states kept between layers); else rounding
+    to nearest. Projections fused for inference (``fuse_projections()``) are unfused first (a later
     ``fuse_projections()`` leaves FP8Linear groups unfused). A Linear subclass (an adapter) is refused: merge it
     first, its extra terms would be lost.
     """
@@ -214,19 +228,27 @@ def quantize_fp8_(model: nn.Module, group_size: int | None = DEFAULT_GROUP_SIZE,
     batches = None if calibration is None else list(calibration)
     if batches is not None and not batches:
         raise ValueError("quantize_fp8_: calibration is empty; pass token-id batches [B, T] or None (round to nearest)")
-    layers = sorted({index for index, *_ in targets})
-    bar = counter("fp8 " + ("GPTQ" if batches else "quantise"), len(layers), disable=not show_progress, unit="layer")
+    decoder = [layer for _, layer in _decoder_layers(model)]
+    with_targets = sorted({index for index, *_ in targets})
+    last = with_targets[-1] if with_targets else -1
+    inputs = _first_layer_inputs(model, decoder[0], batches) if batches is not None and with_targets else None
+    bar = counter("fp8 " + ("GPTQ" if batches else "quantise"), len(with_targets), disable=not show_progress,
+                  unit="layer")
     replaced: list[str] = []
-    for index in layers:
+    for index, layer in enumerate(decoder[:last + 1]):
         mine = [(full, block, attr, lin) for i, full, block, attr, lin in targets if i == index]
         hessians = {}
-        if batches is not None:
-            layer = _decoder_layers(model)[index][1]
-            hessians = _layer_hessians(model, layer, {full: lin for full, _, _, lin in mine}, batches)
+        if inputs is not None and mine:
+            hessians = _layer_hessians(layer, {full: lin for full, _, _, lin in mine}, inputs)
         for full, block, attr, lin in mine:
             setattr(block, attr, FP8Linear.from_linear(lin, group_size, hessians.get(full)))
             replaced.append(full)
-        bar.update(1)
+        if inputs is not None and index < last:  # the next layer's inputs, from this layer quantised
+            with torch.no_grad():
+                for args in inputs:
+                    args[0], args[1] = layer(*args)
+        if mine:
+            bar.update(1)
     bar.close()
     if hasattr(model, "config"):
         model.config.quantization_config = FP8Config(group_size=group_size, modules_to_not_convert=list(skip),
