@@ -128,21 +128,45 @@ def test_generate_with_the_hybrid_cache(tiny_sparse_config):
     assert out.shape == (1, 68) and torch.equal(out, seq)
 
 
-def test_fused_projections_are_dropped(tiny_sparse_config):
-    plain, fused = _model(tiny_sparse_config), _model(tiny_sparse_config)
+@pytest.mark.parametrize("group", [None, 32], ids=["rowwise", "group32"])
+def test_fused_projections_become_fused_fp8_groups(tiny_sparse_config, group):
+    """Quantising drops the bf16 fused blocks; fuse_projections() then fuses the FP8Linear groups (codes, scales and
+    biases concatenated, the modules' buffers views of them): same logits as the separate fp8 projections, one
+    input quantisation and one GEMM per group; a module moved afterwards unfuses its group."""
+    from sala.model.quantize import FusedFP8Linears
+
+    plain, fused = _model(tiny_sparse_config, qkv_bias=True), _model(tiny_sparse_config, qkv_bias=True)
     ids = _ids(tiny_sparse_config)
     fused.fuse_projections()
     assert fused.model.layers[0].self_attn._fused is not None and fused.model.layers[0].mlp._fused is not None
-    quantize_fp8_(plain)
-    quantize_fp8_(fused)
+    quantize_fp8_(plain, group_size=group)
+    quantize_fp8_(fused, group_size=group)
     for layer in fused.model.layers:
         assert layer.self_attn._fused is None and layer.mlp._fused is None
     with torch.no_grad():
         want = plain(ids).logits
         assert torch.equal(fused(ids).logits, want)
-        fused.fuse_projections()  # FP8Linear groups are not fusable: still the separate fp8 path
-        assert fused.model.layers[1].self_attn._fused is None
-        assert torch.equal(fused(ids).logits, want)
+        fused.fuse_projections()
+        attn = fused.model.layers[1].self_attn
+        assert isinstance(attn._fused, FusedFP8Linears) and isinstance(fused.model.layers[1].mlp._fused, FusedFP8Linears)
+        assert attn.q_proj.weight.data_ptr() == attn._fused.weight.data_ptr()  # views, not copies
+        calls = []
+        import sala.model.quantize as quantize
+
+        real = quantize.fp8_linear
+        quantize.fp8_linear = lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k)
+        try:
+            assert_close(fused(ids).logits, want, 1e-6, "fused fp8 groups vs separate")
+        finally:
+            quantize.fp8_linear = real
+        layers = len(fused.model.layers)
+        assert len(calls) == layers * 4  # per layer: fused q/k/v(/gate), o_proj, fused gate/up, down_proj
+        state = {k: v.clone() for k, v in fused.state_dict().items()}
+        assert torch.equal(state["model.layers.1.self_attn.q_proj.weight"].view(torch.uint8),
+                           plain.state_dict()["model.layers.1.self_attn.q_proj.weight"].view(torch.uint8))
+        attn.k_proj = copy.deepcopy(attn.k_proj)  # replaced module: the group no longer serves
+        assert_close(fused(ids).logits, want, 1e-6, "after unfusing")
+        assert attn._fused.weight is None
 
 
 def test_state_dict_round_trip_through_safetensors(tiny_sparse_config, tmp_path):

@@ -29,6 +29,7 @@ from sala.model.cache import HybridCache, LightningState, NoCache, SparseKV
 from sala.model.checkpoint_io import verify_checkpoint, write_official_config
 from sala.model.configuration_sala import SALAConfig
 from sala.model.layout import BatchLayout
+from sala.model.quantize import FP8Linear, FusedFP8Linears
 from sala.ops import (  # apply_rope, rms_norm and the elementwise glue: one fused kernel each on CUDA
     apply_rope,
     chunk_lightning,
@@ -136,7 +137,9 @@ class FusedLinears:
     def refresh(cls, current: "FusedLinears | None", linears: list[nn.Linear]) -> "FusedLinears | None":
         """The fusion to keep for ``linears``: ``current`` if it still serves them, else a new one (None when
         their dtypes or devices differ)."""
-        if current is not None and current.serves(linears):
+        if all(isinstance(m, FP8Linear) for m in linears):  # quantised projections fuse as fp8
+            return FusedFP8Linears.refresh(current, linears)
+        if isinstance(current, cls) and current.serves(linears):
             return current
         return cls(linears) if cls.fusable(linears) else None
 

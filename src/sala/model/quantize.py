@@ -119,6 +119,67 @@ class FP8Linear(nn.Module):
                                       error_msgs)
 
 
+class FusedFP8Linears:
+    """Inference: several :class:`FP8Linear` reading the same input as one fp8 GEMM, the counterpart of
+    ``modeling_sala.FusedLinears``: codes, scales (per output row, so they concatenate like the codes) and biases are
+    concatenated once and each module's buffers re-pointed at row-block views, so memory is not doubled. The input
+    is quantised once instead of once per projection, and one wide GEMM reads the weights. ``__call__`` returns
+    None once a module or buffer has been replaced (``.to(device)``), and the caller runs them one by one."""
+
+    def __init__(self, linears: list[FP8Linear]) -> None:
+        self.linears = list(linears)
+        self.sizes = [m.out_features for m in linears]
+        self.group_size = linears[0].group_size
+        with torch.no_grad():
+            weight = torch.cat([m.weight for m in linears])
+            scale = torch.cat([m.weight_scale for m in linears])
+            has_bias = any(m.bias is not None for m in linears)
+            bias_dtype = next((m.bias.dtype for m in linears if m.bias is not None), torch.float32)
+            bias = torch.cat([m.bias if m.bias is not None else scale.new_zeros(m.out_features, dtype=bias_dtype)
+                              for m in linears]) if has_bias else None
+        start = 0
+        for m in linears:
+            rows = slice(start, start + m.out_features)
+            m._buffers["weight"], m._buffers["weight_scale"] = weight[rows], scale[rows]
+            if m.bias is not None:
+                m._buffers["bias"] = bias[rows]
+            start += m.out_features
+        self.weight, self.scale, self.bias = weight, scale, bias
+        self._ptrs = self._pointers()
+
+    def _pointers(self) -> list[tuple]:
+        return [(m.weight.data_ptr(), m.weight_scale.data_ptr(), None if m.bias is None else m.bias.data_ptr())
+                for m in self.linears]
+
+    @staticmethod
+    def fusable(linears: list[nn.Module]) -> bool:
+        """FP8Linear modules with one group size, input width and device, and one bias dtype."""
+        if not linears or any(type(m) is not FP8Linear for m in linears):
+            return False
+        biases = {m.bias.dtype for m in linears if m.bias is not None}
+        return (len({(m.group_size, m.in_features, m.weight.device) for m in linears}) == 1 and len(biases) <= 1)
+
+    def serves(self, linears: list[nn.Module]) -> bool:
+        return (self.weight is not None and len(linears) == len(self.linears)
+                and all(a is b for a, b in zip(linears, self.linears)) and self._pointers() == self._ptrs)
+
+    def __call__(self, x: torch.Tensor, linears: list[nn.Module]) -> list[torch.Tensor] | None:
+        """x: [..., in] -> one [..., out_i] view per module (slices of one fp8 GEMM's output), or None."""
+        if self.weight is None:
+            return None
+        if not self.serves(linears):
+            self.weight = self.scale = self.bias = None
+            return None
+        out = fp8_linear(x, self.weight, self.scale, self.bias, out_dtype=x.dtype, group_size=self.group_size)
+        return list(out.split(self.sizes, dim=-1))
+
+    @classmethod
+    def refresh(cls, current, linears: list[nn.Module]) -> "FusedFP8Linears | None":
+        if isinstance(current, cls) and current.serves(linears):
+            return current
+        return cls(linears) if cls.fusable(linears) else None
+
+
 def _decoder_layers(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
     """(prefix, layer) for each decoder layer: ``model.model.layers`` (causal LM) or ``model.layers`` (base)."""
     for prefix, owner in (("model.layers", getattr(model, "model", None)), ("layers", model)):
@@ -216,12 +277,11 @@ def quantize_fp8_(model: nn.Module, group_size: int | None = DEFAULT_GROUP_SIZE,
     ``group_size``: scales per output channel and group of this many input features (a power of two from 32 to
     1024; activations get the same groups), or None for one scale per output channel (activations per token).
     ``skip``: names (whole, a dotted component such as ``"o_proj"``, or a dotted suffix) left unquantised.
-    ``calibration``: token-id batches [B, T] of representative text; given, each layer is quantised by GPTQ from its
+    Projections fused for inference are unfused first; a later ``fuse_projections()`` fuses the FP8Linear groups
+    (:class:`FusedFP8Linears`). ``calibration``: token-id batches [B, T] of representative text; given, each layer is quantised by GPTQ from its
     inputs' statistics (layers in order, each calibrated on the outputs of the layers before it, already
     quantised: one pass of each layer per batch, the batches' hidden states kept between layers); else rounding
-    to nearest. Projections fused for inference (``fuse_projections()``) are unfused first (a later
-    ``fuse_projections()`` leaves FP8Linear groups unfused). A Linear subclass (an adapter) is refused: merge it
-    first, its extra terms would be lost.
+    to nearest. A Linear subclass (an adapter) is refused: merge it first, its extra terms would be lost.
     """
     check_group_size(group_size)
     targets = _targets(model, tuple(skip))
