@@ -167,6 +167,13 @@ def test_fused_projections_become_fused_fp8_groups(tiny_sparse_config, group):
         attn.k_proj = copy.deepcopy(attn.k_proj)  # replaced module: the group no longer serves
         assert_close(fused(ids).logits, want, 1e-6, "after unfusing")
         assert attn._fused.weight is None
+    with torch.inference_mode():  # fused under inference mode (the engine), then loaded outside it
+        fused.fuse_projections()
+    fused.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        assert_close(fused(ids).logits, want, 1e-6, "after load_state_dict into the fused block")
+    with pytest.raises(ValueError, match="quantised already"):
+        quantize_fp8_(fused, group_size=None)  # would rewrite quantization_config for codes it did not make
 
 
 def test_state_dict_round_trip_through_safetensors(tiny_sparse_config, tmp_path):

@@ -130,7 +130,9 @@ class FusedFP8Linears:
         self.linears = list(linears)
         self.sizes = [m.out_features for m in linears]
         self.group_size = linears[0].group_size
-        with torch.no_grad():
+        # plain tensors even under inference_mode: the modules' buffers become views, and load_state_dict copies into
+        # them outside it later
+        with torch.inference_mode(False), torch.no_grad():
             weight = torch.cat([m.weight for m in linears])
             scale = torch.cat([m.weight_scale for m in linears])
             has_bias = any(m.bias is not None for m in linears)
@@ -157,7 +159,9 @@ class FusedFP8Linears:
         if not linears or any(type(m) is not FP8Linear for m in linears):
             return False
         biases = {m.bias.dtype for m in linears if m.bias is not None}
-        return (len({(m.group_size, m.in_features, m.weight.device) for m in linears}) == 1 and len(biases) <= 1)
+        devices = {t.device for m in linears for t in (m.weight, m.weight_scale, m.bias) if t is not None}
+        return (len({(m.group_size, m.in_features) for m in linears}) == 1 and len(biases) <= 1
+                and len(devices) == 1)
 
     def serves(self, linears: list[nn.Module]) -> bool:
         return (self.weight is not None and len(linears) == len(self.linears)
@@ -284,6 +288,9 @@ def quantize_fp8_(model: nn.Module, group_size: int | None = DEFAULT_GROUP_SIZE,
     to nearest. A Linear subclass (an adapter) is refused: merge it first, its extra terms would be lost.
     """
     check_group_size(group_size)
+    if any(isinstance(m, FP8Linear) for m in model.modules()):
+        raise ValueError("quantize_fp8_: this model is quantised already (it holds FP8Linear modules); quantise the "
+                         "unquantised model")
     targets = _targets(model, tuple(skip))
     batches = None if calibration is None else list(calibration)
     if batches is not None and not batches:
