@@ -374,6 +374,16 @@ class SALAPreTrainedModel(PreTrainedModel):
     def _supports_default_dynamic_cache(cls) -> bool:  # we bring our own HybridCache
         return False
 
+    def _apply(self, fn, recurse: bool = True):
+        """Moves and casts (``.to``, ``.cuda``, ``.half``) give the parameters new storage: the fused projection
+        blocks (``fuse_projections``) would serve nothing but still hold the old weights (GPU memory after
+        ``.to("cpu")``), so they are dropped here; call ``fuse_projections()`` again to re-fuse."""
+        out = super()._apply(fn, recurse)
+        for module in self.modules():
+            if getattr(module, "_fused", None) is not None:
+                module._fused = None
+        return out
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, strict_checkpoint: bool = True, **kwargs):
         """HF loading, preceded (for local directories) by a strict check of tensor names and shapes against the
