@@ -27,7 +27,7 @@ export SALA_CACHE_DIR=$OUT/cache  # tuning picks of this run, returned with the 
 group_tests() {
     python -m pytest -q -p no:cacheprovider -m gpu tests/ops/test_fp8.py tests/model/test_quantize.py \
         tests/ops/test_dense_sdpa.py tests/engine/test_fused_decode.py tests/engine/test_cuda_graphs.py \
-        tests/model/test_cache_protocol.py tests/ops/test_varlen_attention.py
+        tests/model/test_cache_protocol.py tests/ops/test_varlen_attention.py tests/ops/test_precompile.py
 }
 step tests group_tests
 # -- issue 14: decode at 256K before (81d35b6) and after the one-forward redesign, same machine, same run

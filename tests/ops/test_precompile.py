@@ -75,3 +75,30 @@ def test_precompile_is_a_no_op_without_triton_or_sparse_attention(tiny_sparse_co
 
     with pytest.raises(ValueError, match="max_keys >= 1 and kv_heads >= 1"):
         precompile_selection(0, InfLLMv2Params(), 2, torch.float32, torch.device("cpu"))
+
+
+def _compiled_variants(kernel) -> int:
+    """Kernels Triton compiled for this JIT function on the current CUDA device (its per-device kernel cache)."""
+    caches = getattr(kernel, "device_caches", None)
+    if caches is None:
+        pytest.skip("this Triton keeps no per-device kernel cache to inspect")
+    return sum(len(entry[0]) for entry in caches.values())
+
+
+@pytest.mark.gpu
+def test_after_precompile_full_chunks_compile_nothing_on_a_gpu():
+    """On a GPU: the runner's precompile, then a chunked prefill of full 8192-token chunks up to 64K keys, compiles
+    no new selection variant (the cause suspected for the 128K bench row)."""
+    from sala.engine.kv_cache import StaticCache
+    from sala.engine.runner import ModelRunner
+    from sala.model import preset
+
+    config = preset("small", max_position_embeddings=70000)
+    model = SALAForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    cache = StaticCache(config, 1, 65536, torch.bfloat16, "cuda")
+    runner = ModelRunner(model, cache, cuda_graphs=False)  # precompiles up to 65536 keys
+    before = _compiled_variants(topk._select_kernel)
+    ids = torch.randint(3, config.vocab_size, (65536,), device="cuda")
+    for a in range(0, 65536, 8192):
+        runner.prefill(0, ids[a:a + 8192], want_logits=a + 8192 >= 65536)
+    assert _compiled_variants(topk._select_kernel) == before
