@@ -386,3 +386,32 @@ def test_each_layer_is_calibrated_on_the_quantised_model_own_inputs(tiny_sparse_
     assert len(seen) == len(model.model.layers)
     for i, stream in enumerate(seen):
         assert torch.equal(stream, want[i]), f"layer {i}"
+
+
+def test_layer_hessians_are_each_projection_inputs_second_moment(tiny_sparse_config):
+    """X^T X / rows of each projection's own inputs, over two batches, whether it shares its input (q/k/v, gate/up)
+    or not (o_proj, down_proj); computed here from inputs captured independently."""
+    from sala.model.quantize import _first_layer_inputs, _layer_hessians
+
+    model = _model(tiny_sparse_config)
+    layer = model.model.layers[1]
+    batches = [_ids(tiny_sparse_config, B=2, T=70, seed=s) for s in (1, 2)]
+    inputs = _first_layer_inputs(model, model.model.layers[0], batches)
+    with torch.no_grad():
+        for args in inputs:
+            args[0], args[1] = model.model.layers[0](*args)
+    names = {"q": layer.self_attn.q_proj, "v": layer.self_attn.v_proj, "o": layer.self_attn.o_proj,
+             "up": layer.mlp.up_proj, "down": layer.mlp.down_proj}
+    captured = {n: [] for n in names}
+    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: captured[n].append(a[0].reshape(-1, a[0].shape[-1])))
+             for n, m in names.items()]
+    with torch.no_grad():
+        for args in inputs:
+            layer(*args)
+    for h in hooks:
+        h.remove()
+    got = _layer_hessians(layer, names, inputs)
+    for n in names:
+        x = torch.cat(captured[n]).double()
+        assert_close(got[n].double(), x.t() @ x / x.shape[0], 1e-6, f"{n} hessian")
+    assert not torch.allclose(got["q"], got["o"])  # different inputs give different products

@@ -29,7 +29,7 @@ from sala.model.cache import HybridCache, LightningState, NoCache, SparseKV
 from sala.model.checkpoint_io import verify_checkpoint, write_official_config
 from sala.model.configuration_sala import SALAConfig
 from sala.model.layout import BatchLayout
-from sala.model.quantize import FP8Linear, FusedFP8Linears
+from sala.model.fused import FusedRows, fuse
 from sala.ops import (  # apply_rope, rms_norm and the elementwise glue: one fused kernel each on CUDA
     apply_rope,
     chunk_lightning,
@@ -77,74 +77,38 @@ def _slopes(num_heads: int, device: str) -> torch.Tensor:
     return lightning_decay_slopes(num_heads).to(device)  # float64; ops cast to their compute dtype
 
 
-class FusedLinears:
-    """Inference only: several ``nn.Linear`` that read the same input, computed by one GEMM.
+class FusedLinears(FusedRows):
+    """Inference only: several ``nn.Linear`` that read the same input, computed by one GEMM (see
+    :class:`sala.model.fused.FusedRows`).
 
-    Their weights (and biases; a missing bias is zeros, added exactly) are concatenated once and each
-    Linear's parameter is re-pointed (``.data``; the Parameter objects, and optimizers holding them, stay) at
-    a row-block *view* of the result, so memory is not doubled and ``load_state_dict`` or in-place updates
-    stay visible to both paths. At decode one wide GEMM reads the weights closer to copy bandwidth than three
-    or four narrow ones and saves their launches. ``__call__`` returns None (callers run the Linears one by
-    one) while gradients are enabled, and for good once a Linear or its parameter has been replaced
-    (``model.to(...)``, an adapter swapping the module): the stale block is then dropped.
+    Each Linear's parameters are re-pointed through ``.data`` (the Parameter objects, and optimizers holding them,
+    stay); a missing bias is zeros, added exactly. At decode one wide GEMM reads the weights closer to copy
+    bandwidth than three or four narrow ones and saves their launches. The fused call steps aside (callers run
+    the Linears one by one) while gradients are enabled.
     """
 
-    def __init__(self, linears: list[nn.Linear]) -> None:
-        self.linears = list(linears)
-        self.sizes = [m.out_features for m in linears]
-        # a plain tensor even under inference_mode, so the parameters stay usable for training afterwards
-        with torch.inference_mode(False), torch.no_grad():
-            weight = torch.cat([m.weight for m in linears])
-            has_bias = any(m.bias is not None for m in linears)
-            bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
-                              for m in linears]) if has_bias else None
-        start = 0
-        for m in linears:
-            rows = slice(start, start + m.out_features)
-            m.weight.data = weight[rows]
-            if m.bias is not None:
-                m.bias.data = bias[rows]
-            start += m.out_features
-        self.weight, self.bias = weight, bias
-        self._ptrs = self._pointers()
+    MODULE = nn.Linear
+    TENSORS = ("weight", "bias")
 
-    def _pointers(self) -> list[tuple[int, int | None]]:
-        return [(m.weight.data_ptr(), None if m.bias is None else m.bias.data_ptr()) for m in self.linears]
+    def _point(self, module: nn.Module, name: str, view: torch.Tensor) -> None:
+        getattr(module, name).data = view
 
-    @staticmethod
-    def fusable(linears: list[nn.Linear]) -> bool:
-        """One dtype and device for every weight and bias (``torch.cat`` would silently promote)."""
-        if any(type(m) is not nn.Linear for m in linears):  # subclasses (LoRA adapters) add terms of their own
-            return False
-        tensors = [t for m in linears for t in (m.weight, m.bias) if t is not None]
-        return len({(t.dtype, t.device) for t in tensors}) == 1
+    def _usable(self) -> bool:
+        return not torch.is_grad_enabled()
 
-    def serves(self, linears: list[nn.Linear]) -> bool:
-        """Still the block of exactly these modules' current parameters."""
-        return (self.weight is not None and len(linears) == len(self.linears)
-                and all(a is b for a, b in zip(linears, self.linears)) and self._pointers() == self._ptrs)
-
-    def __call__(self, x: torch.Tensor, linears: list[nn.Linear]) -> list[torch.Tensor] | None:
-        """x: [..., in] -> one [..., out_i] view per Linear (slices of one GEMM's output), or None."""
-        if torch.is_grad_enabled() or self.weight is None:
-            return None
-        if not self.serves(linears):
-            self.weight = self.bias = None  # replaced: free the stale block, stay unfused until fused again
-            return None
-        return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+    def _compute(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.blocks["weight"], self.blocks["bias"])
 
     @classmethod
-    def refresh(cls, current: "FusedLinears | None", linears: list[nn.Linear]) -> "FusedLinears | None":
-        """The fusion to keep for ``linears``: ``current`` if it still serves them, else a new one (None when
-        their dtypes or devices differ)."""
-        if all(isinstance(m, FP8Linear) for m in linears):  # quantised projections fuse as fp8
-            return FusedFP8Linears.refresh(current, linears)
-        if isinstance(current, cls) and current.serves(linears):
-            return current
-        return cls(linears) if cls.fusable(linears) else None
+    def fusable(cls, modules: list[nn.Module]) -> bool:
+        """One dtype and device for every weight and bias."""
+        if not modules or any(type(m) is not nn.Linear for m in modules):
+            return False
+        tensors = [t for m in modules for t in (m.weight, m.bias) if t is not None]
+        return len({(t.dtype, t.device) for t in tensors}) == 1
 
 
-def run_linears(linears: list[nn.Linear], fused: FusedLinears | None, x: torch.Tensor) -> list[torch.Tensor]:
+def run_linears(linears: list[nn.Module], fused: FusedRows | None, x: torch.Tensor) -> list[torch.Tensor]:
     """Each Linear applied to ``x``: one fused GEMM when ``fused`` serves, else one call each."""
     out = fused(x, linears) if fused is not None else None
     return out if out is not None else [m(x) for m in linears]
@@ -156,11 +120,11 @@ class SALAMLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self._fused: FusedLinears | None = None
+        self._fused: FusedRows | None = None
 
     def fuse_projections(self) -> None:
         """One GEMM for gate and up (inference; see :class:`FusedLinears`)."""
-        self._fused = FusedLinears.refresh(self._fused, [self.gate_proj, self.up_proj])
+        self._fused = fuse(self._fused, [self.gate_proj, self.up_proj])
 
     CPU_ROWS = 4096
     """Inference on a CPU runs the MLP this many tokens at a time, so a long prompt's [T, intermediate]
@@ -199,7 +163,7 @@ class _Projections(nn.Module):
             self.q_norm = SALARMSNorm(D, config.rms_norm_eps)  # one [D] weight shared by all heads
             self.k_norm = SALARMSNorm(D, config.rms_norm_eps)
         self.qk_norm = qk_norm
-        self._fused: FusedLinears | None = None
+        self._fused: FusedRows | None = None
 
     def gate_linear(self) -> nn.Linear | None:
         """The output-gate projection, which reads the same input as q/k/v (None: no gate)."""
@@ -211,7 +175,7 @@ class _Projections(nn.Module):
 
     def fuse_projections(self) -> None:
         """One GEMM for q, k, v and the gate projection (inference; see :class:`FusedLinears`)."""
-        self._fused = FusedLinears.refresh(self._fused, self._input_linears())
+        self._fused = fuse(self._fused, self._input_linears())
 
     def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
         """x: [B, T, hidden] -> q [B, T, H, D], k, v [B, T, Hkv, D] (qk-norm, then RoPE when given) and the

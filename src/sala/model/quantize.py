@@ -24,6 +24,7 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from sala.model.fused import FusedRows
 from sala.ops.fp8 import FP8_DTYPE, check_group_size, fp8_linear, num_groups, quantize_fp8_weight
 from sala.ops.fp8.naive import gptq_fp8_weight
 from sala.utils.progress import counter
@@ -119,69 +120,25 @@ class FP8Linear(nn.Module):
                                       error_msgs)
 
 
-class FusedFP8Linears:
-    """Inference: several :class:`FP8Linear` reading the same input as one fp8 GEMM, the counterpart of
-    ``modeling_sala.FusedLinears``: codes, scales (per output row, so they concatenate like the codes) and biases are
-    concatenated once and each module's buffers re-pointed at row-block views, so memory is not doubled. The input
-    is quantised once instead of once per projection, and one wide GEMM reads the weights. ``__call__`` returns
-    None once a module or buffer has been replaced (``.to(device)``), and the caller runs them one by one."""
+class FusedFP8Linears(FusedRows):
+    """Inference: several :class:`FP8Linear` reading the same input as one fp8 GEMM (see
+    :class:`sala.model.fused.FusedRows`). Scales are per output row, so they concatenate like the codes; each
+    module's buffers are re-pointed at the views. The input is quantised once instead of once per projection."""
 
-    def __init__(self, linears: list[FP8Linear]) -> None:
-        self.linears = list(linears)
-        self.sizes = [m.out_features for m in linears]
-        self.group_size = linears[0].group_size
-        # plain tensors even under inference_mode: the modules' buffers become views, and load_state_dict copies into
-        # them outside it later
-        with torch.inference_mode(False), torch.no_grad():
-            weight = torch.cat([m.weight for m in linears])
-            scale = torch.cat([m.weight_scale for m in linears])
-            has_bias = any(m.bias is not None for m in linears)
-            bias_dtype = next((m.bias.dtype for m in linears if m.bias is not None), torch.float32)
-            bias = torch.cat([m.bias if m.bias is not None else scale.new_zeros(m.out_features, dtype=bias_dtype)
-                              for m in linears]) if has_bias else None
-        start = 0
-        for m in linears:
-            rows = slice(start, start + m.out_features)
-            m._buffers["weight"], m._buffers["weight_scale"] = weight[rows], scale[rows]
-            if m.bias is not None:
-                m._buffers["bias"] = bias[rows]
-            start += m.out_features
-        self.weight, self.scale, self.bias = weight, scale, bias
-        self._ptrs = self._pointers()
+    MODULE = FP8Linear
+    TENSORS = ("weight", "weight_scale", "bias")
 
-    def _pointers(self) -> list[tuple]:
-        return [(m.weight.data_ptr(), m.weight_scale.data_ptr(), None if m.bias is None else m.bias.data_ptr())
-                for m in self.linears]
+    def _point(self, module: nn.Module, name: str, view: torch.Tensor) -> None:
+        module._buffers[name] = view
 
-    @staticmethod
-    def fusable(linears: list[nn.Module]) -> bool:
-        """FP8Linear modules with one group size, input width and device, and one bias dtype."""
-        if not linears or any(type(m) is not FP8Linear for m in linears):
-            return False
-        biases = {m.bias.dtype for m in linears if m.bias is not None}
-        devices = {t.device for m in linears for t in (m.weight, m.weight_scale, m.bias) if t is not None}
-        return (len({(m.group_size, m.in_features) for m in linears}) == 1 and len(biases) <= 1
-                and len(devices) == 1)
-
-    def serves(self, linears: list[nn.Module]) -> bool:
-        return (self.weight is not None and len(linears) == len(self.linears)
-                and all(a is b for a, b in zip(linears, self.linears)) and self._pointers() == self._ptrs)
-
-    def __call__(self, x: torch.Tensor, linears: list[nn.Module]) -> list[torch.Tensor] | None:
-        """x: [..., in] -> one [..., out_i] view per module (slices of one fp8 GEMM's output), or None."""
-        if self.weight is None:
-            return None
-        if not self.serves(linears):
-            self.weight = self.scale = self.bias = None
-            return None
-        out = fp8_linear(x, self.weight, self.scale, self.bias, out_dtype=x.dtype, group_size=self.group_size)
-        return list(out.split(self.sizes, dim=-1))
+    def _compute(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.blocks["weight"], self.blocks["weight_scale"], self.blocks["bias"],
+                          out_dtype=x.dtype, group_size=self.modules[0].group_size)
 
     @classmethod
-    def refresh(cls, current, linears: list[nn.Module]) -> "FusedFP8Linears | None":
-        if isinstance(current, cls) and current.serves(linears):
-            return current
-        return cls(linears) if cls.fusable(linears) else None
+    def fusable(cls, modules: list[nn.Module]) -> bool:
+        """FP8Linear modules with one group size and input width (and one dtype and device per tensor)."""
+        return super().fusable(modules) and len({(m.group_size, m.in_features) for m in modules}) == 1
 
 
 def _decoder_layers(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
@@ -250,25 +207,36 @@ def _first_layer_inputs(model: nn.Module, first: nn.Module, calibration: list[to
 
 @torch.no_grad()
 def _layer_hessians(layer: nn.Module, linears: dict[str, nn.Linear], inputs: list[list]) -> dict[str, torch.Tensor]:
-    """X^T X / rows [in, in] (fp32) of each Linear's inputs while ``layer`` runs on each batch's ``inputs``."""
+    """X^T X / rows [in, in] (fp32) of each Linear's inputs while ``layer`` runs on each batch's ``inputs``; Linears
+    reading the same tensor (q/k/v/gate, gate/up) share one product per batch."""
     sums = {name: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float32, device=lin.weight.device)
             for name, lin in linears.items()}
     rows = {name: 0 for name in linears}
+    seen: dict[str, torch.Tensor] = {}
 
     def collect(name):
         def hook(module, args, output):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            sums[name].addmm_(x.t(), x)
-            rows[name] += x.shape[0]
+            seen[name] = args[0]
         return hook
 
     handles = [lin.register_forward_hook(collect(name)) for name, lin in linears.items()]
     try:
         for args in inputs:
+            seen.clear()
             layer(*args)
+            readers: dict[int, list[str]] = {}  # id of an input tensor -> the Linears that read it
+            for name, x in seen.items():
+                readers.setdefault(id(x), []).append(name)
+            for names in readers.values():
+                x = seen[names[0]].reshape(-1, seen[names[0]].shape[-1]).float()
+                product = x.t() @ x
+                for name in names:
+                    sums[name] += product
+                    rows[name] += x.shape[0]
     finally:
         for h in handles:
             h.remove()
+        seen.clear()
     return {name: sums[name] / max(rows[name], 1) for name in linears}
 
 
@@ -282,7 +250,8 @@ def quantize_fp8_(model: nn.Module, group_size: int | None = DEFAULT_GROUP_SIZE,
     1024; activations get the same groups), or None for one scale per output channel (activations per token).
     ``skip``: names (whole, a dotted component such as ``"o_proj"``, or a dotted suffix) left unquantised.
     Projections fused for inference are unfused first; a later ``fuse_projections()`` fuses the FP8Linear groups
-    (:class:`FusedFP8Linears`). ``calibration``: token-id batches [B, T] of representative text; given, each layer is quantised by GPTQ from its
+    (:class:`FusedFP8Linears`).
+    ``calibration``: token-id batches [B, T] of representative text; given, each layer is quantised by GPTQ from its
     inputs' statistics (layers in order, each calibrated on the outputs of the layers before it, already
     quantised: one pass of each layer per batch, the batches' hidden states kept between layers); else rounding
     to nearest. A Linear subclass (an adapter) is refused: merge it first, its extra terms would be lost.
@@ -311,9 +280,8 @@ def quantize_fp8_(model: nn.Module, group_size: int | None = DEFAULT_GROUP_SIZE,
             setattr(block, attr, FP8Linear.from_linear(lin, group_size, hessians.get(full)))
             replaced.append(full)
         if inputs is not None and index < last:  # the next layer's inputs, from this layer quantised
-            with torch.no_grad():
-                for args in inputs:
-                    args[0], args[1] = layer(*args)
+            for args in inputs:
+                args[0], args[1] = layer(*args)
         if mine:
             bar.update(1)
     bar.close()

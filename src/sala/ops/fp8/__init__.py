@@ -110,7 +110,10 @@ def fp8_linear(x: torch.Tensor, q_weight: torch.Tensor, w_scale: torch.Tensor, b
     tensors = [x, q_weight, w_scale] + ([bias] if bias is not None else [])
     if len({t.device for t in tensors}) != 1:
         raise ValueError(f"fp8_linear wants every tensor on one device; got {[str(t.device) for t in tensors]}")
-    return call("fp8_linear", backend, x.device, x, q_weight, w_scale, bias, out_dtype, group_size)
+    # implementations see 2-D activations [tokens, in]
+    out = call("fp8_linear", backend, x.device, x.reshape(-1, x.shape[-1]), q_weight, w_scale, bias, out_dtype,
+               group_size)
+    return out.reshape(*x.shape[:-1], out_features)
 
 
 register("fp8_linear", "naive", naive_fp8_linear)
@@ -118,13 +121,11 @@ register("fp8_linear", "naive", naive_fp8_linear)
 
 def _scaled_mm_rowwise(x: torch.Tensor, q_weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                        out_dtype: torch.dtype) -> torch.Tensor:
-    """One ``torch._scaled_mm``: xq [M, in] @ q_weight^T with scale_a [M, 1] (per token) and scale_b [1, out]
-    (per channel) applied to the fp32 accumulator, bias added there, then one rounding to ``out_dtype``."""
-    lead = x.shape[:-1]
-    xq, xs = quantize_rows(x.reshape(-1, x.shape[-1]))
-    out = torch._scaled_mm(xq, q_weight.t(), scale_a=xs, scale_b=w_scale[None, :],
-                           bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype)
-    return out.reshape(*lead, q_weight.shape[0])
+    """One ``torch._scaled_mm``: x [M, in] quantised per token, @ q_weight^T, with scale_a [M, 1] and scale_b
+    [1, out] (per channel) applied to the fp32 accumulator, bias added there, then one rounding to ``out_dtype``."""
+    xq, xs = quantize_rows(x)
+    return torch._scaled_mm(xq, q_weight.t(), scale_a=xs, scale_b=w_scale[None, :],
+                            bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype)
 
 
 def _no_grad(x: torch.Tensor) -> bool:
@@ -154,19 +155,16 @@ def _triton_fp8_linear(x, q_weight, w_scale, bias, out_dtype, group_size) -> tor
     if group_size is not None:
         from sala.ops.fp8.triton_gemm import triton_fp8_group_gemm
 
-        lead = x.shape[:-1]
-        xq, xs = quantize_groups(x.reshape(-1, x.shape[-1]), group_size)
-        out = triton_fp8_group_gemm(xq, xs, q_weight, w_scale, bias, out_dtype, group_size)
-        return out.reshape(*lead, q_weight.shape[0])
+        xq, xs = quantize_groups(x, group_size)
+        return triton_fp8_group_gemm(xq, xs, q_weight, w_scale, bias, out_dtype, group_size)
     if out_dtype == torch.bfloat16:  # row-wise scaling on CUDA produces bf16 only
         return _scaled_mm_rowwise(x, q_weight, w_scale, bias, out_dtype)
     # fp16/fp32 outputs: the fp8 GEMM with unit tensor-wise scales into fp32, then the two scales and the bias
     # applied in fp32 (one extra elementwise pass; a bias is not fused by _scaled_mm for fp32 outputs)
-    lead = x.shape[:-1]
-    xq, xs = quantize_rows(x.reshape(-1, x.shape[-1]))
+    xq, xs = quantize_rows(x)
     one = torch.ones((), dtype=torch.float32, device=x.device)
     acc = torch._scaled_mm(xq, q_weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
     acc = acc * xs * w_scale[None, :]
     if bias is not None:
         acc = acc + bias.float()
-    return acc.to(out_dtype).reshape(*lead, q_weight.shape[0])
+    return acc.to(out_dtype)

@@ -88,24 +88,22 @@ def _chunk_attention(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, scale
     key = (qh.device, qh.dtype, qh.shape[-1], qh.shape[1], kh.shape[1])
     if not _split_wanted(qh) or _SPLIT_OK.get(key) is False:
         return _flash_lower_right(qh, kh, vh, scale)
-    if key in _SPLIT_OK:
-        try:
-            return _cudnn_split(qh, kh, vh, scale)
-        except RuntimeError as e:  # a shape cuDNN refuses (lengths, strides): flash from now on for this key
-            _SPLIT_OK[key] = False
-            logger.warning("dense chunked prefill: cuDNN attention failed (%s); using flash", str(e).splitlines()[0])
-            return _flash_lower_right(qh, kh, vh, scale)
-    want = _flash_lower_right(qh, kh, vh, scale)
-    try:  # first use on this device and dtype: the split must agree with flash before it is trusted
+    checked = key in _SPLIT_OK
+    try:
         got = _cudnn_split(qh, kh, vh, scale)
-        err = ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)).item()
-        _SPLIT_OK[key] = err < 2e-2
-        if not _SPLIT_OK[key]:
-            logger.warning("dense chunked prefill: the cuDNN split disagrees with flash attention (rel. error %.3g); "
-                           "using flash", err)
-    except RuntimeError as e:
+    except RuntimeError as e:  # cuDNN refuses this layout (or, once trusted, a length or stride): flash from now on
         _SPLIT_OK[key] = False
-        logger.warning("dense chunked prefill: cuDNN attention unavailable (%s); using flash", str(e).splitlines()[0])
+        logger.warning("dense chunked prefill: cuDNN attention %s (%s); using flash",
+                       "failed" if checked else "unavailable", str(e).splitlines()[0])
+        return _flash_lower_right(qh, kh, vh, scale)
+    if checked:
+        return got
+    want = _flash_lower_right(qh, kh, vh, scale)  # first use: the split must agree with flash before it is trusted
+    err = ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)).item()
+    _SPLIT_OK[key] = err < 2e-2
+    if not _SPLIT_OK[key]:
+        logger.warning("dense chunked prefill: the cuDNN split disagrees with flash attention (rel. error %.3g); "
+                       "using flash", err)
     return want
 
 
