@@ -47,6 +47,11 @@ def test_niah_grid(tmp_path, haystack_file, capsys):
     assert report["models"]["tiny"]["prompt_format"] == "chat template"
     assert (out / "niah.png").stat().st_size > 1000
     assert "depth \\ length" in stdout
+    for length, rate in zip(grid["lengths"], grid["samples_per_s"]):  # throughput = samples / their timed seconds
+        secs = [r["seconds"] for r in report["records"] if r["length"] == length]
+        assert len(secs) == 4 and all(t > 0 for t in secs)
+        assert rate == pytest.approx(len(secs) / sum(secs), rel=2e-2)
+    assert "| samples/s |" in (out / "niah.md").read_text()
 
 
 def test_niah_without_chat_template_states_fallback(tmp_path, haystack_file, llama_plain_dir, capsys):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import random
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -103,6 +104,7 @@ def run_niah(cfg: NiahConfig) -> dict:
         report["models"][label] = {"spec": spec, "prompt_format": fmt.name, **describe(model)}
         stops, wpt = eos_ids(model, tokenizer), words_per_token(hay, tokenizer)
         correct = {(L, d): 0 for L in cfg.length_list for d in cfg.depth_list}
+        seconds = {L: 0.0 for L in cfg.length_list}  # prefill + answer per sample (greedy syncs on every token)
         total = len(correct) * cfg.samples
         # every prompt first: a length the needle cannot fit, or a haystack too short, fails before generating
         samples = [make_sample(hay, fmt, L, d, i, seed=cfg.seed, answer_tokens=cfg.max_new_tokens, wpt=wpt)
@@ -110,19 +112,27 @@ def run_niah(cfg: NiahConfig) -> dict:
         with Progress(total, f"niah {label}", unit="sample", quiet=cfg.quiet) as bar:
             for s in samples:
                 done = lambda toks, v=s.value: v in tokenizer.decode(toks)  # stop once the number is out
+                t0 = time.perf_counter()
                 ans_ids = greedy_generate(model, s.prompt_ids, cfg.max_new_tokens, chunk=cfg.chunk,
                                           stop_ids=stops, should_stop=done)
+                secs = time.perf_counter() - t0
+                seconds[s.length] += secs
                 answer = tokenizer.decode(ans_ids, skip_special_tokens=True)
                 ok = exact_match(answer, s.value)
                 correct[(s.length, s.depth)] += ok
                 rec = {k: v for k, v in asdict(s).items() if k != "prompt_ids"}
-                report["records"].append({"model": label, **rec, "answer": answer, "correct": ok})
+                report["records"].append({"model": label, **rec, "answer": answer, "correct": ok,
+                                          "seconds": round(secs, 4)})
                 bar.update()
         acc = [[correct[(L, d)] / cfg.samples for L in cfg.length_list] for d in cfg.depth_list]
         mean = sum(map(sum, acc)) / (len(cfg.length_list) * len(cfg.depth_list))
-        report["grids"][label] = {"lengths": cfg.length_list, "depths": cfg.depth_list, "accuracy": acc, "mean": mean}
+        per_length = len(cfg.depth_list) * cfg.samples
+        throughput = {L: per_length / seconds[L] if seconds[L] > 0 else float("inf") for L in cfg.length_list}
+        report["grids"][label] = {"lengths": cfg.length_list, "depths": cfg.depth_list, "accuracy": acc, "mean": mean,
+                                  "samples_per_s": [throughput[L] for L in cfg.length_list]}
         rows = [[f"{d:g}%"] + [f"{a:.2f}" for a in row] for d, row in zip(cfg.depth_list, acc)]
         rows.append(["mean"] + [f"{sum(col) / len(col):.2f}" for col in zip(*acc)])
+        rows.append(["samples/s"] + [f"{throughput[L]:.3g}" for L in cfg.length_list])
         tables.append(f"{label} ({fmt.name}): mean accuracy {mean:.3f}\n\n"
                       + markdown_table(["depth \\ length"] + [fmt_tokens(L) for L in cfg.length_list], rows))
         del model

@@ -67,8 +67,18 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, device=dev, owns_group=owns)
 
 
-def shutdown(info: DistInfo) -> None:
-    if info.owns_group and dist.is_initialized():
+def shutdown(info: DistInfo, *, ok: bool = True) -> None:
+    """Leave the group this process made. After a clean run every rank first meets the others, so none tears its
+    gloo/NCCL state down while a peer is still writing the export (a rank destroying early was seen to abort with
+    'terminate called without an active exception' on a loaded 2-core CI machine). After an error the peers may
+    never arrive: a multi-rank group is then left to process exit (as torchtitan does) rather than risk a hang."""
+    if not (info.owns_group and dist.is_initialized()):
+        return
+    if ok:
+        if info.world_size > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+    elif info.world_size == 1:
         dist.destroy_process_group()
 
 

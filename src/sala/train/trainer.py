@@ -669,6 +669,9 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         torch.backends.cuda.matmul.allow_tf32 = True
     try:
         recipe = load_recipe(cfg.recipe, {**cfg.overrides, "out": cfg.out})
-        return Trainer(cfg, recipe, info).run()
-    finally:
-        parallel.shutdown(info)
+        result = Trainer(cfg, recipe, info).run()
+    except BaseException:
+        parallel.shutdown(info, ok=False)
+        raise
+    parallel.shutdown(info)
+    return result
