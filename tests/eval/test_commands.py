@@ -4,6 +4,7 @@ by side, model kinds, and each bad input's error."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -111,6 +112,25 @@ def test_length_past_max_positions(haystack_file, llama_plain_dir, capsys):
     assert rc == 2 and "exceeds tiny's max_position_embeddings 4,096; pass --max-positions" in stderr
 
 
+def test_dense_model_past_its_window(tmp_path, haystack_file, llama_plain_dir, capsys):
+    """--max-positions lets a plain-RoPE dense model run past its window (the teacher side of a past-the-window
+    comparison); a RoPE scaled from max_position_embeddings is refused, since a new limit would change the model."""
+    out = tmp_path / "past"
+    rc, _, stderr = run(["eval", "niah", "--model", str(llama_plain_dir), "--haystack", str(haystack_file),
+                         "--lengths", "1K", "--depths", "50", "--max-new-tokens", "2", "--max-positions", "2048",
+                         "--out", str(out)], capsys)
+    assert rc == 0, stderr
+    assert json.loads((out / "niah.json").read_text())["records"][0]["prompt_tokens"] > 512
+    scaled = tmp_path / "scaled"
+    shutil.copytree(llama_plain_dir, scaled)
+    cfg = json.loads((scaled / "config.json").read_text())
+    cfg["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
+    (scaled / "config.json").write_text(json.dumps(cfg))
+    rc, _, stderr = run(["eval", "niah", "--model", str(scaled), "--haystack", str(haystack_file), "--lengths", "1K",
+                         "--max-positions", "2048"], capsys)
+    assert rc == 2 and "its RoPE ('linear') is scaled from max_position_embeddings 512" in stderr
+
+
 def test_length_past_memory_plan(haystack_file, capsys, monkeypatch):
     model, _, label = load_eval_model("tiny", "cpu", "float32")
     check_lengths(model.config, label, [4096], sala=True, device=torch.device("cpu"), dtype=torch.float32, budget_gib=8.0)
@@ -156,8 +176,8 @@ def test_model_kinds(tmp_path, llama_dir, demo_sala_dir):
     assert type(model).__name__ == "SALAForCausalLM" and label == demo_sala_dir.name and len(tok) == 500
     model, _, _ = load_eval_model("tiny", "cpu", "float32", max_positions=8192)
     assert model.config.max_position_embeddings == 8192
-    with pytest.raises(ValueError, match="applies to SALA models only"):
-        load_eval_model(str(llama_dir), "cpu", "float32", max_positions=8192)
+    dense, _, _ = load_eval_model(str(llama_dir), "cpu", "float32", max_positions=8192)  # plain RoPE: extrapolated
+    assert dense.config.max_position_embeddings == 8192
     assert isinstance(next(model.parameters()), torch.Tensor)
 
 

@@ -18,7 +18,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", help="auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float16 | float32")
     g.add_argument("--model-seed", type=int, help="seed of a preset's random weights")
     g.add_argument("--threads", type=int, help="CPU threads for torch")
-    g.add_argument("--max-positions", type=int, help="raise a SALA model's max_position_embeddings (RoPE is analytic)")
+    g.add_argument("--max-positions", type=int, help="raise max_position_embeddings: SALA (RoPE is analytic), or a "
+                   "dense model with plain RoPE (extrapolated past its window)")
     g.add_argument("--chunk", type=int, help="prefill chunk in tokens")
     g.add_argument("--gpu-mem", type=float, help="memory budget in GiB for the SALA memory-plan check (default: the GPU's)")
     g.add_argument("--out", help="report directory (default out/eval/<command>)")

@@ -64,8 +64,11 @@ def load_eval_model(spec: Spec, device: str | torch.device = "auto", dtype: str 
                     max_positions: int | None = None) -> tuple[Any, Any, str]:
     """(model, tokenizer, label) for a SALA checkpoint or preset, a dense HF directory or a GGUF file / directory.
 
-    ``max_positions`` raises a SALA model's ``max_position_embeddings`` (RoPE is analytic, spec §10.16); dense
-    models keep theirs. ``dtype`` auto is bf16 on CUDA and fp32 on CPU (GGUF weights are dequantized to it).
+    ``max_positions`` raises ``max_position_embeddings``: a SALA model's RoPE is analytic (spec §10.16); a dense
+    model with plain RoPE (``rope_type`` default) then runs past its trained window by extrapolation, which is
+    what a "past the teacher's window" comparison measures; scaled RoPE kinds (linear, dynamic, yarn, ...) derive
+    their frequencies from that limit, so they are refused. ``dtype`` auto is bf16 on CUDA and fp32 on CPU (GGUF
+    weights are dequantized to it).
     """
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
@@ -75,8 +78,6 @@ def load_eval_model(spec: Spec, device: str | torch.device = "auto", dtype: str 
         return model, tokenizer, label
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if max_positions is not None:
-        raise ValueError(f"--max-positions applies to SALA models only; {spec} is a dense {kind} model")
     if kind == "gguf":
         path = Path(spec)
         gguf = path if path.is_file() else _gguf_in(path)
@@ -85,8 +86,24 @@ def load_eval_model(spec: Spec, device: str | torch.device = "auto", dtype: str 
         directory, kwargs = spec, {}
     tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dt, **kwargs).to(dev).eval()
+    if max_positions is not None:
+        raise_dense_positions(model.config, max_positions, spec)
     logger.info("loaded %s (%s, %s) on %s in %s", spec, kind, type(model).__name__, dev, dtype_name(dt))
     return model, tokenizer, label
+
+
+def raise_dense_positions(config: Any, max_positions: int, label: str) -> None:
+    """Set a dense config's ``max_position_embeddings`` to ``max_positions`` if its RoPE does not depend on it."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if kind != "default":
+        raise ValueError(f"--max-positions cannot raise {label}'s limit: its RoPE ({kind!r}) is scaled from "
+                         f"max_position_embeddings {config.max_position_embeddings:,}, so a new limit would change the "
+                         "model; use lengths within it")
+    if max_positions > (config.max_position_embeddings or 0):
+        logger.warning("%s: positions past its trained window of %s tokens are RoPE extrapolation", label,
+                       f"{config.max_position_embeddings:,}")
+    config.max_position_embeddings = max_positions
 
 
 def is_sala(model: Any) -> bool:
@@ -137,7 +154,10 @@ def load_checked(spec: Spec, opts: Any, lengths: list[int], batch: int = 1) -> t
     elif kind == "hf":
         from transformers import AutoConfig
 
-        check_lengths(AutoConfig.from_pretrained(spec), label, lengths, **common)
+        config = AutoConfig.from_pretrained(spec)
+        if opts.max_positions is not None:
+            raise_dense_positions(config, opts.max_positions, label)
+        check_lengths(config, label, lengths, **common)
     model, tokenizer, label = load_eval_model(spec, dev, dt, seed=opts.model_seed, max_positions=opts.max_positions)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     check_lengths(model.config, label, lengths, weights_bytes=weights, **common)
