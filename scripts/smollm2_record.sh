@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The evaluation record of SmolLM2-135M-Instruct and its trained SALA hybrid on one GPU (benchmarks/RESULTS.md):
+# held-out perplexity at 2K and 8K, and NIAH at 1K-8K (the teacher's window) and 16K-64K (past it) for both.
+# The teacher runs past its 8K window by RoPE extrapolation (--max-positions); the hybrid's sparse layers carry no
+# positions. Each command is bounded by `timeout` so a device call cut short still returns the other's report.
+# Usage (repo root): GGUF=/path/model.gguf HYBRID=runs/.../final OUT=out [TAR=record.tar.gz] bash scripts/smollm2_record.sh
+set -uo pipefail
+export PYTHONPATH=${PYTHONPATH:-src}
+GGUF=${GGUF:?teacher .gguf}
+HYBRID=${HYBRID:?trained hybrid folder}
+OUT=${OUT:-out/record}
+TEXT=${TEXT:-data/text/heldout.txt}
+SAMPLES=${SAMPLES:-4}
+PPL_S=${PPL_S:-90}
+NIAH_S=${NIAH_S:-300}
+mkdir -p "$OUT"
+echo "== ppl $(date +%T)"
+timeout "$PPL_S" python3 -m sala.cli eval ppl --model "$GGUF" --compare "$HYBRID" --text "$TEXT" --context 2K,8K \
+    --max-windows 16 --batch 4 --chunk 8192 --out "$OUT/ppl" --force --quiet 2>&1 | grep -v Warning | tail -n 12
+echo "== niah $(date +%T)"
+timeout "$NIAH_S" python3 -m sala.cli eval niah --model "$GGUF" --compare "$HYBRID" --haystack "$TEXT" \
+    --lengths 1K,2K,4K,8K,16K,32K,64K --depths 0,25,50,75,100 --samples "$SAMPLES" --chunk 8192 \
+    --max-positions 65536 --out "$OUT/niah" --force --quiet 2>&1 | grep -v Warning | tail -n 30
+if [[ -n ${TAR:-} ]]; then  # one file back instead of six (device calls return at most 8 files)
+    tar czf "$TAR" -C "$OUT" . && echo "packed $OUT into $TAR"
+fi
