@@ -188,7 +188,9 @@ def test_cuda_scaled_mm_matches_reference(dtype, bias):
         got = fp8_linear(x, q, s, b, backend="triton")
         want = naive_fp8_linear(x, q, s, b, dtype)
     assert got.dtype == dtype and got.shape == (3, 37, 384)
-    assert_close(got.float(), want.float(), 1e-5 if dtype == torch.float32 else 8e-3, "cuda fp8 GEMM vs reference")
+    # fp32 out: Hopper's fp8 tensor cores accumulate with fewer bits than fp32 (DeepSeek-V3 report §3.3.2); measured
+    # 1.3e-4 on an H200 over K=256 (the group kernel promotes to fp32 every <= 128 columns instead)
+    assert_close(got.float(), want.float(), 5e-4 if dtype == torch.float32 else 8e-3, "cuda fp8 GEMM vs reference")
     assert resolve("fp8_linear", "auto", dev, x, q, s, b, dtype, None).__name__ == "_triton_fp8_linear"
     q2, s2 = quantize_fp8_weight((0.05 * _randn(40, 256, seed=34)).to(dev))  # out = 40: not a multiple of 16
     assert resolve("fp8_linear", "auto", dev, x, q2, s2, None, dtype, None) is naive_fp8_linear
@@ -252,7 +254,8 @@ def test_group_linear_matches_fp64(backend, shape, group):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("m,k,n,group", [(5, 96, 40, 32), (37, 200, 72, 64), (1, 576, 33, 128), (3, 600, 20, 256)])
+@pytest.mark.parametrize("m,k,n,group", [(5, 96, 40, 32), (37, 200, 72, 64), (1, 576, 33, 128), (3, 600, 20, 256),
+                                         (2, 1100, 24, 512)])
 def test_triton_group_gemm_matches_reference(monkeypatch, dtype, m, k, n, group):
     """The Triton kernel in the interpreter: ragged K tails, M and N not multiples of the tiles, one-row decode."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -1,9 +1,10 @@
 """Triton FP8 GEMM with group-wise scales: ``out = sum_g (Aq_g @ Bq_g^T) * a_scale[:, g] * b_scale[:, g]``.
 
 A [M, K] float8_e4m3fn (activations, one scale per token and group of ``GROUP`` columns), B [N, K] float8_e4m3fn
-(weight, one scale per output channel and group). Each K step is one group: the fp8 ``tl.dot`` accumulates the
-group's products in fp32, the two scales multiply that partial sum, and the running sum stays fp32 (the scheme of
-DeepSeek-V3's fine-grained FP8, with 1 x GROUP weight groups instead of 128 x 128 blocks). A ragged last group is
+(weight, one scale per output channel and group). Each K step (a group, or 128 columns of a larger one): the fp8
+``tl.dot`` accumulates its products in fp32, its group's two scales multiply that partial sum, and the running sum
+stays fp32: the scheme of DeepSeek-V3's fine-grained FP8 (promote out of the tensor cores, whose fp8
+accumulation keeps fewer bits, every <= 128 columns), with 1 x GROUP weight groups instead of 128 x 128 blocks. A ragged last group is
 masked. No autotuning: the launch plan depends on M only, so the first call compiles one kernel and times nothing
 (a server's first request pays no tuning).
 """
@@ -19,7 +20,7 @@ from sala.utils.env import triton_interpret
 
 
 @triton.jit(do_not_specialize=["M"])
-def _fp8_group_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K, NG,
+def _fp8_group_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K, NK,
                            s_am, s_asm, s_bn, s_bsn, s_cm,
                            GROUP: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                            HAS_BIAS: tl.constexpr, RNE_O: tl.constexpr):
@@ -31,17 +32,18 @@ def _fp8_group_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, 
     m_ok = rm < M
     n_ok = rn < N
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for g in range(0, NG):
-        part = tl.zeros((BM, BN), dtype=tl.float32)
-        for s in tl.static_range(0, GROUP, BK):  # a large group in K steps of BK: tiles stay in shared memory
-            k = g * GROUP + s + rk
-            k_ok = k < K
-            a = tl.load(a_ptr + rm[:, None] * s_am + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptr + rn[None, :] * s_bn + k[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-            part += tl.dot(a, b, out_dtype=tl.float32)
+    # One loop over K steps of BK = min(GROUP, 128); each step's fp32 partial product takes its group's two scales
+    # (a group past 128 spans several steps; scaling distributes over their sum). A static inner loop over a large
+    # group's steps made the pipeliner keep every step's tiles live: 384 KB of shared memory for GROUP=512.
+    for kk in range(0, NK):
+        k = kk * BK + rk
+        k_ok = k < K
+        a = tl.load(a_ptr + rm[:, None] * s_am + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + rn[None, :] * s_bn + k[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        g = (kk * BK) // GROUP
         sa = tl.load(as_ptr + rm * s_asm + g, mask=m_ok, other=0.0)
         sb = tl.load(bs_ptr + rn * s_bsn + g, mask=n_ok, other=0.0)
-        acc += part * sa[:, None] * sb[None, :]
+        acc += tl.dot(a, b, out_dtype=tl.float32) * sa[:, None] * sb[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if RNE_O:
@@ -75,10 +77,13 @@ def triton_fp8_group_gemm(xq: torch.Tensor, x_scale: torch.Tensor, q_weight: tor
     if M == 0:
         return out
     bm, bn, warps, stages = launch_plan(M)
+    bk = min(group_size, 128)
+    if groups != triton.cdiv(K, group_size):
+        raise ValueError(f"x_scale has {groups} groups; K={K} in groups of {group_size} needs {triton.cdiv(K, group_size)}")
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _fp8_group_gemm_kernel[grid](
-        xq, x_scale, q_weight, w_scale, bias if bias is not None else w_scale, out, M, N, K, groups,
+        xq, x_scale, q_weight, w_scale, bias if bias is not None else w_scale, out, M, N, K, triton.cdiv(K, bk),
         xq.stride(0), x_scale.stride(0), q_weight.stride(0), w_scale.stride(0), out.stride(0),
-        GROUP=group_size, BK=min(group_size, 128), BM=bm, BN=bn, HAS_BIAS=bias is not None, RNE_O=interp_rne(out_dtype),
+        GROUP=group_size, BK=bk, BM=bm, BN=bn, HAS_BIAS=bias is not None, RNE_O=interp_rne(out_dtype),
         num_warps=warps, num_stages=stages)
     return out
