@@ -473,9 +473,60 @@ def bench_sparse_decode(Ls=(32768, 131072, 262144, 1048576), batches=(1, 8), H: 
     return rows
 
 
+# the released 9B shape's projections (hidden 4096, MLP 16384): (name, in K, out N)
+FP8_SHAPES = (("qkv", 4096, 6144), ("o_proj", 4096, 4096), ("gate_up", 4096, 32768), ("down", 16384, 4096))
+
+
+def bench_fp8_gemm(Ms=(1, 8, 8192), shapes=FP8_SHAPES, group: int = 128, device: str = "cuda") -> list[dict]:
+    """FP8 linear layers against the bf16 GEMM (cuBLAS through F.linear, the strongest baseline) at decode and
+    prefill M: row-wise ``_scaled_mm`` and group-wise Triton, each with its activation quantisation, plus the group
+    kernel alone and the quantisation alone, so a slow path shows where its time goes. Each shape is checked
+    against the reference first. ``weight TB/s`` = weight bytes read per call / time (the decode bound)."""
+    import torch.nn.functional as F
+
+    from sala.ops.fp8 import fp8_linear, naive_fp8_linear, quantize_fp8_weight
+    from sala.ops.fp8.naive import quantize_groups
+    from sala.ops.fp8.triton_gemm import triton_fp8_group_gemm
+    from sala.utils.testing import rel_l2
+
+    dev = torch.device(device)
+    backend = "triton" if dev.type == "cuda" else "auto"  # auto on CPU: cpu _scaled_mm, the interpreter for groups
+    rows = []
+    for name, k, n in shapes:
+        g = torch.Generator(device=dev).manual_seed(k + n)
+        w = 0.02 * torch.randn(n, k, device=dev, generator=g)
+        w16 = w.bfloat16()
+        qr, sr = quantize_fp8_weight(w)
+        qg, sg = quantize_fp8_weight(w, group)
+        for m in Ms:
+            x = torch.randn(m, k, device=dev, generator=g).bfloat16()
+            with torch.no_grad():
+                errs = {"rowwise": rel_l2(fp8_linear(x, qr, sr, backend=backend).float(),
+                                          naive_fp8_linear(x, qr, sr, None, torch.bfloat16).float()),
+                        f"g{group}": rel_l2(fp8_linear(x, qg, sg, backend=backend, group_size=group).float(),
+                                            naive_fp8_linear(x, qg, sg, None, torch.bfloat16, group).float())}
+                xq, xs = quantize_groups(x, group)
+                t = {"bf16": _time_ms(lambda: F.linear(x, w16)),
+                     "rowwise": _time_ms(lambda: fp8_linear(x, qr, sr, backend=backend)),
+                     f"g{group}": _time_ms(lambda: fp8_linear(x, qg, sg, backend=backend, group_size=group)),
+                     f"g{group} kernel": _time_ms(lambda: triton_fp8_group_gemm(xq, xs, qg, sg, None, torch.bfloat16, group)),
+                     f"g{group} quant": _time_ms(lambda: quantize_groups(x, group))}
+            row = {"shape": name, "K": k, "N": n, "M": m, **{f"{key} ms": v for key, v in t.items()},
+                   **{f"{key} / bf16": t[key] / t["bf16"] for key in t if key != "bf16"},
+                   "bf16 weight TB/s": 2 * k * n / t["bf16"] / 1e9, "rowwise weight TB/s": k * n / t["rowwise"] / 1e9,
+                   f"g{group} weight TB/s": k * n / t[f"g{group}"] / 1e9, **{f"err {key}": e for key, e in errs.items()}}
+            rows.append(row)
+    _print_table(f"fp8 linear vs bf16 (groups of {group}; ratio < 1 is faster than bf16)", rows,
+                 ["shape", "M", "bf16 ms", "rowwise / bf16", f"g{group} / bf16", f"g{group} kernel / bf16",
+                  f"g{group} quant / bf16", "bf16 weight TB/s", f"g{group} weight TB/s", f"err g{group}"])
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="sala kernel benchmarks vs baselines measured in the same run")
-    parser.add_argument("--only", choices=("lightning", "sparse", "decode", "all"), default="all", help="which sections to run")
+    parser.add_argument("--only", choices=("lightning", "sparse", "decode", "fp8", "all"), default="all",
+                        help="which sections to run")
+    parser.add_argument("--fp8-M", default="1,8,8192", help="comma-separated token counts of the fp8 GEMMs")
     parser.add_argument("--out", type=Path, default=Path("out/bench"), help="folder for the JSON results")
     parser.add_argument("--prefill-T", default="8192,32768,131072,262144", help="comma-separated prefill lengths")
     parser.add_argument("--sparse-T", default="8192,32768,131072,262144,524288", help="comma-separated sparse-layer lengths")
@@ -501,6 +552,8 @@ def main(argv: list[str] | None = None) -> None:
             results["sparse_backward"] = bench_sparse_backward()
     if args.only in ("decode", "all"):
         results["sparse_decode"] = bench_sparse_decode()
+    if args.only in ("fp8", "all"):
+        results["fp8_gemm"] = bench_fp8_gemm(tuple(int(x) for x in args.fp8_M.split(",")))
     path = args.out / f"kernels_{args.only}.json"
     path.write_text(json.dumps(results, indent=2, default=str))
     print(f"\nwrote {path}")

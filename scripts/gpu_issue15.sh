@@ -2,7 +2,8 @@
 # The GPU checks left open by CPU-only sessions (issues 14 and 15), one step per log in $OUT, so a device call cut
 # short still returns what finished. Each group fits one device call of 10 minutes:
 #   STEPS="tests before_after"      GPU tests of the new paths; issue 14's decode record, old code vs new
-#   STEPS="fp8 dense"               bf16 vs fp8 vs dense vs transformers at 128K/256K; the dense split's effect
+#   STEPS="gemm fp8_rowwise dense"  fp8 GEMMs vs bf16 per shape; row-wise fp8 end to end; the dense split's effect
+#   STEPS="fp8"                     bf16 vs fp8 vs dense vs transformers at 128K/256K
 #   STEPS="cold"                    first-request TTFT after load (cold process, then warm process) and 1M
 # The before/after step needs the old tree: git archive 81d35b6 src | tar -x -C .before/ (carry .before).
 # Usage on the device machine, repo root:  OUT=out STEPS="tests before_after" bash scripts/gpu_issue15.sh
@@ -34,6 +35,9 @@ step tests group_tests
 step before_after bash -c 'for tree in .before/src src; do echo "## $tree"; PYTHONPATH=$tree python -m sala.cli \
     bench e2e --systems sala --contexts 256K --decode-only --decode-steps 32 --decode-batch 8 \
     --out "'"$OUT"'/e2e_$(basename $(dirname $tree))" | tail -n 6; done'
+# -- issue 15: where fp8 loses to bf16 (Dec 5, H200: TTFT x2.1, decode x1.27): each fp8 GEMM path, its activation
+#    quantisation and the group kernel alone against cuBLAS bf16 at decode and prefill M, 9B projection shapes
+step gemm python benchmarks/kernels.py --only fp8 --out "$OUT/kernels"
 # -- issue 15: bf16 vs fp8 (groups of 128, and row-wise) vs the dense systems
 step fp8 sala -v bench e2e --systems sala,sala-fp8,dense,hf --contexts 128K,256K --decode-steps 16 --decode-batch 8 \
     --out "$OUT/e2e_fp8"
