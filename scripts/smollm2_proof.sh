@@ -11,7 +11,8 @@
 #   GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf RUN=/tmp/smol SPARSE=0,... bash scripts/smollm2_proof.sh 1
 #   GGUF=... RUN=/tmp/smol OUT=$OUT bash scripts/smollm2_proof.sh 2
 # Stage shares (seconds of the total): ALIGN_S, DISTILL_S, LONG_S. SPARSE=halo runs HALO layer selection on the GPU
-# first (8 of 30 layers, first and last forced) and converts with its choice; SPARSE=<layer_selection.json> takes
+# first (8 of 30 layers, first and last forced) and converts with its choice; SPARSE=<layer_selection.json> (default:
+# the CPU HALO run in benchmarks/results/halo_smollm2_cpu) takes
 # the choice of an earlier selection run; PROFILE=N writes torch.profiler tables
 # of N steps per stage of the calibration run ($RUN/calib/profile-<stage>.txt).
 set -euo pipefail
@@ -20,7 +21,7 @@ PHASE=${1:?phase 1 or 2}
 GGUF=${GGUF:?path of SmolLM2-135M-Instruct.Q4_1.gguf}
 RUN=${RUN:-/tmp/smol}
 OUT=${OUT:-$RUN/out}
-SPARSE=${SPARSE:-0,4,8,12,16,20,25,29}
+SPARSE=${SPARSE:-benchmarks/results/halo_smollm2_cpu/layer_selection.json}  # HALO on the CPU: 0,3,12,13,19,23,26,29
 PROFILE=${PROFILE:-0}
 ALIGN_S=${ALIGN_S:-90}
 DISTILL_S=${DISTILL_S:-560}

@@ -271,6 +271,17 @@ def test_triton_group_gemm_matches_reference(monkeypatch, dtype, m, k, n, group)
     assert_close(got.double(), _fp64_group_reference(x.float(), q, s, group, b.float()), max(tol, 1e-6), "vs fp64")
 
 
+def test_group_gemm_refuses_scales_of_another_layout(monkeypatch):
+    """The kernel indexes scales by K step: a scale tensor of another group count would be read out of bounds."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from sala.ops.fp8.triton_gemm import triton_fp8_group_gemm
+
+    q, s = quantize_fp8_weight(0.05 * _randn(24, 256, seed=41), 64)
+    xq, xs = quantize_fp8_activation(_randn(3, 256, seed=42), 128)  # 2 groups where the weight has 4
+    with pytest.raises(ValueError, match="x_scale has 2 groups per row; K=256 in groups of 64 needs 4"):
+        triton_fp8_group_gemm(xq, xs, q, s, None, torch.float32, 64)
+
+
 def test_group_layout_errors_are_specific():
     x = _randn(4, 96)
     q, s = quantize_fp8_weight(_randn(8, 96, seed=1), 32)

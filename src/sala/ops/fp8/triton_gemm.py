@@ -3,8 +3,8 @@
 A [M, K] float8_e4m3fn (activations, one scale per token and group of ``GROUP`` columns), B [N, K] float8_e4m3fn
 (weight, one scale per output channel and group). Each K step (a group, or 128 columns of a larger one): the fp8
 ``tl.dot`` accumulates its products in fp32, its group's two scales multiply that partial sum, and the running sum
-stays fp32: the scheme of DeepSeek-V3's fine-grained FP8 (promote out of the tensor cores, whose fp8
-accumulation keeps fewer bits, every <= 128 columns), with 1 x GROUP weight groups instead of 128 x 128 blocks. A ragged last group is
+stays fp32. This is DeepSeek-V3's fine-grained FP8 (promote out of the tensor cores, whose fp8 accumulation keeps
+fewer bits, every <= 128 columns) with 1 x GROUP weight groups instead of 128 x 128 blocks. A ragged last group is
 masked. No autotuning: the launch plan depends on M only, so the first call compiles one kernel and times nothing
 (a server's first request pays no tuning).
 """
@@ -79,7 +79,8 @@ def triton_fp8_group_gemm(xq: torch.Tensor, x_scale: torch.Tensor, q_weight: tor
     bm, bn, warps, stages = launch_plan(M)
     bk = min(group_size, 128)
     if groups != triton.cdiv(K, group_size):
-        raise ValueError(f"x_scale has {groups} groups; K={K} in groups of {group_size} needs {triton.cdiv(K, group_size)}")
+        raise ValueError(f"x_scale has {groups} groups per row; K={K} in groups of {group_size} needs "
+                         f"{triton.cdiv(K, group_size)}")
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _fp8_group_gemm_kernel[grid](
         xq, x_scale, q_weight, w_scale, bias if bias is not None else w_scale, out, M, N, K, triton.cdiv(K, bk),
