@@ -40,5 +40,6 @@ timeout "$NIAH_S" python3 -m sala.cli eval niah --model "$GGUF" --compare "$HYBR
     --lengths "$LENGTHS" --depths "$DEPTHS" --samples "$SAMPLES" --chunk 8192 \
     --max-positions 65536 --out "$OUT/niah" --force --quiet 2>&1 | grep -v Warning | tail -n 30
 if [[ -n ${TAR:-} ]]; then  # one file back instead of six (device calls return at most 8 files)
-    tar czf "$TAR" --exclude=sala-hybrid -C "$OUT" . && echo "packed $OUT into $TAR"
+    # the archive may sit inside OUT: leave it out of itself
+    tar czf "$TAR" --exclude=sala-hybrid --exclude="$(basename "$TAR")" -C "$OUT" . && echo "packed $OUT into $TAR"
 fi
