@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 from pathlib import Path
 
@@ -201,3 +202,37 @@ def test_chat_path_builds_once_and_follows_train(tmp_path):
     assert len(corpus.chat_path(tmp_path).read_text().splitlines()) == 2
     (tmp_path / "train.txt").write_text(DOCS[1] + "\n")
     assert corpus.chat_path(tmp_path).read_text() == ""  # rebuilt from the new train split
+
+
+def test_retrieval_examples_hide_one_fact_in_the_documents_text():
+    rows = corpus.retrieval_examples(DOCS, n=40, seed=3, min_chars=100, max_chars=400)
+    assert len(rows) == 40 and rows == corpus.retrieval_examples(DOCS, n=40, seed=3, min_chars=100, max_chars=400)
+    assert rows != corpus.retrieval_examples(DOCS, n=40, seed=4, min_chars=100, max_chars=400)
+    doc_pars = {p for d in DOCS for p in d.split("\n\n")}
+    for r in rows:
+        user, answer = (m["content"] for m in r["messages"])
+        key, value = re.fullmatch(r"The access code for the (\w+ \w+ project) is (\d+)\.", answer).groups()
+        assert 5 <= len(value) <= 8 and value[0] != "0"
+        intro, *pars, question = user.split("\n\n")
+        assert question == f"Question: What is the access code for the {key}?"
+        assert pars.count(answer) == 1  # the fact once, as its own paragraph
+        assert all(p in doc_pars for p in pars if p != answer)  # everything else is the documents' own paragraphs
+        assert len(pars) == 2 or sum(len(p) for p in pars if p != answer) <= 400  # whole paragraphs up to the length
+    depths = {[p for p in r["messages"][0]["content"].split("\n\n")].index(r["messages"][1]["content"]) for r in rows}
+    assert len(depths) > 3  # the fact moves through the text
+    with pytest.raises(ValueError, match="at least one non-empty document"):
+        corpus.retrieval_examples(["", "  "])
+
+
+def test_retrieval_path_and_its_corpus_name(tmp_path, monkeypatch):
+    (tmp_path / "train.txt").write_text(("\n" + DOC_SEPARATOR + "\n").join(DOCS) + "\n")
+    path = corpus.retrieval_path(tmp_path)
+    assert path.name == "retrieval.jsonl" and len(path.read_text().splitlines()) == 800
+    meta = json.loads((tmp_path / "retrieval.json").read_text())
+    assert meta["format_version"] == corpus.RETRIEVAL_FORMAT_VERSION and meta["rule"] == corpus.RETRIEVAL_RULE
+    stamp = path.stat().st_mtime_ns
+    assert corpus.retrieval_path(tmp_path) == path and path.stat().st_mtime_ns == stamp
+    monkeypatch.setattr(corpus, "default_corpus_dir", lambda: tmp_path)
+    assert corpus.resolve_path("corpus:retrieval") == path
+    with pytest.raises(ValueError, match="corpus:chat and corpus:retrieval"):
+        corpus.resolve_path("corpus:nope")

@@ -24,6 +24,7 @@ import importlib.util
 import json
 import logging
 import os
+import random
 import re
 import subprocess
 import tempfile
@@ -606,33 +607,87 @@ def chat_examples(documents: list[str], per_doc: int = 2, max_chars: int = 900) 
     return out
 
 
-def chat_path(corpus_dir: str | os.PathLike | None = None) -> Path:
-    """``chat.jsonl`` beside ``train.txt``, built from it by :func:`chat_examples` (rebuilt when train.txt or the
-    rule changed; ``chat.json`` records both)."""
+def _derived_jsonl(stem: str, build, version: int, rule: str, corpus_dir: str | os.PathLike | None) -> Path:
+    """``<stem>.jsonl`` beside ``train.txt``, made from its documents by ``build`` and rebuilt when train.txt or
+    the rule's version changed (``<stem>.json`` records both, and the file's hash)."""
     train = train_path(corpus_dir)
-    out, meta_path = train.with_name("chat.jsonl"), train.with_name("chat.json")
+    out, meta_path = train.with_name(f"{stem}.jsonl"), train.with_name(f"{stem}.json")
     sha = _sha256_file(train)
     try:
         meta = json.loads(meta_path.read_text())
-        if (meta.get("train_sha256") == sha and meta.get("format_version") == CHAT_FORMAT_VERSION and out.is_file()
+        if (meta.get("train_sha256") == sha and meta.get("format_version") == version and out.is_file()
                 and _sha256_file(out) == meta.get("sha256")):
             return out
     except (OSError, ValueError):
         pass
-    records = chat_examples(split_documents(train.read_text(encoding="utf-8")))
+    records = build(split_documents(train.read_text(encoding="utf-8")))
     blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
     _write_atomic(out, blob)
-    _write_atomic(meta_path, (json.dumps({"format_version": CHAT_FORMAT_VERSION, "rule": CHAT_RULE,
-                                          "examples": len(records), "train_sha256": sha,
-                                          "sha256": hashlib.sha256(blob).hexdigest()}, indent=2) + "\n").encode())
-    logger.info("chat examples: %d from %s -> %s", len(records), train, out)
+    _write_atomic(meta_path, (json.dumps({"format_version": version, "rule": rule, "examples": len(records),
+                                          "train_sha256": sha, "sha256": hashlib.sha256(blob).hexdigest()},
+                                         indent=2) + "\n").encode())
+    logger.info("%s examples: %d from %s -> %s", stem, len(records), train, out)
     return out
+
+
+def chat_path(corpus_dir: str | os.PathLike | None = None) -> Path:
+    """``chat.jsonl`` beside ``train.txt``, built from it by :func:`chat_examples` (see :func:`_derived_jsonl`)."""
+    return _derived_jsonl("chat", chat_examples, CHAT_FORMAT_VERSION, CHAT_RULE, corpus_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# retrieval examples from the train split: a fact hidden in real text, asked for after it
+
+RETRIEVAL_RULE = ("seeded (0); per example: consecutive train documents from a random one, whole paragraphs up to "
+                  "a length drawn from 1,500-7,000 characters; one fact 'The access code for the <adjective> "
+                  "<noun> project is <5-8 digits>.' inserted at a random paragraph boundary; user = instruction + "
+                  "text + question; assistant = the fact restated. Keys and wording differ from `sala eval niah` "
+                  "(cities, 'special magic number'), whose haystack is the held-out split")
+RETRIEVAL_FORMAT_VERSION = 1
+_ADJECTIVES = ("amber", "silent", "northern", "copper", "hollow", "bright", "crimson", "frozen", "golden", "hidden",
+               "iron", "jade", "lunar", "marble", "velvet", "quiet", "rapid", "scarlet", "silver", "twisted")
+_NOUNS = ("falcon", "harbor", "lantern", "meadow", "orchard", "pioneer", "quartz", "raven", "summit", "tundra",
+          "willow", "beacon", "canyon", "glacier", "horizon", "island", "compass", "delta", "ember", "forest")
+
+
+def retrieval_examples(documents: list[str], n: int = 800, *, seed: int = 0, min_chars: int = 1500,
+                       max_chars: int = 7000) -> list[dict]:
+    """Chat records ``{"messages": [user, assistant]}`` (see :data:`RETRIEVAL_RULE`): long-context retrieval to
+    train on, made from real text. Deterministic in ``seed``."""
+    docs = [d for d in documents if d.strip()]
+    if not docs:
+        raise ValueError("retrieval examples need at least one non-empty document")
+    rng = random.Random(seed)
+    out: list[dict] = []
+    for _ in range(n):
+        target = rng.randint(min_chars, max_chars)
+        pars: list[str] = []
+        i = rng.randrange(len(docs))
+        while sum(map(len, pars)) < target and len(pars) < 10_000:
+            pars += [p.strip("\n") for p in re.split(r"\n\s*\n", docs[i % len(docs)]) if p.strip()]
+            i += 1
+        while len(pars) > 1 and sum(map(len, pars)) > target:  # whole paragraphs up to the drawn length
+            pars.pop()
+        key = f"{rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)} project"
+        digits = rng.randint(5, 8)
+        value = str(rng.randrange(10 ** (digits - 1), 10**digits))
+        fact = f"The access code for the {key} is {value}."
+        pars.insert(rng.randint(0, len(pars)), fact)
+        user = ("Read the text below, then answer the question after it.\n\n" + "\n\n".join(pars)
+                + f"\n\nQuestion: What is the access code for the {key}?")
+        out.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": fact}]})
+    return out
+
+
+def retrieval_path(corpus_dir: str | os.PathLike | None = None) -> Path:
+    """``retrieval.jsonl`` beside ``train.txt``, built from it by :func:`retrieval_examples`."""
+    return _derived_jsonl("retrieval", retrieval_examples, RETRIEVAL_FORMAT_VERSION, RETRIEVAL_RULE, corpus_dir)
 
 
 def resolve_path(spec: str) -> Path:
     """``pkg:<module>/<relative path>`` -> the file inside that installed package (found without importing it);
-    ``corpus:train`` / ``corpus:heldout`` -> the project's text corpus, ``corpus:chat`` its chat examples (built from
-    the train split); anything else -> a plain path."""
+    ``corpus:train`` / ``corpus:heldout`` -> the project's text corpus, ``corpus:chat`` / ``corpus:retrieval`` its
+    chat and retrieval examples (built from the train split); anything else -> a plain path."""
     if spec.startswith("pkg:"):
         module, _, rel = spec[4:].partition("/")
         found = importlib.util.find_spec(module)
@@ -645,9 +700,10 @@ def resolve_path(spec: str) -> Path:
         return path
     if spec.startswith("corpus:"):
         which = spec[len("corpus:"):]
-        paths = {"train": train_path, "heldout": heldout_path, "chat": chat_path}
+        paths = {"train": train_path, "heldout": heldout_path, "chat": chat_path, "retrieval": retrieval_path}
         if which not in paths:
-            raise ValueError(f"{spec}: corpus names are corpus:train, corpus:heldout and corpus:chat")
+            raise ValueError(f"{spec}: corpus names are corpus:train, corpus:heldout, corpus:chat and "
+                             "corpus:retrieval")
         return paths[which]()
     return Path(spec)
 
