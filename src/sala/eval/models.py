@@ -92,15 +92,16 @@ def load_eval_model(spec: Spec, device: str | torch.device = "auto", dtype: str 
     return model, tokenizer, label
 
 
-def raise_dense_positions(config: Any, max_positions: int, label: str) -> None:
-    """Set a dense config's ``max_position_embeddings`` to ``max_positions`` if its RoPE does not depend on it."""
+def raise_dense_positions(config: Any, max_positions: int, label: str, *, warn: bool = True) -> None:
+    """Set a dense config's ``max_position_embeddings`` to ``max_positions`` if its RoPE does not depend on it;
+    ``warn``: log that positions past the old limit are extrapolated (once per model: the load warns)."""
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
     if kind != "default":
         raise ValueError(f"--max-positions cannot raise {label}'s limit: its RoPE ({kind!r}) is scaled from "
                          f"max_position_embeddings {config.max_position_embeddings:,}, so a new limit would change the "
                          "model; use lengths within it")
-    if max_positions > (config.max_position_embeddings or 0):
+    if warn and max_positions > (config.max_position_embeddings or 0):
         logger.warning("%s: positions past its trained window of %s tokens are RoPE extrapolation", label,
                        f"{config.max_position_embeddings:,}")
     config.max_position_embeddings = max_positions
@@ -156,7 +157,7 @@ def load_checked(spec: Spec, opts: Any, lengths: list[int], batch: int = 1) -> t
 
         config = AutoConfig.from_pretrained(spec)
         if opts.max_positions is not None:
-            raise_dense_positions(config, opts.max_positions, label)
+            raise_dense_positions(config, opts.max_positions, label, warn=False)  # the load below warns
         check_lengths(config, label, lengths, **common)
     model, tokenizer, label = load_eval_model(spec, dev, dt, seed=opts.model_seed, max_positions=opts.max_positions)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())

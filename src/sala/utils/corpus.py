@@ -583,12 +583,17 @@ def _is_prose(par: str) -> bool:
     return len(par) >= 80 and par.rstrip().endswith(".") and not par.lstrip().startswith(">>>")
 
 
+def _paragraphs(doc: str) -> list[str]:
+    """A document's paragraphs (split at blank lines), without their surrounding newlines; empty ones dropped."""
+    return [p.strip("\n") for p in re.split(r"\n\s*\n", doc) if p.strip()]
+
+
 def chat_examples(documents: list[str], per_doc: int = 2, max_chars: int = 900) -> list[dict]:
     """Chat records ``{"messages": [user, assistant]}`` from plain documents (see :data:`CHAT_RULE`): the
     assistant content is the documents' own text, verbatim paragraphs; only the question is a template."""
     out: list[dict] = []
     for doc in documents:
-        pars = [p.strip("\n") for p in re.split(r"\n\s*\n", doc) if p.strip()]
+        pars = _paragraphs(doc)
         taken = 0
         i = 0
         while i < len(pars) - 1 and taken < per_doc:
@@ -654,7 +659,7 @@ def retrieval_examples(documents: list[str], n: int = 800, *, seed: int = 0, min
                        max_chars: int = 7000) -> list[dict]:
     """Chat records ``{"messages": [user, assistant]}`` (see :data:`RETRIEVAL_RULE`): long-context retrieval to
     train on, made from real text. Deterministic in ``seed``."""
-    docs = [d for d in documents if d.strip()]
+    docs = [_paragraphs(d) for d in documents if d.strip()]  # split once, not once per example that reads it
     if not docs:
         raise ValueError("retrieval examples need at least one non-empty document")
     rng = random.Random(seed)
@@ -662,12 +667,14 @@ def retrieval_examples(documents: list[str], n: int = 800, *, seed: int = 0, min
     for _ in range(n):
         target = rng.randint(min_chars, max_chars)
         pars: list[str] = []
+        size = 0
         i = rng.randrange(len(docs))
-        while sum(map(len, pars)) < target and len(pars) < 10_000:
-            pars += [p.strip("\n") for p in re.split(r"\n\s*\n", docs[i % len(docs)]) if p.strip()]
+        while size < target and len(pars) < 10_000:
+            pars += docs[i % len(docs)]
+            size += sum(map(len, docs[i % len(docs)]))
             i += 1
-        while len(pars) > 1 and sum(map(len, pars)) > target:  # whole paragraphs up to the drawn length
-            pars.pop()
+        while len(pars) > 1 and size > target:  # whole paragraphs up to the drawn length
+            size -= len(pars.pop())
         key = f"{rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)} project"
         digits = rng.randint(5, 8)
         value = str(rng.randrange(10 ** (digits - 1), 10**digits))
