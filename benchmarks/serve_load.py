@@ -12,7 +12,7 @@ disconnect mid-request (``--disconnect``) and streams cancelled after a few even
     python benchmarks/serve_load.py --serve-args "--threads 1"        # compare a thread count
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --model NAME   # a server you started
     python benchmarks/serve_load.py --device cuda --preset minicpm-sala-9b --batch 64 --context 64K \
-        --concurrency 64 --prompt-words 700 45000 --max-tokens 256             # GPU: released shape (not yet run)
+        --concurrency 64 --prompt-words 340 21500 --max-tokens 256 --start-timeout 300  # GPU: released shape, 1K-63K tokens
 
 Writes one JSON line per run to ``--out`` when given.
 """
@@ -67,7 +67,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
            "--log-level", "warning", *shlex.split(args.serve_args)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + args.start_timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"server exited ({proc.returncode}): {proc.stderr.read()[-2000:]}")
@@ -78,7 +78,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
             pass
         time.sleep(0.2)
     proc.kill()
-    raise SystemExit("server did not start within 120 s")
+    raise SystemExit(f"server did not start within {args.start_timeout:.0f} s")
 
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches in "
@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cancel", type=float, default=0.05, help="fraction of streams cancelled after 1-3 events")
     p.add_argument("--hogs", type=int, default=0, help="CPU-burning processes to run beside the server")
     p.add_argument("--timeout", type=float, default=120.0, help="client timeout per request in seconds")
+    p.add_argument("--start-timeout", type=float, default=120.0,
+                   help="seconds to wait for the started server's /health (default 120; a 9B model on a GPU needs more)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", default="", help="name of this run in the printout / JSON")
     p.add_argument("--out", help="append the result as one JSON line to this file")

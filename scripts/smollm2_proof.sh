@@ -23,11 +23,11 @@ RUN=${RUN:-/tmp/smol}
 OUT=${OUT:-$RUN/out}
 SPARSE=${SPARSE:-benchmarks/results/halo_smollm2_cpu/layer_selection.json}  # HALO on the CPU: 0,3,12,13,19,23,26,29
 PROFILE=${PROFILE:-0}
-ALIGN_S=${ALIGN_S:-90}
-DISTILL_S=${DISTILL_S:-560}
+ALIGN_S=${ALIGN_S:-80}
+DISTILL_S=${DISTILL_S:-600}
 LONG_S=${LONG_S:-100}
-PHASE1_MINUTES=${PHASE1_MINUTES:-6}
-PHASE2_MINUTES=${PHASE2_MINUTES:-8.5}
+PHASE1_MINUTES=${PHASE1_MINUTES:-6.3}
+PHASE2_MINUTES=${PHASE2_MINUTES:-8.6}
 # tokens per optimizer step of each stage (seq_len x micro_batch of the smollm2 recipe)
 ALIGN_STEP=${ALIGN_STEP:-$((512 * 64))}
 DISTILL_STEP=${DISTILL_STEP:-$((2048 * 32))}
@@ -56,7 +56,8 @@ if [[ $PHASE == 1 ]]; then
     echo "== calibrate $(date +%T)"
     $SALA train smollm2 --out "$RUN/calib" --force --quiet --profile-steps "$PROFILE" "${common[@]}" \
         --set stages.align.tokens=$((ALIGN_STEP * 5)) --set stages.distill.tokens=$((DISTILL_STEP * 6)) \
-        --set stages.long.tokens=$((LONG_STEP * 4)) --set data.eval_windows=2 2>&1 | grep -E "stage|ppl|Error|error" || true
+        --set stages.long.tokens=$((LONG_STEP * 4)) --set stages.chat.tokens=$((2048 * 16 * 2)) \
+        --set data.eval_windows=2 2>&1 | grep -E "stage|ppl|Error|error" || true
     python3 - "$RUN" <<'EOF'
 import json, sys
 from pathlib import Path

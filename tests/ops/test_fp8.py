@@ -282,6 +282,68 @@ def test_group_gemm_refuses_scales_of_another_layout(monkeypatch):
         triton_fp8_group_gemm(xq, xs, q, s, None, torch.float32, 64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("m,k,group", [(5, 96, 32), (9, 200, 64), (3, 1100, 512), (6, 300, None), (2, 2100, None)])
+def test_triton_quantizer_gives_the_reference_codes_and_scales(monkeypatch, dtype, m, k, group):
+    """The one-pass quantiser (interpreter): the same codes and scales as the PyTorch reference, bit for bit, for
+    groups narrower and wider than its column tile, ragged tails and row-wise scales; subnormal codes and an
+    all-zero row (scale 1) included."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from sala.ops.fp8.naive import quantize_groups
+    from sala.ops.fp8.triton_gemm import triton_quantize_groups
+
+    x = (3 * _randn(m, k, seed=k)).to(dtype)
+    x[0, : k // 3] *= 1e-4  # codes in e4m3's subnormal range next to loud ones
+    x[-1] = 0
+    got_q, got_s = triton_quantize_groups(x, group)
+    want_q, want_s = quantize_groups(x, group)
+    assert got_q.dtype == FP8_DTYPE and got_q.shape == want_q.shape and got_s.shape == want_s.shape
+    assert torch.equal(got_s, want_s)
+    assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))
+    cm_q, cm_s = triton_quantize_groups(x, group, scales_column_major=True)
+    assert cm_s.stride() == (1, m) and torch.equal(cm_s, want_s) and torch.equal(cm_q.view(torch.uint8),
+                                                                              want_q.view(torch.uint8))
+
+
+@pytest.mark.parametrize("m,k,n,group,split", [(1, 576, 40, 128, 3), (7, 1000, 24, 64, 4), (3, 600, 20, 256, 2),
+                                               (20, 512, 33, 32, 5)])
+def test_triton_group_gemm_split_k_and_in_kernel_quantisation(monkeypatch, m, k, n, group, split):
+    """Split-K (fp32 partial sums of K ranges, then one reduction and the bias) and the decode path that quantises
+    the activations inside the GEMM: both against the reference, in the interpreter."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from sala.ops.fp8.naive import quantize_groups
+    from sala.ops.fp8.triton_gemm import triton_fp8_group_gemm
+
+    x = 2 * _randn(m, k, seed=51)
+    q, s = quantize_fp8_weight(0.05 * _randn(n, k, seed=52), group)
+    b = 0.2 * _randn(n, seed=53)
+    want = naive_fp8_linear(x, q, s, b, torch.float32, group)
+    xq, xs = quantize_groups(x, group)
+    got = triton_fp8_group_gemm(xq, xs, q, s, b, torch.float32, group, split_k=split)
+    assert_close(got, want, 1e-6, f"split-K x{split} vs reference")
+    if group <= 128:
+        for sk in (1, split):
+            got = triton_fp8_group_gemm(x, None, q, s, b, torch.float32, group, split_k=sk)
+            assert_close(got, want, 1e-6, f"in-kernel quantisation, split-K x{sk}, vs reference")
+        got16 = triton_fp8_group_gemm(x.bfloat16(), None, q, s, b, torch.bfloat16, group, split_k=split)
+        want16 = naive_fp8_linear(x.bfloat16(), q, s, b, torch.bfloat16, group)
+        assert_close(got16.float(), want16.float(), 8e-3, "bf16 in and out, in-kernel quantisation")
+    else:
+        with pytest.raises(ValueError, match="groups of <= 128"):
+            triton_fp8_group_gemm(x, None, q, s, b, torch.float32, group)
+    with pytest.raises(ValueError, match="not fp8 codes"):
+        triton_fp8_group_gemm(xq, None, q, s, b, torch.float32, 64)
+
+
+def test_split_k_plan():
+    from sala.ops.fp8.triton_gemm import split_k_plan
+
+    assert split_k_plan(tiles=64, k_steps=32, sms=132) == 5  # 320 CTAs, 7 K steps each
+    assert split_k_plan(tiles=64, k_steps=8, sms=132) == 2  # capped: >= 4 K steps per split
+    assert split_k_plan(tiles=512, k_steps=128, sms=132) == 1  # enough tiles already
+    assert split_k_plan(tiles=64, k_steps=3, sms=132) == 1
+
+
 def test_group_layout_errors_are_specific():
     x = _randn(4, 96)
     q, s = quantize_fp8_weight(_randn(8, 96, seed=1), 32)

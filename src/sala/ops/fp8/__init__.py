@@ -36,6 +36,10 @@ __all__ = [
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
 
+FUSED_QUANT_MAX_M = 16
+"""Up to this many tokens, group-wise fp8 linears quantise activations inside the GEMM (decode); more tokens get
+one quantisation pass first (its cost is shared by every output tile)."""
+
 GROUP_SIZES = tuple(2**i for i in range(5, 11))
 """Group sizes the group-wise layout takes: powers of two (the Triton kernel's K step; fp8 tensor-core dots want
 K >= 32)."""
@@ -119,11 +123,20 @@ def fp8_linear(x: torch.Tensor, q_weight: torch.Tensor, w_scale: torch.Tensor, b
 register("fp8_linear", "naive", naive_fp8_linear)
 
 
+def _quantize_rows_fast(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token quantisation: the one-pass Triton kernel on CUDA, the PyTorch reference elsewhere (same numbers)."""
+    if x.device.type == "cuda":
+        from sala.ops.fp8.triton_gemm import triton_quantize_groups
+
+        return triton_quantize_groups(x, None)
+    return quantize_rows(x)
+
+
 def _scaled_mm_rowwise(x: torch.Tensor, q_weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                        out_dtype: torch.dtype) -> torch.Tensor:
     """One ``torch._scaled_mm``: x [M, in] quantised per token, @ q_weight^T, with scale_a [M, 1] and scale_b
     [1, out] (per channel) applied to the fp32 accumulator, bias added there, then one rounding to ``out_dtype``."""
-    xq, xs = quantize_rows(x)
+    xq, xs = _quantize_rows_fast(x)
     return torch._scaled_mm(xq, q_weight.t(), scale_a=xs, scale_b=w_scale[None, :],
                             bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype)
 
@@ -153,15 +166,17 @@ def _triton_takes(x, q_weight, w_scale, bias, out_dtype, group_size) -> bool:
 @register("fp8_linear", "triton", accepts=_triton_takes)
 def _triton_fp8_linear(x, q_weight, w_scale, bias, out_dtype, group_size) -> torch.Tensor:
     if group_size is not None:
-        from sala.ops.fp8.triton_gemm import triton_fp8_group_gemm
+        from sala.ops.fp8.triton_gemm import triton_fp8_group_gemm, triton_quantize_groups
 
-        xq, xs = quantize_groups(x, group_size)
+        if x.shape[0] <= FUSED_QUANT_MAX_M and group_size <= 128:  # decode: the GEMM quantises its few rows itself
+            return triton_fp8_group_gemm(x, None, q_weight, w_scale, bias, out_dtype, group_size)
+        xq, xs = triton_quantize_groups(x, group_size)
         return triton_fp8_group_gemm(xq, xs, q_weight, w_scale, bias, out_dtype, group_size)
     if out_dtype == torch.bfloat16:  # row-wise scaling on CUDA produces bf16 only
         return _scaled_mm_rowwise(x, q_weight, w_scale, bias, out_dtype)
     # fp16/fp32 outputs: the fp8 GEMM with unit tensor-wise scales into fp32, then the two scales and the bias
     # applied in fp32 (one extra elementwise pass; a bias is not fused by _scaled_mm for fp32 outputs)
-    xq, xs = quantize_rows(x)
+    xq, xs = _quantize_rows_fast(x)
     one = torch.ones((), dtype=torch.float32, device=x.device)
     acc = torch._scaled_mm(xq, q_weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
     acc = acc * xs * w_scale[None, :]

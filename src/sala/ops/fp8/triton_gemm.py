@@ -1,15 +1,26 @@
-"""Triton FP8 GEMM with group-wise scales: ``out = sum_g (Aq_g @ Bq_g^T) * a_scale[:, g] * b_scale[:, g]``.
+"""Triton FP8 kernels: group-scale GEMM ``out = sum_g (Aq_g @ Bq_g^T) * a_scale[:, g] * b_scale[:, g]`` and the
+one-pass activation quantiser.
 
 A [M, K] float8_e4m3fn (activations, one scale per token and group of ``GROUP`` columns), B [N, K] float8_e4m3fn
 (weight, one scale per output channel and group). Each K step (a group, or 128 columns of a larger one): the fp8
 ``tl.dot`` accumulates its products in fp32, its group's two scales multiply that partial sum, and the running sum
 stays fp32. This is DeepSeek-V3's fine-grained FP8 (promote out of the tensor cores, whose fp8 accumulation keeps
 fewer bits, every <= 128 columns) with 1 x GROUP weight groups instead of 128 x 128 blocks. A ragged last group is
-masked. No autotuning: the launch plan depends on M only, so the first call compiles one kernel and times nothing
-(a server's first request pays no tuning).
+masked. No autotuning: the launch plan depends on M, N and K only, so the first call compiles one kernel and times
+nothing (a server's first request pays no tuning).
+
+Decode-sized M (<= 16 rows) reads the weight once and little else, so two things matter there:
+* the activations are quantised inside the GEMM (``QUANT_A``, groups of <= 128: one group per K step) instead of
+  by a separate pass; every CTA re-quantises the same few rows, which costs nothing next to its weight tile;
+* K is split over CTAs when N alone gives too few tiles to keep every SM streaming weights (split-K); the fp32
+  partial sums are added by one reduction.
+Larger M quantises its activations with :func:`triton_quantize_groups`: one read of x, one write of the codes and
+scales (the PyTorch reference makes about eight passes over an fp32 copy).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -18,38 +29,141 @@ import triton.language as tl
 from sala.ops.common.triton_utils import interp_rne, rne_bf16
 from sala.utils.env import triton_interpret
 
+from sala.ops.fp8.naive import FP8_MAX  # noqa: E402  (448.0, the largest finite e4m3 value)
 
-@triton.jit(do_not_specialize=["M"])
-def _fp8_group_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K, NK,
-                           s_am, s_asm, s_bn, s_bsn, s_cm,
+
+@triton.jit
+def _to_e4m3(x, RNE: tl.constexpr):
+    """fp32 (within +-448) -> float8 e4m3, rounded to nearest even. ``RNE``: round in fp32 first, for the CPU
+    interpreter, whose fp8 casts truncate: 3 mantissa bits for normals (|x| >= 2^-6), steps of 2^-9 below."""
+    if RNE:
+        bits = x.to(tl.int32, bitcast=True)
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+        ax = tl.abs(x)
+        sub = ((ax * 512.0 + 12582912.0) - 12582912.0) / 512.0  # 1.5 * 2^23: fp32 addition rounds to an integer
+        x = tl.where(ax >= 0.015625, normal, tl.where(x < 0, -sub, sub))  # -0 stays -0
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def _quantize_tile(x, FP8_MAX_: tl.constexpr, RNE: tl.constexpr):
+    """x [R, C] fp32, one group per row -> (codes [R, C] fp8 e4m3, scale [R] fp32), as ``quantize_groups``:
+    scale = absmax / 448 (1 for an all-zero row), codes = clamp(x / scale, +-448) rounded to nearest."""
+    amax = tl.max(tl.abs(x), axis=1)
+    scale = tl.where(amax > 0, amax / FP8_MAX_, 1.0)
+    q = tl.minimum(tl.maximum(x / scale[:, None], -FP8_MAX_), FP8_MAX_)
+    return _to_e4m3(q, RNE), scale
+
+
+@triton.jit(do_not_specialize=["M", "K", "group"])
+def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, M, K, group, s_xm, s_qm, s_sm, s_sg,
+                            BR: tl.constexpr, BC: tl.constexpr, FP8_MAX_: tl.constexpr,
+                            RNE: tl.constexpr):
+    """One program per BR rows x one group of ``group`` columns (row-wise scales: group = K): a pass for the absmax
+    (when the group is wider than BC), a pass for the codes."""
+    pid_r = tl.program_id(0)
+    g = tl.program_id(1)
+    rows = (pid_r * BR + tl.arange(0, BR)).to(tl.int64)
+    r_ok = rows < M
+    k0 = g.to(tl.int64) * group
+    cols = tl.arange(0, BC)
+    if BC >= group:  # the whole group in one tile: one read
+        k = k0 + cols
+        ok = r_ok[:, None] & ((cols < group) & (k < K))[None, :]
+        x = tl.load(x_ptr + rows[:, None] * s_xm + k[None, :], mask=ok, other=0.0).to(tl.float32)
+        q, scale = _quantize_tile(x, FP8_MAX_, RNE)
+        tl.store(q_ptr + rows[:, None] * s_qm + k[None, :], q, mask=ok)
+    else:
+        amax = tl.zeros((BR,), dtype=tl.float32)
+        for c in range(0, group, BC):
+            k = k0 + c + cols
+            ok = r_ok[:, None] & (((c + cols) < group) & (k < K))[None, :]
+            x = tl.load(x_ptr + rows[:, None] * s_xm + k[None, :], mask=ok, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        scale = tl.where(amax > 0, amax / FP8_MAX_, 1.0)
+        for c in range(0, group, BC):
+            k = k0 + c + cols
+            ok = r_ok[:, None] & (((c + cols) < group) & (k < K))[None, :]
+            x = tl.load(x_ptr + rows[:, None] * s_xm + k[None, :], mask=ok, other=0.0).to(tl.float32)
+            q = tl.minimum(tl.maximum(x / scale[:, None], -FP8_MAX_), FP8_MAX_)
+            tl.store(q_ptr + rows[:, None] * s_qm + k[None, :], _to_e4m3(q, RNE), mask=ok)
+    tl.store(s_ptr + rows * s_sm + g * s_sg, scale, mask=r_ok)
+
+
+def triton_quantize_groups(x: torch.Tensor, group_size: int | None,
+                           scales_column_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] float -> (q [M, K] float8_e4m3fn, scale [M, G] float32) in one pass; the same numbers as
+    ``sala.ops.fp8.naive.quantize_groups`` (G = 1 for row-wise scales, ``group_size=None``).
+    ``scales_column_major``: scale strides (1, M), the layout cuBLAS block scaling reads."""
+    if x.dim() != 2:
+        raise ValueError(f"triton_quantize_groups wants x [M, K]; got {tuple(x.shape)}")
+    M, K = x.shape
+    group = K if group_size is None else group_size
+    groups = triton.cdiv(K, group)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = (torch.empty(groups, M, dtype=torch.float32, device=x.device).t() if scales_column_major else
+             torch.empty(M, groups, dtype=torch.float32, device=x.device))
+    if M == 0 or K == 0:
+        return q, scale.fill_(1.0)
+    if triton_interpret():
+        br, bc, warps = 4, min(64, triton.next_power_of_2(group)), 1
+    else:
+        bc = min(512, triton.next_power_of_2(group))
+        br, warps = max(1, 4096 // bc), 4
+    _quantize_groups_kernel[(triton.cdiv(M, br), groups)](
+        x, q, scale, M, K, group, x.stride(0), q.stride(0), scale.stride(0), scale.stride(1), BR=br, BC=bc, FP8_MAX_=FP8_MAX,
+        RNE=triton_interpret(), num_warps=warps)
+    return q, scale
+
+
+@triton.jit(do_not_specialize=["M", "NK", "STEPS"])
+def _fp8_group_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K, NK, STEPS,
+                           s_am, s_asm, s_bn, s_bsn, s_cm, s_cs,
                            GROUP: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, RNE_O: tl.constexpr):
+                           QUANT_A: tl.constexpr, HAS_BIAS: tl.constexpr, RNE_O: tl.constexpr,
+                           FP8_MAX_: tl.constexpr, RNE_A: tl.constexpr):
+    """Program (m tile, n tile, K split): K steps [split * STEPS, min(NK, (split + 1) * STEPS)). With several
+    splits, c is an fp32 workspace [splits, M, N] (split stride s_cs) and the bias waits for the reduction."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    split = tl.program_id(2)
     rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
     rk = tl.arange(0, BK)
     m_ok = rm < M
     n_ok = rn < N
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    kk0 = split * STEPS
+    kk1 = tl.minimum(kk0 + STEPS, NK)
     # One loop over K steps of BK = min(GROUP, 128); each step's fp32 partial product takes its group's two scales
     # (a group past 128 spans several steps; scaling distributes over their sum). A static inner loop over a large
     # group's steps made the pipeliner keep every step's tiles live: 384 KB of shared memory for GROUP=512.
-    for kk in range(0, NK):
+    for kk in range(kk0, kk1):
         k = kk * BK + rk
         k_ok = k < K
-        a = tl.load(a_ptr + rm[:, None] * s_am + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        a_mask = m_ok[:, None] & k_ok[None, :]
         b = tl.load(b_ptr + rn[None, :] * s_bn + k[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
         g = (kk * BK) // GROUP
-        sa = tl.load(as_ptr + rm * s_asm + g, mask=m_ok, other=0.0)
+        if QUANT_A:  # a is the float activation; BK == GROUP, so this step is one whole group of each row
+            x = tl.load(a_ptr + rm[:, None] * s_am + k[None, :], mask=a_mask, other=0.0).to(tl.float32)
+            a, sa = _quantize_tile(x, FP8_MAX_, RNE_A)
+        else:
+            a = tl.load(a_ptr + rm[:, None] * s_am + k[None, :], mask=a_mask, other=0.0)
+            sa = tl.load(as_ptr + rm * s_asm + g, mask=m_ok, other=0.0)
         sb = tl.load(bs_ptr + rn * s_bsn + g, mask=n_ok, other=0.0)
         acc += tl.dot(a, b, out_dtype=tl.float32) * sa[:, None] * sb[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if RNE_O:
         acc = rne_bf16(acc)
-    tl.store(c_ptr + rm[:, None] * s_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
+    tl.store(c_ptr + split.to(tl.int64) * s_cs + rm[:, None] * s_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def launch_plan(m: int) -> tuple[int, int, int, int]:
@@ -64,27 +178,59 @@ def launch_plan(m: int) -> tuple[int, int, int, int]:
     return 128, 128, 8, 3
 
 
-def triton_fp8_group_gemm(xq: torch.Tensor, x_scale: torch.Tensor, q_weight: torch.Tensor, w_scale: torch.Tensor,
-                          bias: torch.Tensor | None, out_dtype: torch.dtype, group_size: int) -> torch.Tensor:
-    """xq [M, K] fp8, x_scale [M, G] fp32, q_weight [N, K] fp8, w_scale [N, G] fp32, bias [N] | None
-    -> [M, N] in ``out_dtype``; G = ceil(K / group_size), group_size a power of two >= 16."""
+def split_k_plan(tiles: int, k_steps: int, sms: int) -> int:
+    """K splits for a grid of ``tiles`` output tiles: enough CTAs for two per SM, each keeping >= 4 K steps (a
+    pipeline's worth of loads in flight); 1 when the tiles already fill the machine."""
+    if tiles >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, tiles), k_steps // 4))
+
+
+def triton_fp8_group_gemm(xq: torch.Tensor, x_scale: torch.Tensor | None, q_weight: torch.Tensor,
+                          w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype, group_size: int,
+                          split_k: int | None = None) -> torch.Tensor:
+    """xq [M, K] fp8 with x_scale [M, G] fp32, or xq [M, K] float (fp32/bf16/fp16) with ``x_scale=None`` to
+    quantise inside the kernel (group_size <= 128 only: one group per K step); q_weight [N, K] fp8, w_scale [N, G]
+    fp32, bias [N] | None -> [M, N] in ``out_dtype``; G = ceil(K / group_size), group_size a power of two >= 16.
+    ``split_k``: K splits (default: :func:`split_k_plan` on CUDA, 1 in the interpreter)."""
     M, K = xq.shape
     N = q_weight.shape[0]
-    groups = x_scale.shape[1]
-    xq, q_weight = xq.contiguous(), q_weight.contiguous()
-    x_scale, w_scale = x_scale.contiguous(), w_scale.contiguous()
+    quant_a = x_scale is None
+    bk = min(group_size, 128)
+    if quant_a:
+        if group_size > 128:
+            raise ValueError(f"in-kernel activation quantisation takes groups of <= 128 (one per K step); got "
+                             f"{group_size}; quantise first (triton_quantize_groups)")
+        if xq.dtype == torch.float8_e4m3fn:
+            raise ValueError("x_scale=None asks the kernel to quantise x: pass the float activation, not fp8 codes")
+    elif x_scale.shape[1] != triton.cdiv(K, group_size):
+        raise ValueError(f"x_scale has {x_scale.shape[1]} groups per row; K={K} in groups of {group_size} needs "
+                         f"{triton.cdiv(K, group_size)}")
+    xq, q_weight, w_scale = xq.contiguous(), q_weight.contiguous(), w_scale.contiguous()
+    x_scale = w_scale if quant_a else x_scale.contiguous()  # a placeholder pointer when quantising in the kernel
     out = torch.empty(M, N, dtype=out_dtype, device=xq.device)
     if M == 0:
         return out
     bm, bn, warps, stages = launch_plan(M)
-    bk = min(group_size, 128)
-    if groups != triton.cdiv(K, group_size):
-        raise ValueError(f"x_scale has {groups} groups per row; K={K} in groups of {group_size} needs "
-                         f"{triton.cdiv(K, group_size)}")
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    nk = triton.cdiv(K, bk)
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    if split_k is None:
+        split_k = 1 if xq.device.type != "cuda" else split_k_plan(tiles, nk, _sm_count(xq.device.index or 0))
+    split_k = max(1, min(int(split_k), nk))
+    steps = triton.cdiv(nk, split_k)
+    split_k = triton.cdiv(nk, steps)  # no empty split
+    target = out if split_k == 1 else torch.empty(split_k, M, N, dtype=torch.float32, device=xq.device)
+    fuse_bias = bias is not None and split_k == 1
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn), split_k)
     _fp8_group_gemm_kernel[grid](
-        xq, x_scale, q_weight, w_scale, bias if bias is not None else w_scale, out, M, N, K, triton.cdiv(K, bk),
-        xq.stride(0), x_scale.stride(0), q_weight.stride(0), w_scale.stride(0), out.stride(0),
-        GROUP=group_size, BK=bk, BM=bm, BN=bn, HAS_BIAS=bias is not None, RNE_O=interp_rne(out_dtype),
-        num_warps=warps, num_stages=stages)
+        xq, x_scale, q_weight, w_scale, bias if fuse_bias else w_scale, target, M, N, K, nk, steps,
+        xq.stride(0), x_scale.stride(0), q_weight.stride(0), w_scale.stride(0), target.stride(-2),
+        target.stride(0) if split_k > 1 else 0,
+        GROUP=group_size, BK=bk, BM=bm, BN=bn, QUANT_A=quant_a, HAS_BIAS=fuse_bias,
+        RNE_O=interp_rne(out_dtype) and split_k == 1, FP8_MAX_=FP8_MAX, RNE_A=triton_interpret(), num_warps=warps, num_stages=stages)
+    if split_k > 1:
+        acc = target.sum(0)
+        if bias is not None:
+            acc += bias.float()
+        out.copy_(acc)
     return out
