@@ -477,39 +477,14 @@ def bench_sparse_decode(Ls=(32768, 131072, 262144, 1048576), batches=(1, 8), H: 
 FP8_SHAPES = (("qkv", 4096, 6144), ("o_proj", 4096, 4096), ("gate_up", 4096, 32768), ("down", 16384, 4096))
 
 
-def _cublas_blockwise_probe(xq, xs, qw, ws, want) -> dict:
-    """Which scale layouts ``torch._scaled_mm`` takes for DeepSeek-style 1 x 128 scales on both operands (cuBLASLt
-    block scaling, CUDA >= 12.9, torch >= 2.8): each candidate's error against the reference, and its time when
-    correct. A candidate that raises reports the error's first line."""
-    import torch
-
-    from sala.utils.testing import rel_l2
-
-    cands = {"a colmajor, b [G,N]": (xs.t().contiguous().t(), ws.t().contiguous()),
-             "a colmajor, b colmajor [N,G]": (xs.t().contiguous().t(), ws.t().contiguous().t()),
-             "a colmajor, b [N,G]": (xs.t().contiguous().t(), ws.contiguous()),
-             "a colmajor, b [G,N] view": (xs.t().contiguous().t(), ws.contiguous().t())}
-    out = {}
-    for name, (sa, sb) in cands.items():
-        try:
-            got = torch._scaled_mm(xq, qw.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
-            err = rel_l2(got.float(), want.float())
-            out[name] = {"err": err}
-            if err < 2e-2:
-                out[name]["ms"] = _time_ms(lambda: torch._scaled_mm(xq, qw.t(), scale_a=sa, scale_b=sb,
-                                                                   out_dtype=torch.bfloat16))
-        except Exception as e:  # noqa: BLE001 - a probe: every failure is a result
-            out[name] = {"error": str(e).splitlines()[0][:160]}
-    return out
-
-
 def bench_fp8_gemm(Ms=(1, 8, 8192), shapes=FP8_SHAPES, group: int = 128, device: str = "cuda") -> list[dict]:
     """FP8 linear layers against the bf16 GEMM (cuBLAS through F.linear, the strongest baseline) at decode and
     prefill M: row-wise ``_scaled_mm`` and group-wise Triton, each with its activation quantisation, plus the group
     kernel alone and the quantisation alone, so a slow path shows where its time goes. Each shape is checked
     against the reference first. ``weight TB/s`` = weight bytes read per call / time (the decode bound). Decode M
     (<= 16) quantises inside the group GEMM; ``quant`` is the one-pass Triton quantiser larger M uses, ``quant
-    torch`` the PyTorch reference it replaced."""
+    torch`` the PyTorch reference it replaced. ``g128`` is the whole linear as the model runs it (cuBLAS block
+    scaling for M >= 64 where available), ``g128 kernel`` the Triton group GEMM alone."""
     import torch.nn.functional as F
 
     from sala.ops.fp8 import fp8_linear, naive_fp8_linear, quantize_fp8_weight
@@ -519,6 +494,13 @@ def bench_fp8_gemm(Ms=(1, 8, 8192), shapes=FP8_SHAPES, group: int = 128, device:
 
     dev = torch.device(device)
     backend = "triton" if dev.type == "cuda" else "auto"  # auto on CPU: cpu _scaled_mm, the interpreter for groups
+    if dev.type == "cuda" and group == 128:
+        from sala.ops.fp8.blockwise import WEIGHT_SCALE_LAYOUTS, pick_layout
+
+        layout = pick_layout(dev)
+        path = ("the Triton GEMM (no cuBLAS block scaling here)" if layout is None else
+                f"cuBLAS block scaling (weight scales {WEIGHT_SCALE_LAYOUTS[layout][0]})")
+        print(f"prefill-sized M with groups of 128 runs {path}")
     rows = []
     for name, k, n in shapes:
         g = torch.Generator(device=dev).manual_seed(k + n)
@@ -540,14 +522,6 @@ def bench_fp8_gemm(Ms=(1, 8, 8192), shapes=FP8_SHAPES, group: int = 128, device:
                      f"g{group} kernel": _time_ms(lambda: triton_fp8_group_gemm(xq, xs, qg, sg, None, torch.bfloat16, group)),
                      f"g{group} quant": _time_ms(lambda: triton_quantize_groups(x, group)),
                      f"g{group} quant torch": _time_ms(lambda: quantize_groups(x, group))}
-            if dev.type == "cuda" and group == 128 and m >= 64:
-                with torch.no_grad():
-                    probe = _cublas_blockwise_probe(xq, xs, qg, sg, naive_fp8_linear(x, qg, sg, None, torch.bfloat16,
-                                                                                     group))
-                print(f"cuBLAS 1x128 blockwise probe {name} M={m} (bf16 {t['bf16']:.3f} ms): {probe}")
-                best = [v["ms"] for v in probe.values() if "ms" in v]
-                if best:
-                    t["g128 cublas"] = min(best)
             row = {"shape": name, "K": k, "N": n, "M": m, **{f"{key} ms": v for key, v in t.items()},
                    **{f"{key} / bf16": t[key] / t["bf16"] for key in t if key != "bf16"},
                    "bf16 weight TB/s": 2 * k * n / t["bf16"] / 1e9, "rowwise weight TB/s": k * n / t["rowwise"] / 1e9,
@@ -555,7 +529,7 @@ def bench_fp8_gemm(Ms=(1, 8, 8192), shapes=FP8_SHAPES, group: int = 128, device:
             rows.append(row)
     _print_table(f"fp8 linear vs bf16 (groups of {group}; ratio < 1 is faster than bf16)", rows,
                  ["shape", "M", "bf16 ms", "rowwise / bf16", f"g{group} / bf16", f"g{group} kernel / bf16",
-                  f"g{group} quant / bf16", f"g{group} quant torch / bf16", "g128 cublas / bf16", "bf16 weight TB/s",
+                  f"g{group} quant / bf16", f"g{group} quant torch / bf16", "bf16 weight TB/s",
                   f"g{group} weight TB/s", f"err g{group}"])
     return rows
 

@@ -173,6 +173,22 @@ def test_cuda_group_gemm_matches_reference(group):
 
 
 @pytest.mark.gpu
+def test_cuda_prefill_group_128_path_matches_reference():
+    """Prefill-sized M with groups of 128: cuBLAS block scaling where this torch takes it, else the Triton GEMM;
+    either way the reference's numbers."""
+    from sala.ops.fp8.blockwise import pick_layout
+
+    dev = torch.device("cuda")
+    q, s = quantize_fp8_weight((0.05 * _randn(1024, 1536, seed=61)).to(dev), 128)
+    x = (2 * _randn(700, 1536, seed=62)).bfloat16().to(dev)
+    with torch.no_grad():
+        got = fp8_linear(x, q, s, backend="triton", group_size=128)
+        want = naive_fp8_linear(x, q, s, None, torch.bfloat16, 128)
+    print("cuBLAS block-scaling layout:", pick_layout(dev))
+    assert_close(got.float(), want.float(), 8e-3, "prefill group-128 fp8 linear vs reference")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 def test_cuda_scaled_mm_matches_reference(dtype, bias):
@@ -333,6 +349,54 @@ def test_triton_group_gemm_split_k_and_in_kernel_quantisation(monkeypatch, m, k,
             triton_fp8_group_gemm(x, None, q, s, b, torch.float32, group)
     with pytest.raises(ValueError, match="not fp8 codes"):
         triton_fp8_group_gemm(xq, None, q, s, b, torch.float32, 64)
+
+
+def _fake_blockwise_scaled_mm(accepted: int, wrong: bool = False):
+    """A stand-in for a torch whose ``_scaled_mm`` takes 1 x 128 block scales with the weight's scales in layout
+    ``accepted`` of WEIGHT_SCALE_LAYOUTS only (other layouts raise, like an unsupported recipe); it dequantises
+    by those scales and multiplies, so it computes what cuBLAS would. ``wrong``: it returns garbage instead."""
+    from sala.ops.fp8.blockwise import WEIGHT_SCALE_LAYOUTS
+
+    def scaled_mm(a, b, scale_a, scale_b, out_dtype):
+        n, g = b.shape[1], a.shape[1] // 128
+        probe = WEIGHT_SCALE_LAYOUTS[accepted][1](torch.empty(n, g))
+        if scale_b.shape != probe.shape or scale_b.stride() != probe.stride() or scale_a.stride() != (1, a.shape[0]):
+            raise RuntimeError("Invalid scaling configuration")
+        ws = scale_b if scale_b.shape == (n, g) else scale_b.t()
+        out = (a.float() * scale_a.repeat_interleave(128, 1)) @ (b.float() * ws.t().repeat_interleave(128, 0))
+        return (torch.randn_like(out) if wrong else out).to(out_dtype)
+
+    return scaled_mm
+
+
+@pytest.mark.parametrize("accepted", [0, 1, 2])
+def test_blockwise_layout_pick_keeps_the_layout_that_computes_right(accepted):
+    from sala.ops.fp8.blockwise import pick_layout
+
+    assert pick_layout(torch.device("cpu"), _fake_blockwise_scaled_mm(accepted)) == accepted
+    assert pick_layout(torch.device("cpu"), _fake_blockwise_scaled_mm(accepted, wrong=True)) is None
+
+
+def test_blockwise_path_conditions():
+    """cuBLAS block scaling only where its numbers are the group-128 layout's: CUDA, M >= 64, K % 128 == 0,
+    N % 16 == 0, bf16 out, no bias."""
+    from types import SimpleNamespace
+
+    from sala.ops.fp8.blockwise import takes
+
+    q = torch.zeros(384, 512, dtype=FP8_DTYPE)
+
+    def x(m=256, k=512, dev="cuda"):  # takes() reads shape and device only
+        return SimpleNamespace(shape=(m, k), device=torch.device(dev))
+
+    assert takes(x(), q, None, 128, torch.bfloat16)
+    assert not takes(x(dev="cpu"), q, None, 128, torch.bfloat16)
+    assert not takes(x(m=63), q, None, 128, torch.bfloat16)
+    assert not takes(x(k=576), q, None, 128, torch.bfloat16)
+    assert not takes(x(), torch.zeros(40, 512, dtype=FP8_DTYPE), None, 128, torch.bfloat16)
+    assert not takes(x(), q, None, 64, torch.bfloat16) and not takes(x(), q, None, None, torch.bfloat16)
+    assert not takes(x(), q, torch.zeros(384), 128, torch.bfloat16)
+    assert not takes(x(), q, None, 128, torch.float32)
 
 
 def test_split_k_plan():

@@ -48,6 +48,16 @@ def cudnn_split() -> bool:
     return value == "1"
 
 
+def fp8_cublas_blockwise() -> bool:
+    """Prefill-sized FP8 linears with groups of 128 go through cuBLAS block scaling (``torch._scaled_mm`` with
+    1 x 128 scales on both operands) where this torch and cuBLAS take it; ``SALA_FP8_CUBLAS=0`` keeps the Triton
+    group GEMM."""
+    value = os.environ.get("SALA_FP8_CUBLAS", "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"SALA_FP8_CUBLAS must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def triton_interpret() -> bool:
     """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

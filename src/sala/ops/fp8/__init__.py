@@ -18,8 +18,10 @@ from __future__ import annotations
 import torch
 
 from sala.ops.common.dispatch import call, register
+from sala.ops.fp8 import blockwise
 from sala.ops.fp8.naive import (FP8_DTYPE, FP8_MAX, dequantize_groups, naive_fp8_linear, num_groups,
                                 quantize_groups, quantize_rows)
+from sala.utils import env
 from sala.utils.env import triton_interpret
 
 __all__ = [
@@ -170,6 +172,10 @@ def _triton_fp8_linear(x, q_weight, w_scale, bias, out_dtype, group_size) -> tor
 
         if x.shape[0] <= FUSED_QUANT_MAX_M and group_size <= 128:  # decode: the GEMM quantises its few rows itself
             return triton_fp8_group_gemm(x, None, q_weight, w_scale, bias, out_dtype, group_size)
+        if blockwise.takes(x, q_weight, bias, group_size, out_dtype) and env.fp8_cublas_blockwise():
+            layout = blockwise.pick_layout(x.device)
+            if layout is not None:  # prefill: cuBLAS block scaling, the same numbers
+                return blockwise.blockwise_fp8_linear(x, q_weight, w_scale, out_dtype, layout)
         xq, xs = triton_quantize_groups(x, group_size)
         return triton_fp8_group_gemm(xq, xs, q_weight, w_scale, bias, out_dtype, group_size)
     if out_dtype == torch.bfloat16:  # row-wise scaling on CUDA produces bf16 only

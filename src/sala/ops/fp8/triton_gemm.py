@@ -112,8 +112,8 @@ def triton_quantize_groups(x: torch.Tensor, group_size: int | None,
         bc = min(512, triton.next_power_of_2(group))
         br, warps = max(1, 4096 // bc), 4
     _quantize_groups_kernel[(triton.cdiv(M, br), groups)](
-        x, q, scale, M, K, group, x.stride(0), q.stride(0), scale.stride(0), scale.stride(1), BR=br, BC=bc, FP8_MAX_=FP8_MAX,
-        RNE=triton_interpret(), num_warps=warps)
+        x, q, scale, M, K, group, x.stride(0), q.stride(0), scale.stride(0), scale.stride(1), BR=br, BC=bc,
+        FP8_MAX_=FP8_MAX, RNE=triton_interpret(), num_warps=warps)
     return q, scale
 
 
@@ -227,7 +227,8 @@ def triton_fp8_group_gemm(xq: torch.Tensor, x_scale: torch.Tensor | None, q_weig
         xq.stride(0), x_scale.stride(0), q_weight.stride(0), w_scale.stride(0), target.stride(-2),
         target.stride(0) if split_k > 1 else 0,
         GROUP=group_size, BK=bk, BM=bm, BN=bn, QUANT_A=quant_a, HAS_BIAS=fuse_bias,
-        RNE_O=interp_rne(out_dtype) and split_k == 1, FP8_MAX_=FP8_MAX, RNE_A=triton_interpret(), num_warps=warps, num_stages=stages)
+        RNE_O=interp_rne(out_dtype) and split_k == 1, FP8_MAX_=FP8_MAX, RNE_A=triton_interpret(), num_warps=warps,
+        num_stages=stages)
     if split_k > 1:
         acc = target.sum(0)
         if bias is not None:
