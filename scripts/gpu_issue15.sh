@@ -5,10 +5,12 @@
 #   STEPS="gemm fp8_rowwise dense"  fp8 GEMMs vs bf16 per shape; row-wise fp8 end to end; the dense split's effect
 #   STEPS="fp8"                     bf16 vs fp8 vs dense vs transformers at 128K/256K
 #   STEPS="cold"                    first-request TTFT after load (cold process, then warm process) and 1M
+#   STEPS="soak"                    issue 17: sala serve, 9B shape, 64 streams at 1K-63K-token prompts (needs
+#                                   fastapi, uvicorn and httpx importable: PYTHONPATH is kept after src)
 # The before/after step needs the old tree: git archive 81d35b6 src | tar -x -C .before/ (carry .before).
 # Usage on the device machine, repo root:  OUT=out STEPS="tests before_after" bash scripts/gpu_issue15.sh
 set -uo pipefail
-export PYTHONPATH=src
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 STEPS=${STEPS:-all}
@@ -50,3 +52,7 @@ step dense bash -c 'for split in 0 1; do echo "## SALA_CUDNN_SPLIT=$split"; SALA
 step cold bash -c 'for run in cold warm; do echo "## $run process"; python -m sala.cli warmup --model minicpm-sala-9b \
     --prompt-tokens 128K --context 132K; done'
 step prefill_1m sala bench e2e --systems sala,sala-fp8 --contexts 1M --decode-steps 8 --decode-batch 1 --out "$OUT/e2e_1m"
+# -- issue 17: the server under 64 concurrent streams of mixed 1K-63K-token prompts, disconnects and cancels
+step soak python benchmarks/serve_load.py --device cuda --preset minicpm-sala-9b --batch 64 --context 64K \
+    --concurrency 64 --prompt-words 340 21500 --max-tokens 256 --start-timeout 200 --duration "${SOAK_S:-60}" \
+    --requests 400 --timeout 400 --label gpu-9b-64streams --out "$OUT/soak_gpu.jsonl"
