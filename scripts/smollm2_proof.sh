@@ -23,6 +23,7 @@ RUN=${RUN:-/tmp/smol}
 OUT=${OUT:-$RUN/out}
 SPARSE=${SPARSE:-benchmarks/results/halo_smollm2_cpu/layer_selection.json}  # HALO on the CPU: 0,3,12,13,19,23,26,29
 PROFILE=${PROFILE:-0}
+CALIB=${CALIB:-}  # a calibration.json of an earlier run on the same card: skip the calibration run
 ALIGN_S=${ALIGN_S:-80}
 DISTILL_S=${DISTILL_S:-600}
 LONG_S=${LONG_S:-100}
@@ -53,12 +54,16 @@ if [[ $PHASE == 1 ]]; then
     echo "== convert $(date +%T)"
     $SALA convert --from "$GGUF" --out "$RUN/converted" --sparse-layers "$SPARSE" --z-proj-init zeros \
         --context 32768 --device cuda 2>&1 | grep -v Warning | tail -n 6
-    echo "== calibrate $(date +%T)"
-    $SALA train smollm2 --out "$RUN/calib" --force --quiet --profile-steps "$PROFILE" "${common[@]}" \
-        --set stages.align.tokens=$((ALIGN_STEP * 5)) --set stages.distill.tokens=$((DISTILL_STEP * 6)) \
-        --set stages.long.tokens=$((LONG_STEP * 4)) --set stages.chat.tokens=$((2048 * 16 * 2)) \
-        --set data.eval_windows=2 2>&1 | grep -E "stage|ppl|Error|error" || true
-    python3 - "$RUN" <<'EOF'
+    if [[ -n $CALIB ]]; then  # tokens/s per stage measured by an earlier run on the same card: saves a minute
+        cp "$CALIB" "$RUN/calibration.json"
+        echo "calibration from $CALIB: $(cat "$RUN/calibration.json")"
+    else
+        echo "== calibrate $(date +%T)"
+        $SALA train smollm2 --out "$RUN/calib" --force --quiet --profile-steps "$PROFILE" "${common[@]}" \
+            --set stages.align.tokens=$((ALIGN_STEP * 5)) --set stages.distill.tokens=$((DISTILL_STEP * 6)) \
+            --set stages.long.tokens=$((LONG_STEP * 4)) --set stages.chat.tokens=$((2048 * 16 * 2)) \
+            --set data.eval_windows=2 2>&1 | grep -E "stage|ppl|Error|error" || true
+        python3 - "$RUN" <<'EOF'
 import json, sys
 from pathlib import Path
 run = Path(sys.argv[1])
@@ -71,6 +76,7 @@ for stage in ("align", "distill", "long"):
     print(f"calibration {stage}: {tps[stage]:,.0f} tokens/s, MFU {sorted(mfu)[len(mfu) // 2]:.1%}")
 (run / "calibration.json").write_text(json.dumps(tps))
 EOF
+    fi
     python3 - "$RUN" "$ALIGN_S" "$DISTILL_S" "$LONG_S" "$ALIGN_STEP" "$DISTILL_STEP" "$LONG_STEP" <<'EOF'
 import json, sys
 from pathlib import Path
