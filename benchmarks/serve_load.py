@@ -119,11 +119,12 @@ async def one(client: httpx.AsyncClient, args, rng: random.Random, st: Stats) ->
             return
         if roll < args.disconnect + args.cancel or roll < args.disconnect + args.cancel + args.stream:
             cancel_after = rng.randint(1, 3) if roll < args.disconnect + args.cancel else None
-            async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            stream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+            async with client.stream("POST", "/v1/completions", json=stream_body) as r:
                 if r.status_code != 200:
                     st.error(f"http_{r.status_code}")
                     return
-                events = 0
+                events, used = 0, None
                 async for line in r.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
@@ -131,13 +132,16 @@ async def one(client: httpx.AsyncClient, args, rng: random.Random, st: Stats) ->
                     if "error" in ev:
                         st.error(ev["error"].get("code", "stream_error"))
                         return
-                    if events == 0:
+                    if ev.get("usage"):  # the last chunk: exact token count
+                        used = ev["usage"]["completion_tokens"]
+                        continue
+                    if events == 0:  # the server sends a prompt's first token at once, text or not
                         st.ttft.append(time.perf_counter() - t0)
                     events += 1
                     if cancel_after is not None and events >= cancel_after:
                         st.cancels += 1
                         return  # leaving the block closes the stream: the server aborts the request
-            st.tokens += events  # one event per token with text (an approximation for the tiny tokenizer)
+            st.tokens += used if used is not None else events
         else:
             r = await client.post("/v1/completions", json=body)
             if r.status_code != 200:

@@ -41,8 +41,11 @@ async def completions(request: Request, ctx: ServerContext = Depends(server_cont
     async def events():
         tokens = [0] * len(iters)
         async for i, out in merged(iters):
+            first = tokens[i] == 0
             tokens[i] = out.completion_tokens
-            if out.text or out.finished:
+            # a prompt's first token is always sent, text or not (a held-back partial character, a token the
+            # tokenizer cannot spell): the client sees its time to first token, as chat's role chunk shows it
+            if out.text or out.finished or first:
                 choice = {"index": i, "text": out.text, "finish_reason": finish_reason(out.finish_reason), "logprobs": None}
                 yield sse({**base, "choices": [choice]})
         if req.stream_options and req.stream_options.include_usage:
