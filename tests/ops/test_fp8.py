@@ -13,6 +13,7 @@ from sala.ops.fp8.naive import gptq_fp8_weight
 from sala.utils.testing import assert_close, rel_l2
 
 E4M3_MAX = 448.0
+E4M3_INV = 1.0 / E4M3_MAX  # the scale rule: absmax * fp32(1 / 448), the same number on every device
 
 
 def _randn(*shape, seed=0, dtype=torch.float32):
@@ -22,7 +23,7 @@ def _randn(*shape, seed=0, dtype=torch.float32):
 def _fp64_reference(x, q, s, bias=None):
     """dequant(W) @ dequant(x)^T + bias in fp64, computed here from the scale rules (not with the module's code)."""
     x64 = x.double().reshape(-1, x.shape[-1])
-    xs = x64.abs().amax(-1, keepdim=True) / E4M3_MAX
+    xs = x64.abs().amax(-1, keepdim=True).float() * E4M3_INV
     xs = torch.where(xs > 0, xs, torch.ones_like(xs)).float()  # the scale is an fp32 number, like the module's
     xq = (x64.float() / xs).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
     out = (xq.double() * xs.double()) @ (q.double() * s.double()[:, None]).t()
@@ -36,7 +37,7 @@ def test_weight_quantisation_error_and_exact_scales(shape):
     w = 0.05 * _randn(*shape, seed=shape[1])
     q, s = quantize_fp8_weight(w)
     assert q.dtype == FP8_DTYPE and q.shape == w.shape and s.dtype == torch.float32 and s.shape == (shape[0],)
-    assert torch.equal(s, w.abs().amax(1) / E4M3_MAX)  # scale = absmax / 448 exactly, per output channel
+    assert torch.equal(s, w.abs().amax(1) * E4M3_INV)  # scale = absmax * fp32(1/448) exactly, per channel
     assert torch.equal(q.float().abs().amax(1), torch.full((shape[0],), E4M3_MAX))  # each row's absmax hits 448
     assert_close(dequantize_fp8_weight(q, s), w, 4e-2, "dequantised weight")
     assert rel_l2(dequantize_fp8_weight(q, s), w) > 1e-3  # it is really quantised (3 mantissa bits)
@@ -48,7 +49,7 @@ def test_activation_scales_are_per_token(dtype):
     x[1, 2] *= 1000  # one loud token must not coarsen the others
     q, s = quantize_fp8_activation(x)
     assert q.shape == x.shape and s.shape == (2, 5, 1) and s.dtype == torch.float32
-    assert torch.equal(s, x.float().abs().amax(-1, keepdim=True) / E4M3_MAX)
+    assert torch.equal(s, x.float().abs().amax(-1, keepdim=True) * E4M3_INV)
     deq = q.float() * s
     for b in range(2):
         for t in range(5):
@@ -76,7 +77,7 @@ def test_values_past_448_after_scaling_stay_finite():
     clamp keeps the cast finite (torch 2.13's CPU cast also saturates; other devices and versions need not)."""
     tiny = torch.finfo(torch.float32).smallest_normal * 2.0**-23  # the smallest fp32 subnormal
     w = torch.tensor([[10.49 * tiny * E4M3_MAX, 1e-42, -3e-43], [448.0, -3e4, 1.0]])
-    assert (w[0, 0] / (w[0].abs().max() / E4M3_MAX)) > 460
+    assert (w[0, 0] / (w[0].abs().max() * E4M3_INV)) > 460
     q, s = quantize_fp8_weight(w)
     assert torch.isfinite(q.float()).all() and q.float().abs().max() == E4M3_MAX
     assert_close(dequantize_fp8_weight(q, s)[1], w[1], 4e-2, "large row")
@@ -184,8 +185,9 @@ def test_cuda_prefill_group_128_path_matches_reference():
     with torch.no_grad():
         got = fp8_linear(x, q, s, backend="triton", group_size=128)
         want = naive_fp8_linear(x, q, s, None, torch.bfloat16, 128)
-    print("cuBLAS block-scaling layout:", pick_layout(dev))
     assert_close(got.float(), want.float(), 8e-3, "prefill group-128 fp8 linear vs reference")
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 11):  # took it on an H200, Dec 5 2026
+        assert pick_layout(dev) is not None, "cuBLAS block scaling was not used"
 
 
 @pytest.mark.gpu
@@ -221,7 +223,7 @@ def _fp64_group_reference(x, q, s, group, bias=None):
     out = torch.zeros(x64.shape[0], q.shape[0], dtype=torch.float64)
     for g, k0 in enumerate(range(0, x64.shape[1], group)):
         xg = x64[:, k0:k0 + group]
-        xs = (xg.abs().amax(-1, keepdim=True) / E4M3_MAX).float()
+        xs = xg.abs().amax(-1, keepdim=True).float() * E4M3_INV
         xs = torch.where(xs > 0, xs, torch.ones_like(xs))
         xq = (xg.float() / xs).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
         out += (xq.double() @ q[:, k0:k0 + group].double().t()) * xs.double() * s[:, g].double()[None, :]
@@ -238,7 +240,7 @@ def test_group_scales_are_exact_per_group_with_a_ragged_tail(shape, group):
     assert s.shape == (shape[0], n_groups) and s.dtype == torch.float32
     for g in range(n_groups):
         block = w[:, g * group:(g + 1) * group]  # the last one is shorter when group does not divide in
-        assert torch.equal(s[:, g], block.abs().amax(1) / E4M3_MAX), f"group {g}"
+        assert torch.equal(s[:, g], block.abs().amax(1) * E4M3_INV), f"group {g}"
         assert torch.equal(q[:, g * group:(g + 1) * group].float().abs().amax(1), torch.full((shape[0],), E4M3_MAX))
     assert_close(dequantize_fp8_weight(q, s, group), w, 4e-2, "dequantised weight")
 
@@ -310,6 +312,7 @@ def test_triton_quantizer_gives_the_reference_codes_and_scales(monkeypatch, dtyp
 
     x = (3 * _randn(m, k, seed=k)).to(dtype)
     x[0, : k // 3] *= 1e-4  # codes in e4m3's subnormal range next to loud ones
+    x[0, 1] = -0.0  # keeps its sign bit (code 0x80)
     x[-1] = 0
     got_q, got_s = triton_quantize_groups(x, group)
     want_q, want_s = quantize_groups(x, group)
@@ -397,6 +400,44 @@ def test_blockwise_path_conditions():
     assert not takes(x(), q, None, 64, torch.bfloat16) and not takes(x(), q, None, None, torch.bfloat16)
     assert not takes(x(), q, torch.zeros(384), 128, torch.bfloat16)
     assert not takes(x(), q, None, 128, torch.float32)
+
+
+def test_group_gemm_with_empty_k_is_the_bias(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from sala.ops.fp8.triton_gemm import triton_fp8_group_gemm
+
+    q = torch.zeros(6, 0, dtype=FP8_DTYPE)
+    b = _randn(6, seed=71)
+    got = triton_fp8_group_gemm(torch.zeros(3, 0), None, q, torch.zeros(6, 0), b, torch.float32, 32)
+    assert torch.equal(got, b.expand(3, 6))
+    assert torch.equal(triton_fp8_group_gemm(torch.zeros(3, 0), None, q, torch.zeros(6, 0), None, torch.float32, 32),
+                       torch.zeros(3, 6))
+
+
+def test_a_cublas_refusal_falls_back_to_triton_for_good(monkeypatch):
+    """A shape cuBLAS block scaling refuses after the one-time check passed: that call and every later one on the
+    device run the Triton GEMM (interpreter here), with the reference's numbers."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from sala.ops.fp8 import blockwise
+
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED")
+
+    dev = torch.device("cpu")
+    monkeypatch.setattr(blockwise, "takes", lambda *a: True)
+    monkeypatch.setattr(blockwise, "_checked", {(dev.type, dev.index): 0})
+    monkeypatch.setattr(blockwise, "blockwise_fp8_linear", refuse)
+    x = _randn(80, 256, seed=72).bfloat16()
+    q, s = quantize_fp8_weight(0.05 * _randn(48, 256, seed=73), 128)
+    want = naive_fp8_linear(x, q, s, None, torch.bfloat16, 128)
+    with torch.no_grad():
+        for _ in range(2):
+            got = fp8_linear(x, q, s, backend="triton", group_size=128)
+            assert_close(got.float(), want.float(), 8e-3, "fallback after a cuBLAS refusal")
+    assert calls == [1] and blockwise.known_layout(dev) is None
 
 
 def test_split_k_plan():

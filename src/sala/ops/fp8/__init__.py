@@ -15,6 +15,8 @@ for group-wise ones (CUDA, or the CPU interpreter with ``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from sala.ops.common.dispatch import call, register
@@ -41,6 +43,8 @@ _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 FUSED_QUANT_MAX_M = 16
 """Up to this many tokens, group-wise fp8 linears quantise activations inside the GEMM (decode); more tokens get
 one quantisation pass first (its cost is shared by every output tile)."""
+
+logger = logging.getLogger(__name__)
 
 GROUP_SIZES = tuple(2**i for i in range(5, 11))
 """Group sizes the group-wise layout takes: powers of two (the Triton kernel's K step; fp8 tensor-core dots want
@@ -173,9 +177,16 @@ def _triton_fp8_linear(x, q_weight, w_scale, bias, out_dtype, group_size) -> tor
         if x.shape[0] <= FUSED_QUANT_MAX_M and group_size <= 128:  # decode: the GEMM quantises its few rows itself
             return triton_fp8_group_gemm(x, None, q_weight, w_scale, bias, out_dtype, group_size)
         if blockwise.takes(x, q_weight, bias, group_size, out_dtype) and env.fp8_cublas_blockwise():
-            layout = blockwise.pick_layout(x.device)
-            if layout is not None:  # prefill: cuBLAS block scaling, the same numbers
-                return blockwise.blockwise_fp8_linear(x, q_weight, w_scale, out_dtype, layout)
+            layout = blockwise.known_layout(x.device)
+            if layout is False and not torch.cuda.is_current_stream_capturing():
+                layout = blockwise.pick_layout(x.device)
+            if layout is not None and layout is not False:  # prefill: cuBLAS block scaling, the same numbers
+                try:
+                    return blockwise.blockwise_fp8_linear(x, q_weight, w_scale, out_dtype, layout)
+                except RuntimeError as e:  # a shape the one-time check did not cover: Triton from now on
+                    logger.warning("fp8: cuBLAS block scaling refused [%d, %d] x [%d, %d] (%s); using the Triton "
+                                   "GEMM", *x.shape, *q_weight.shape, str(e).splitlines()[0][:160])
+                    blockwise.forget(x.device)
         xq, xs = triton_quantize_groups(x, group_size)
         return triton_fp8_group_gemm(xq, xs, q_weight, w_scale, bias, out_dtype, group_size)
     if out_dtype == torch.bfloat16:  # row-wise scaling on CUDA produces bf16 only

@@ -24,10 +24,11 @@ GROUP = 128
 MIN_M = 64
 """Below this many tokens the Triton group GEMM stays (decode and small chunks: its launch plan is tuned for them)."""
 
-# weight scale [N, G] -> the tensor passed as scale_b for mat_b = q_weight.t() [K, N]
+# weight scale [N, G] -> the tensor passed as scale_b for mat_b = q_weight.t() [K, N]. torch 2.11 + cuBLAS 13 on an
+# H200 took the first (Dec 5 2026); the others are tried where a build wants another layout.
 WEIGHT_SCALE_LAYOUTS: tuple[tuple[str, Callable[[torch.Tensor], torch.Tensor]], ...] = (
-    ("[N, G] column-major", lambda ws: ws.t().contiguous().t()),
     ("[G, N] row-major", lambda ws: ws.t().contiguous()),
+    ("[N, G] column-major", lambda ws: ws.t().contiguous().t()),
     ("[N, G] row-major", lambda ws: ws.contiguous()),
 )
 
@@ -37,6 +38,17 @@ _checked: dict[tuple[str, int | None], int | None] = {}
 def _matmul(xq, xs_col, q_weight, ws_b, out_dtype, scaled_mm=None):
     scaled_mm = torch._scaled_mm if scaled_mm is None else scaled_mm
     return scaled_mm(xq, q_weight.t(), scale_a=xs_col, scale_b=ws_b, out_dtype=out_dtype)
+
+
+def known_layout(device: torch.device) -> int | None | bool:
+    """The layout :func:`pick_layout` found on ``device``, None if it found none, False if it has not run (it
+    cannot run while a CUDA graph is being captured: it copies to the device and reads a result back)."""
+    return _checked.get((device.type, device.index), False)
+
+
+def forget(device: torch.device) -> None:
+    """Stop using cuBLAS block scaling on ``device`` (it refused a shape the check did not cover)."""
+    _checked[(device.type, device.index)] = None
 
 
 def pick_layout(device: torch.device, scaled_mm=None) -> int | None:

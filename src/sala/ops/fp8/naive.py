@@ -2,7 +2,7 @@
 
 A scale covers one row (``group_size=None``: per output channel for a weight [out, in], per token for an activation
 [..., in]) or one group of ``group_size`` consecutive elements along the row (the last group of a row may be
-shorter). ``scale = absmax(group) / 448`` (448: the largest finite e4m3 value), so a group's largest element maps
+shorter). ``scale = absmax(group) * (1 / 448)`` (448: the largest finite e4m3 value), so a group's largest element maps
 to +-448 and the others keep e4m3's ~3 significant bits relative to their own group, not to the row's largest.
 """
 
@@ -13,6 +13,10 @@ import torch.nn.functional as F
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
+# scale = absmax * (1 / 448) with the reciprocal rounded to fp32 once: CUDA torch turns "tensor / scalar" into that
+# product while CPU torch divides, so a quotient would give scales 1 ulp apart across devices (and from the Triton
+# quantiser); the product is the same number everywhere
+INV_FP8_MAX = 1.0 / FP8_MAX
 
 
 def num_groups(n: int, group_size: int | None) -> int:
@@ -36,7 +40,7 @@ def quantize_groups(x: torch.Tensor, group_size: int | None = None) -> tuple[tor
         x32 = F.pad(x32, (0, groups * size - n))
     g = x32.reshape(*x.shape[:-1], groups, size)
     amax = g.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    scale = torch.where(amax > 0, amax * INV_FP8_MAX, torch.ones_like(amax))
     q = (g / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).reshape(*x.shape[:-1], groups * size)
     if groups * size != n:
         q = q[..., :n].contiguous()
