@@ -5,6 +5,7 @@
 #   STEPS="gemm fp8_rowwise dense"  fp8 GEMMs vs bf16 per shape; row-wise fp8 end to end; the dense split's effect
 #   STEPS="fp8"                     bf16 vs fp8 vs dense vs transformers at 128K/256K
 #   STEPS="cold"                    first-request TTFT after load (cold process, then warm process) and 1M
+#   STEPS="kl"                      the training KL kernel vs its PyTorch reference (issue 11's distill step)
 #   STEPS="soak"                    issue 17: sala serve, 9B shape, 64 streams at 1K-63K-token prompts (needs
 #                                   fastapi, uvicorn and httpx importable: PYTHONPATH is kept after src)
 # The before/after step needs the old tree: git archive 81d35b6 src | tar -x -C .before/ (carry .before).
@@ -30,7 +31,8 @@ export SALA_CACHE_DIR=$OUT/cache  # tuning picks of this run, returned with the 
 group_tests() {
     python -m pytest -q -p no:cacheprovider -m gpu tests/ops/test_fp8.py tests/model/test_quantize.py \
         tests/ops/test_dense_sdpa.py tests/engine/test_fused_decode.py tests/engine/test_cuda_graphs.py \
-        tests/model/test_cache_protocol.py tests/ops/test_varlen_attention.py tests/ops/test_precompile.py
+        tests/model/test_cache_protocol.py tests/ops/test_varlen_attention.py tests/ops/test_precompile.py \
+        tests/ops/test_kl.py
 }
 step tests group_tests
 # -- issue 14: decode at 256K before (81d35b6) and after the one-forward redesign, same machine, same run
@@ -40,6 +42,8 @@ step before_after bash -c 'for tree in .before/src src; do echo "## $tree"; PYTH
 # -- issue 15: where fp8 loses to bf16 (Dec 5, H200: TTFT x2.1, decode x1.27): each fp8 GEMM path, its activation
 #    quantisation and the group kernel alone against cuBLAS bf16 at decode and prefill M, 9B projection shapes
 step gemm python benchmarks/kernels.py --only fp8 --out "$OUT/kernels"
+# -- issue 11: the distillation KL kernel against the PyTorch passes it replaced (SmolLM2 vocabulary)
+step kl python benchmarks/kernels.py --only kl --out "$OUT/kernels"
 # -- issue 15: bf16 vs fp8 (groups of 128, and row-wise) vs the dense systems
 step fp8 sala -v bench e2e --systems sala,sala-fp8,dense,hf --contexts 128K,256K --decode-steps 16 --decode-batch 8 \
     --out "$OUT/e2e_fp8"

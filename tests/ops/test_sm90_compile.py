@@ -1,0 +1,77 @@
+"""GPU-only compile errors caught without a GPU: Triton compiles these kernels for an H100/H200 (sm_90) down to a
+cubin with the ptxas it ships (the interpreter tests check their numbers, not that they compile). Also checks
+that the fp8 codes divide with IEEE rounding (``div.rn``), not Triton's default approximate division.
+
+The compilation runs in a child process: the test session sets ``TRITON_INTERPRET=1``, under which ``@triton.jit``
+makes interpreter functions that cannot be compiled."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton.backends.nvidia")
+
+_SCRIPT = textwrap.dedent('''
+    import json, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from sala.ops.fp8.triton_gemm import FP8_MAX, _fp8_group_gemm_kernel, _quantize_groups_kernel
+    from sala.ops.kl.triton_kl import _kl_rows_kernel
+
+    def build(fn, sig, consts):
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+        return {"cubin": "cubin" in k.asm, "div_rn": "div.rn.f32" in k.asm["ptx"],
+                "div_approx": "div.full.f32" in k.asm["ptx"] or "div.approx.f32" in k.asm["ptx"]}
+
+    out = {}
+    kl = {"s_ptr": "*fp32", "t_ptr": "*fp32", "loss_ptr": "*fp32", "V": "i32", "s_stride": "i32",
+          "t_stride": "i32", "inv_t": "fp32", "t_sq": "fp32", "temp": "fp32", "NEED_GRAD": "constexpr",
+          "BV": "constexpr"}
+    for ng in (True, False):
+        out[f"kl_rows grad={ng}"] = build(_kl_rows_kernel, kl, {"NEED_GRAD": ng, "BV": 4096})
+    q = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "M": "i32", "K": "i32", "group": "i32",
+         "s_xm": "i32", "s_qm": "i32", "s_sm": "i32", "s_sg": "i32", "BR": "constexpr", "BC": "constexpr",
+         "FP8_MAX_": "constexpr", "RNE": "constexpr"}
+    out["fp8 quantiser"] = build(_quantize_groups_kernel, q, {"BR": 32, "BC": 128, "FP8_MAX_": FP8_MAX, "RNE": False})
+    for quant_a, bm, bn in ((True, 16, 64), (False, 16, 64), (False, 128, 128)):
+        g = {"a_ptr": "*bf16" if quant_a else "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv",
+             "bs_ptr": "*fp32", "bias_ptr": "*fp32", "c_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+             "NK": "i32", "STEPS": "i32", "s_am": "i32", "s_asm": "i32", "s_bn": "i32", "s_bsn": "i32",
+             "s_cm": "i32", "s_cs": "i32", "GROUP": "constexpr", "BK": "constexpr", "BM": "constexpr",
+             "BN": "constexpr", "QUANT_A": "constexpr", "HAS_BIAS": "constexpr", "RNE_O": "constexpr",
+             "FP8_MAX_": "constexpr", "RNE_A": "constexpr"}
+        out[f"fp8 gemm quant_a={quant_a} {bm}x{bn}"] = build(_fp8_group_gemm_kernel, g, {
+            "GROUP": 128, "BK": 128, "BM": bm, "BN": bn, "QUANT_A": quant_a, "HAS_BIAS": False, "RNE_O": False,
+            "FP8_MAX_": FP8_MAX, "RNE_A": False})
+    print(json.dumps(out))
+''')
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    r = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    if r.returncode != 0 and "ptxas" in r.stderr and "No such file" in r.stderr:
+        pytest.skip("this triton build has no ptxas to compile for sm_90")
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_kernels_compile_to_sm90_cubins(compiled):
+    assert set(compiled) == {"kl_rows grad=True", "kl_rows grad=False", "fp8 quantiser",
+                             "fp8 gemm quant_a=True 16x64", "fp8 gemm quant_a=False 16x64",
+                             "fp8 gemm quant_a=False 128x128"}
+    assert all(k["cubin"] for k in compiled.values()), compiled
+
+
+def test_fp8_codes_divide_with_ieee_rounding(compiled):
+    for name in ("fp8 quantiser", "fp8 gemm quant_a=True 16x64"):
+        assert compiled[name]["div_rn"] and not compiled[name]["div_approx"], (name, compiled[name])
