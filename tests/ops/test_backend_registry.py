@@ -39,6 +39,7 @@ OWN_BACKENDS = {
     "decode_attention_batch": {"naive", "triton"},
     "fp8_linear": {"naive", "cpu", "triton"},
     "precompile_selection": {"naive", "triton"},
+    "kl_rows": {"naive", "triton"},
 }
 
 # Ops whose ``triton`` implementation is a CUDA library call for these arguments (fp8_linear with row-wise scales:
@@ -59,6 +60,7 @@ def _args(op: str, dtype=torch.float32) -> tuple:
         "rms_norm": (x, w, 1e-6), "residual_rms_norm": (x, y, 0.5, w, 1e-6),
         "apply_rope": (q, cos, sin), "qk_norm_rope": (q, k, w, w, 1e-6, 1e-6, (cos, sin)),
         "fp8_linear": (x, *fp8_weight, None, dtype, None),
+        "kl_rows": (torch.randn(3, 8, dtype=dtype), torch.randn(3, 8, dtype=dtype), 1.0, True),
     }.get(op, ())
 
 

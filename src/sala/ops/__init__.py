@@ -19,6 +19,7 @@ from sala.ops.infllm_v2 import (
 )
 from sala.ops.elementwise import scaled_residual, sigmoid_gate, silu_mul
 from sala.ops.fp8 import fp8_linear, quantize_fp8_activation, quantize_fp8_weight
+from sala.ops.kl import kl_rows
 from sala.ops.lightning import chunk_lightning, lightning_decay_slopes, lightning_step
 from sala.ops.norm import residual_rms_norm, rms_norm
 from sala.ops.rope import apply_rope, qk_norm_rope
@@ -33,6 +34,7 @@ __all__ = [
     "dense_causal_attention",
     "fp8_linear",
     "infllm_v2_attention",
+    "kl_rows",
     "lightning_decay_slopes",
     "lightning_step",
     "precompile_selection",
