@@ -4,7 +4,10 @@
   activation; the GEMM is ``torch._scaled_mm`` with row-wise scales (cuBLASLt on CUDA, also on CPU);
 * group-wise (``group_size=g``, a power of two from 32 to 1024): one scale per ``g`` consecutive input features,
   for each output channel and for each token (finer: a loud group no longer coarsens its whole row); the GEMM is
-  our Triton kernel (``triton_gemm.py``), which applies the two scales to each group's fp32 partial sum.
+  our Triton kernel (``triton_gemm.py``), which applies the two scales to each group's fp32 partial sum. On CUDA,
+  up to :data:`FUSED_QUANT_MAX_M` tokens (decode) are quantised inside that kernel; prefill-sized inputs with
+  groups of 128 run cuBLAS block scaling (``blockwise.py``) where the device's one-time check passes; the rest
+  get one Triton quantisation pass, then the kernel.
 
 ``naive`` dequantises both operands to fp32 and multiplies (any device; the oracle). It models the activation
 quantisation too, so a backend's only difference from it is the GEMM's accumulation order and output rounding.
