@@ -7,6 +7,7 @@ same step is timed in a CUDA graph for comparison (decode only).
     python benchmarks/profile_step.py --context 256K                 # decode at batch 1
     python benchmarks/profile_step.py --context 512K --prefill 8192  # one prefill chunk after 512K cached tokens
     python benchmarks/profile_step.py --shape small --context 4096   # runs on CPU
+    python benchmarks/profile_step.py --context 256K --quantize fp8  # fp8 weights (groups of 128)
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eager", "--pieces", dest="pieces", action="store_true",
                     help="decode with row-by-row eager attention, no CUDA graph (default: fused)")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--quantize", choices=["none", "fp8"], default="none", help="fp8 weights, as --quantize fp8")
+    ap.add_argument("--fp8-group-size", type=int, default=128, help="fp8 scale group (0 = one per channel)")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -72,6 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     ctx = parse_tokens(args.context)
     max_len = ctx + max(args.prefill, args.steps + 4) + 1
     model = random_model(sala_config(args.shape, args.layers, max_len), device, dtype)
+    if args.quantize == "fp8":
+        from sala.model.quantize import quantize_fp8_
+
+        quantize_fp8_(model, group_size=args.fp8_group_size or None)
     cache = StaticCache(model.config, args.batch, max_len, dtype, device)
     runner = ModelRunner(model, cache, cuda_graphs=False, fused_attention=not args.pieces)
     _random_fill(cache, ctx, 0)
@@ -102,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
     what = f"prefill chunk {args.prefill}" if args.prefill else f"decode batch {args.batch} ({'eager' if args.pieces else 'fused'})"
-    print(f"## {what} after {ctx:,} cached tokens, {model.config.num_hidden_layers} layers, {dtype} on {device}")
+    weights = f"fp8 weights (groups of {args.fp8_group_size or 'a channel'})" if args.quantize == "fp8" else f"{dtype}"
+    print(f"## {what} after {ctx:,} cached tokens, {model.config.num_hidden_layers} layers, {weights} on {device}")
     if device.type != "cuda":
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
         return

@@ -5,6 +5,7 @@
 #   STEPS="gemm fp8_rowwise dense"  fp8 GEMMs vs bf16 per shape; row-wise fp8 end to end; the dense split's effect
 #   STEPS="fp8"                     bf16 vs fp8 vs dense vs transformers at 128K/256K
 #   STEPS="cold"                    first-request TTFT after load (cold process, then warm process) and 1M
+#   STEPS="profile_fp8"             kernel time of one decode step at 256K, bf16 then fp8
 #   STEPS="kl"                      the training KL kernel vs its PyTorch reference (issue 11's distill step)
 #   STEPS="soak"                    issue 17: sala serve, 9B shape, 64 streams at 1K-63K-token prompts (needs
 #                                   fastapi, uvicorn and httpx importable: PYTHONPATH is kept after src)
@@ -42,6 +43,9 @@ step before_after bash -c 'for tree in .before/src src; do echo "## $tree"; PYTH
 # -- issue 15: where fp8 loses to bf16 (Dec 5, H200: TTFT x2.1, decode x1.27): each fp8 GEMM path, its activation
 #    quantisation and the group kernel alone against cuBLAS bf16 at decode and prefill M, 9B projection shapes
 step gemm python benchmarks/kernels.py --only fp8 --out "$OUT/kernels"
+# -- issue 15: where an fp8 decode step's time goes (5.77 ms against a 2.30 ms weight-read floor), bf16 beside it
+step profile_fp8 bash -c 'for q in none fp8; do timeout 200 python benchmarks/profile_step.py --context 256K \
+    --quantize $q --top 30; done'
 # -- issue 11: the distillation KL kernel against the PyTorch passes it replaced (SmolLM2 vocabulary)
 step kl python benchmarks/kernels.py --only kl --out "$OUT/kernels"
 # -- issue 15: bf16 vs fp8 (groups of 128, and row-wise) vs the dense systems
