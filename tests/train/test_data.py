@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from sala.train.data import PackedLoader, ShardIndex, eval_windows, tokenize_to_shards
+from sala.train.data import MixedLoader, PackedLoader, ShardIndex, eval_windows, tokenize_to_shards
 
 ASSETS = Path(__file__).resolve().parents[2] / "src" / "sala" / "assets"
 CHAT = {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello friend"},
@@ -125,6 +125,40 @@ def test_resume_exact(tmp_path, tok):
                 assert torch.equal(getattr(g, f), getattr(e, f)), f
     with pytest.raises(ValueError, match="seed=3"):
         PackedLoader(index, seq_len=7, micro_batch=2, seed=4).load_state_dict(state)
+
+
+def test_mixed_loader_schedule_and_resume(tmp_path, tok):
+    """A quarter of the micro-batches from the second loader, evenly spread; a fresh mixed loader resumed from a
+    state continues both sources exactly where the first one was."""
+    text = tokenize_to_shards(_sources(tmp_path), tok, tmp_path / "text")
+    chats = tmp_path / "c.jsonl"
+    chats.write_text("\n".join(json.dumps(CHAT) for _ in range(3)) + "\n")
+    sft = tokenize_to_shards([chats], tok, tmp_path / "sft", sft=True)
+
+    def mixed():
+        return MixedLoader(PackedLoader(text, seq_len=7, micro_batch=2, seed=3),
+                           PackedLoader(sft, seq_len=7, micro_batch=2, seed=4), 0.25)
+
+    ref = mixed()
+    assert [ref.takes_second(k) for k in range(8)] == [False, False, False, True] * 2
+    it = iter(ref)
+    for _ in range(5):
+        next(it)
+    state = ref.state_dict()
+    expect = [next(it) for _ in range(7)]
+    fresh = mixed()
+    fresh.load_state_dict(state)
+    got = list(islice(iter(fresh), 7))
+    for g, e in zip(got, expect, strict=True):
+        for f in ("input_ids", "labels", "cu_seqlens", "position_ids"):
+            assert torch.equal(getattr(g, f), getattr(e, f)), f
+    # the chat batches are the ones with masked (user) tokens: micro-batches 7 and 11 of 5..11
+    assert [bool((b.labels == -100).sum() > len(b.cu_seqlens) - 1) for b in got] == [False, False, True, False,
+                                                                                      False, False, True]
+    with pytest.raises(ValueError, match="single-source"):
+        mixed().load_state_dict(PackedLoader(text, seq_len=7, micro_batch=2, seed=3).state_dict())
+    with pytest.raises(ValueError, match=r"in \(0, 1\)"):
+        MixedLoader(ref.first, ref.second, 1.0)
 
 
 def test_ranks_disjoint_and_complete(tmp_path, tok):

@@ -238,7 +238,19 @@ def test_stage_data_source():
     assert [s.source for s in r.stages] == ["train", "sft", "train"]
     r = load_recipe("tiny-cpu", {"stages.long.loss": '"sft"', "data.sft": '["chat.jsonl"]'})
     assert r.stages[2].source == "sft"
-    with pytest.raises(RecipeError, match=r"stages\[distill\]\.data must be 'train' or 'sft', got 'chat'"):
+    with pytest.raises(RecipeError, match=r"stages\[distill\]\.data must be 'train', 'sft' or 'mix', got 'chat'"):
         load_recipe("tiny-cpu", {"stages.distill.data": '"chat"'})
+    r = load_recipe("tiny-cpu", {"stages.distill.data": '"mix"', "stages.distill.sft_fraction": "0.25",
+                                 "data.sft": '["chat.jsonl"]'})
+    assert r.stages[1].source == "mix" and r.stages[1].sft_fraction == 0.25
+    with pytest.raises(RecipeError, match=r"stages \['distill'\] read chat data"):
+        load_recipe("tiny-cpu", {"stages.distill.data": '"mix"'})
+    with pytest.raises(RecipeError, match=r"stages\[align\]\.data: 'mix' is for the kl and ce losses, not 'align'"):
+        load_recipe("tiny-cpu", {"stages.align.data": '"mix"', "data.sft": '["c.jsonl"]'})
+    with pytest.raises(RecipeError, match=r"stages\[long\]\.data: the sft loss .* needs data = 'sft'"):
+        load_recipe("tiny-cpu", {"stages.long.loss": '"sft"', "stages.long.data": '"mix"', "data.sft": '["c.jsonl"]'})
+    for bad in ("0", "1", "1.5"):
+        with pytest.raises(RecipeError, match=r"stages\[distill\]\.sft_fraction must be in \(0, 1\)"):
+            load_recipe("tiny-cpu", {"stages.distill.sft_fraction": bad})
     with pytest.raises(RecipeError, match=r"stages\[long\]\.data: the sft loss .* needs data = 'sft'"):
         load_recipe("tiny-cpu", {"stages.long.loss": '"sft"', "stages.long.data": '"train"', "data.sft": '["c.jsonl"]'})

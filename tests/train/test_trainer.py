@@ -376,10 +376,9 @@ def first_delta(tiny, tmp_path_factory) -> Path:
     return out
 
 
-def test_init_delta_starts_where_the_delta_ended_and_kl_reads_chats(tiny, first_delta, tmp_path, monkeypatch):
-    """model.init_delta: the second run's starting held-out ppl is the first run's final one (the delta is loaded,
-    not fresh adapters); a kl stage with data = "sft" trains on the rendered chats, and its delta is again relative
-    to the student (same base fingerprint)."""
+def _chat_setup(tiny, tmp_path: Path, monkeypatch) -> tuple[Path, Path, list[str]]:
+    """(the tiny student with a chat template, a chats file of 6 train paragraphs, the list that records which
+    token index each stage's loaders read)."""
     student = tmp_path / "student"  # same weights, a tokenizer that renders chats
     shutil.copytree(tiny.student, student)
     (student / "chat_template.jinja").write_text(CHAT_TEMPLATE)
@@ -390,10 +389,41 @@ def test_init_delta_starts_where_the_delta_ended_and_kl_reads_chats(tiny, first_
                             for i, p in enumerate(paras[:6])))
     import sala.train.trainer as trainer_mod
 
-    read = []  # the token index each stage's loader reads
+    read: list[str] = []
     real_loader = trainer_mod.PackedLoader
     monkeypatch.setattr(trainer_mod, "PackedLoader", lambda index, **kw: read.append(index.root.name) or
                         real_loader(index, **kw))
+    return student, chat, read
+
+
+def test_mix_stage_reads_text_and_chats(tiny, tmp_path, monkeypatch):
+    """data = "mix": one stage's micro-batches come from both the plain text and the chats (half each here)."""
+    student, chat, read = _chat_setup(tiny, tmp_path, monkeypatch)
+    import sala.train.trainer as trainer_mod
+
+    picks = []  # which loader each micro-batch of the mixed stage came from
+    real_mixed = trainer_mod.MixedLoader
+
+    class Recording(real_mixed):
+        def takes_second(self, k):
+            picks.append(super().takes_second(k))
+            return picks[-1]
+
+    monkeypatch.setattr(trainer_mod, "MixedLoader", Recording)
+    out = tmp_path / "mixed"
+    sets = tiny.overrides(model__student=str(student), data__sft=json.dumps([str(chat)]),
+                          stages__distill__data='"mix"', stages__distill__sft_fraction="0.5", **ONE_STEP_EACH)
+    assert run_train(TrainConfig(recipe="tiny-cpu", out=str(out), quiet=True, overrides=sets)).finished
+    assert read == ["train", "train", "sft", "train"]  # align; distill's two loaders; long
+    assert picks and picks == [k % 2 == 1 for k in range(len(picks))]
+    assert all(math.isfinite(r["loss"]) for r in _lines(out))
+
+
+def test_init_delta_starts_where_the_delta_ended_and_kl_reads_chats(tiny, first_delta, tmp_path, monkeypatch):
+    """model.init_delta: the second run's starting held-out ppl is the first run's final one (the delta is loaded,
+    not fresh adapters); a kl stage with data = "sft" trains on the rendered chats, and its delta is again relative
+    to the student (same base fingerprint)."""
+    student, chat, read = _chat_setup(tiny, tmp_path, monkeypatch)
     out = tmp_path / "second"
     sets = tiny.overrides(adapters__enabled="true", model__student=str(student),
                           model__init_delta=str(first_delta / "delta"), data__sft=json.dumps([str(chat)]),

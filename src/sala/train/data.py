@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -460,6 +461,40 @@ class PackedLoader:
             self._step += 1
             if mine:
                 yield self._batch(pieces)
+
+
+class MixedLoader:
+    """Interleaves the micro-batches of two :class:`PackedLoader` s: micro-batch ``k`` (counted per rank) comes from
+    ``second`` when ``floor((k + 1) * fraction) > floor(k * fraction)``, else from ``first`` -- a fixed schedule that
+    spreads ``second``'s share evenly. ``state_dict()`` holds ``k`` and both loaders' cursors, so a resumed run
+    continues the same sequence (every rank follows the same schedule, so the loaders stay in step across ranks).
+    """
+
+    def __init__(self, first: PackedLoader, second: PackedLoader, fraction: float):
+        if not 0 < fraction < 1:
+            raise ValueError(f"fraction of micro-batches from the second loader must be in (0, 1), got {fraction}")
+        self.first, self.second, self.fraction = first, second, fraction
+        self._k = 0
+
+    def takes_second(self, k: int) -> bool:
+        return math.floor((k + 1) * self.fraction) > math.floor(k * self.fraction)
+
+    def state_dict(self) -> dict:
+        return {"k": self._k, "first": self.first.state_dict(), "second": self.second.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not {"k", "first", "second"} <= set(state):
+            raise ValueError("loader state was saved by a single-source stage, not a mixed one")
+        self.first.load_state_dict(state["first"])
+        self.second.load_state_dict(state["second"])
+        self._k = int(state["k"])
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        its = (iter(self.first), iter(self.second))
+        while True:
+            src = its[1] if self.takes_second(self._k) else its[0]
+            self._k += 1
+            yield next(src)
 
 
 def eval_windows(index_or_tokens: ShardIndex | np.ndarray | torch.Tensor | Sequence[int], seq_len: int,

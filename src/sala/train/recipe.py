@@ -92,7 +92,8 @@ class DataSection:
     """Held-out file for evaluation after each stage (``corpus:heldout`` = the project's held-out split)."""
     sft: list[str] = field(default_factory=list)
     """Chat ``.jsonl`` files (``{"messages": [...]}``) for ``sft`` stages (loss on assistant tokens only) and stages
-    with ``data = "sft"``; ``corpus:chat`` = chats built from the train split (see ``sala.utils.corpus``)."""
+    with ``data = "sft"`` or ``"mix"``; ``corpus:chat`` = chats built from the train split (see
+    ``sala.utils.corpus``)."""
     cache_dir: str | None = None
     """Where token shards go (default: ``<out>/tokens``)."""
     eval_windows: int = 32
@@ -152,8 +153,12 @@ class StageConfig:
     kl_chunk: int = 4096
     """Rows per chunk of the fused lm_head + loss (memory: chunk x vocab fp32 logits)."""
     data: str | None = None
-    """Which data the stage reads: ``train`` (plain text) or ``sft`` (the chat files; with ``kl`` the teacher is
-    matched on every token of the rendered chats). Default: ``sft`` for the sft loss, else ``train``."""
+    """Which data the stage reads: ``train`` (plain text), ``sft`` (the chat files; with ``kl`` the teacher is
+    matched on every token of the rendered chats) or ``mix`` (micro-batches of both, ``sft_fraction`` of them chats:
+    replaying plain text while learning chats keeps what the earlier stages learned). Default: ``sft`` for the sft
+    loss, else ``train``."""
+    sft_fraction: float = 0.5
+    """``data = "mix"``: the share of micro-batches taken from the chat files, spread evenly."""
     save_every: int = 0
     """Checkpoint every this many optimizer steps (0: only at the end of the stage)."""
     log_every: int = 1
@@ -187,14 +192,18 @@ class StageConfig:
             raise RecipeError(f"{where}.betas must be two numbers in [0, 1), got {self.betas}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.temperature <= 0:
             raise RecipeError(f"{where}: weight_decay and grad_clip must be >= 0 and temperature > 0")
-        if self.data not in (None, "train", "sft"):
-            raise RecipeError(f"{where}.data must be 'train' or 'sft', got {self.data!r}")
-        if self.loss == "sft" and self.data == "train":
+        if self.data not in (None, "train", "sft", "mix"):
+            raise RecipeError(f"{where}.data must be 'train', 'sft' or 'mix', got {self.data!r}")
+        if self.loss == "sft" and self.data in ("train", "mix"):
             raise RecipeError(f"{where}.data: the sft loss trains on assistant tokens of chats; it needs data = 'sft'")
+        if self.data == "mix" and self.loss == "align":
+            raise RecipeError(f"{where}.data: 'mix' is for the kl and ce losses, not {self.loss!r}")
+        if not 0 < self.sft_fraction < 1:
+            raise RecipeError(f"{where}.sft_fraction must be in (0, 1), got {self.sft_fraction}")
 
     @property
     def source(self) -> str:
-        """The index the stage reads: ``train`` or ``sft``."""
+        """What the stage reads: ``train``, ``sft`` or ``mix`` (both)."""
         return self.data or ("sft" if self.loss == "sft" else "train")
 
     def tokens_per_step(self, world_size: int) -> int:
@@ -243,7 +252,7 @@ class Recipe:
         needs_teacher = [s.name for s in self.stages if s.loss in ("align", "kl")]
         if needs_teacher and not self.model.teacher:
             raise RecipeError(f"stages {needs_teacher} distil from a teacher but model.teacher is not set")
-        sft = [s.name for s in self.stages if s.source == "sft"]
+        sft = [s.name for s in self.stages if s.source in ("sft", "mix")]
         if sft and not self.data.sft:
             raise RecipeError(f"stages {sft} read chat data (loss 'sft' or data = 'sft') but data.sft lists no chat "
                               ".jsonl file")

@@ -24,7 +24,7 @@ from torch import nn
 from sala.model.modeling_sala import SALAForCausalLM, SALAModel, rope_cos_sin
 from sala.train import checkpoint as ckpt
 from sala.train import parallel
-from sala.train.data import PackedLoader, eval_windows, tokenize_to_shards
+from sala.train.data import MixedLoader, PackedLoader, eval_windows, tokenize_to_shards
 from sala.train.losses import alignment_mse, fused_linear_cross_entropy, fused_linear_kl
 from sala.train.recipe import Recipe, RecipeError, StageConfig, load_recipe, resolve_path
 from sala.train.report import MetricsLog, plot_losses
@@ -395,9 +395,15 @@ class Trainer:
         trained = select_trainable(self.student, stage.trainable, self.recipe.adapters.enabled)
         self._set_sparse(stage.sparse_attention)
         optimizer = self._optimizer(stage)
-        index = self.indexes[stage.source]
-        loader = PackedLoader(index, seq_len=stage.seq_len, micro_batch=stage.micro_batch, rank=self.info.rank,
-                              world_size=world, seed=self.recipe.seed + 1000 * idx)
+        def packed(source: str, seed: int) -> PackedLoader:
+            return PackedLoader(self.indexes[source], seq_len=stage.seq_len, micro_batch=stage.micro_batch,
+                                rank=self.info.rank, world_size=world, seed=seed)
+
+        seed = self.recipe.seed + 1000 * idx
+        if stage.source == "mix":
+            loader = MixedLoader(packed("train", seed), packed("sft", seed + 500), stage.sft_fraction)
+        else:
+            loader = packed(stage.source, seed)
         step, tokens_done = 0, 0
         if resume is not None:
             state = ckpt.load_checkpoint(resume["path"], self.wrapper, optimizer)
