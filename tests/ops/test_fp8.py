@@ -163,14 +163,19 @@ def test_bad_inputs_are_refused_clearly():
 def test_cuda_group_gemm_matches_reference(group):
     """The Triton group-scale kernel compiled on a GPU, prefill- and decode-sized M, against the reference (groups
     past 128 run in K steps of 128, so every size fits shared memory)."""
+    _check_cuda_group_linear(1536, 576, group, (1, 7, 300), seed=35)
+
+
+def _check_cuda_group_linear(n: int, k: int, group: int, ms: tuple[int, ...], seed: int) -> None:
+    """fp8_linear (triton backend, bf16) on a fresh [n, k] weight vs the reference, for each token count in ms."""
     dev = torch.device("cuda")
-    q, s = quantize_fp8_weight((0.05 * _randn(1536, 576, seed=35)).to(dev), group)
-    for m in (1, 7, 300):
-        x = (2 * _randn(m, 576, seed=36)).bfloat16().to(dev)
+    q, s = quantize_fp8_weight((0.05 * _randn(n, k, seed=seed)).to(dev), group)
+    for m in ms:
+        x = (2 * _randn(m, k, seed=seed + 1)).bfloat16().to(dev)
         with torch.no_grad():
             got = fp8_linear(x, q, s, backend="triton", group_size=group)
             want = naive_fp8_linear(x, q, s, None, torch.bfloat16, group)
-        assert_close(got.float(), want.float(), 8e-3, f"cuda group GEMM vs reference, M={m}")
+        assert_close(got.float(), want.float(), 8e-3, f"cuda group fp8 linear [{n}, {k}] vs reference, M={m}")
 
 
 @pytest.mark.gpu
@@ -180,15 +185,8 @@ def test_cuda_decode_split_k_matches_reference(group):
     groups <= 128 quantise inside the kernel, 256 takes the quantiser first."""
     from sala.ops.fp8.triton_gemm import _sm_count, split_k_plan
 
-    dev = torch.device("cuda")
-    q, s = quantize_fp8_weight((0.05 * _randn(512, 4096, seed=63)).to(dev), group)
-    assert split_k_plan(8, 4096 // min(group, 128), _sm_count(dev.index or 0)) > 1
-    for m in (1, 8, 16):
-        x = (2 * _randn(m, 4096, seed=64)).bfloat16().to(dev)
-        with torch.no_grad():
-            got = fp8_linear(x, q, s, backend="triton", group_size=group)
-            want = naive_fp8_linear(x, q, s, None, torch.bfloat16, group)
-        assert_close(got.float(), want.float(), 8e-3, f"split-K decode GEMM vs reference, M={m}")
+    assert split_k_plan(8, 4096 // min(group, 128), _sm_count(torch.cuda.current_device())) > 1
+    _check_cuda_group_linear(512, 4096, group, (1, 8, 16), seed=63)
 
 
 @pytest.mark.gpu
