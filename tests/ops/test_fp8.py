@@ -453,7 +453,7 @@ def test_a_cublas_refusal_falls_back_to_triton_for_good(monkeypatch):
         for _ in range(2):
             got = fp8_linear(x, q, s, backend="triton", group_size=128)
             assert_close(got.float(), want.float(), 8e-3, "fallback after a cuBLAS refusal")
-    assert calls == [1] and blockwise.known_layout(dev) is None
+    assert calls == [1] and blockwise.layout_for(dev) is None
 
 
 def test_split_k_plan():
@@ -515,3 +515,15 @@ def test_gptq_dead_inputs_and_shape_errors():
     assert torch.isfinite(q.float()).all() and (q[:, 5].float() == 0).all()
     with pytest.raises(ValueError, match=r"hessian \[in, in\] = \[32, 32\]"):
         gptq_fp8_weight(w, torch.eye(16))
+
+
+def test_fp8_cublas_switch(monkeypatch):
+    from sala.utils import env
+
+    monkeypatch.delenv("SALA_FP8_CUBLAS", raising=False)
+    assert env.fp8_cublas_blockwise()
+    monkeypatch.setenv("SALA_FP8_CUBLAS", "0")
+    assert not env.fp8_cublas_blockwise()
+    monkeypatch.setenv("SALA_FP8_CUBLAS", "off")
+    with pytest.raises(ValueError, match="SALA_FP8_CUBLAS must be 0 or 1, got 'off'"):
+        env.fp8_cublas_blockwise()

@@ -254,8 +254,8 @@ class Recipe:
             raise RecipeError(f"stages {needs_teacher} distil from a teacher but model.teacher is not set")
         sft = [s.name for s in self.stages if s.source in ("sft", "mix")]
         if sft and not self.data.sft:
-            raise RecipeError(f"stages {sft} read chat data (loss 'sft' or data = 'sft') but data.sft lists no chat "
-                              ".jsonl file")
+            raise RecipeError(f"stages {sft} read chat data (loss 'sft', or data = 'sft' or 'mix') but data.sft "
+                              "lists no chat .jsonl file")
         if self.model.init_delta and not self.adapters.enabled:
             raise RecipeError("model.init_delta starts from a trained delta's adapters, but [adapters] enabled = false")
         uses_adapters = [s.name for s in self.stages if "adapters" in s.trainable]

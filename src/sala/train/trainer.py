@@ -395,6 +395,7 @@ class Trainer:
         trained = select_trainable(self.student, stage.trainable, self.recipe.adapters.enabled)
         self._set_sparse(stage.sparse_attention)
         optimizer = self._optimizer(stage)
+
         def packed(source: str, seed: int) -> PackedLoader:
             return PackedLoader(self.indexes[source], seq_len=stage.seq_len, micro_batch=stage.micro_batch,
                                 rank=self.info.rank, world_size=world, seed=seed)

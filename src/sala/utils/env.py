@@ -29,33 +29,32 @@ def sparse_backward() -> str:
     return value
 
 
+def _switch(name: str) -> bool:
+    """An on/off variable: unset or ``1`` is on, ``0`` is off, anything else a ValueError naming it."""
+    value = os.environ.get(name, "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def flash_varlen() -> bool:
     """Packed training documents attend in one flash ``varlen_attn`` launch on CUDA; ``SALA_FLASH_VARLEN=0`` attends
     document by document with SDPA instead (for a torch whose ``varlen_attn`` fails)."""
-    value = os.environ.get("SALA_FLASH_VARLEN", "1").strip()
-    if value not in ("0", "1"):
-        raise ValueError(f"SALA_FLASH_VARLEN must be 0 or 1, got {value!r}")
-    return value == "1"
+    return _switch("SALA_FLASH_VARLEN")
 
 
 def cudnn_split() -> bool:
     """Chunked dense prefill on CUDA attends through two cuDNN calls merged by log-sum-exp instead of one
     FlashAttention-2 call with a lower-right causal bias (:mod:`sala.ops.infllm_v2.dense`); ``SALA_CUDNN_SPLIT=0``
     keeps flash."""
-    value = os.environ.get("SALA_CUDNN_SPLIT", "1").strip()
-    if value not in ("0", "1"):
-        raise ValueError(f"SALA_CUDNN_SPLIT must be 0 or 1, got {value!r}")
-    return value == "1"
+    return _switch("SALA_CUDNN_SPLIT")
 
 
 def fp8_cublas_blockwise() -> bool:
     """Prefill-sized FP8 linears with groups of 128 go through cuBLAS block scaling (``torch._scaled_mm`` with
     1 x 128 scales on both operands) where this torch and cuBLAS take it; ``SALA_FP8_CUBLAS=0`` keeps the Triton
     group GEMM."""
-    value = os.environ.get("SALA_FP8_CUBLAS", "1").strip()
-    if value not in ("0", "1"):
-        raise ValueError(f"SALA_FP8_CUBLAS must be 0 or 1, got {value!r}")
-    return value == "1"
+    return _switch("SALA_FP8_CUBLAS")
 
 
 def triton_interpret() -> bool:
@@ -74,10 +73,7 @@ def tuning_cache() -> bool:
     """Kernel launch configurations picked by timing on a GPU persist under :func:`cache_dir` ``/tuning`` so a new
     process does not time them again (a server's first request pays no tuning); ``SALA_TUNING_CACHE=0`` keeps them in
     memory only."""
-    value = os.environ.get("SALA_TUNING_CACHE", "1").strip()
-    if value not in ("0", "1"):
-        raise ValueError(f"SALA_TUNING_CACHE must be 0 or 1, got {value!r}")
-    return value == "1"
+    return _switch("SALA_TUNING_CACHE")
 
 
 def corpus_dir() -> Path | None:

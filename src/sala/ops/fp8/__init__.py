@@ -180,10 +180,8 @@ def _triton_fp8_linear(x, q_weight, w_scale, bias, out_dtype, group_size) -> tor
         if x.shape[0] <= FUSED_QUANT_MAX_M and group_size <= 128:  # decode: the GEMM quantises its few rows itself
             return triton_fp8_group_gemm(x, None, q_weight, w_scale, bias, out_dtype, group_size)
         if blockwise.takes(x, q_weight, bias, group_size, out_dtype) and env.fp8_cublas_blockwise():
-            layout = blockwise.known_layout(x.device)
-            if layout is False and not torch.cuda.is_current_stream_capturing():
-                layout = blockwise.pick_layout(x.device)
-            if layout is not None and layout is not False:  # prefill: cuBLAS block scaling, the same numbers
+            layout = blockwise.layout_for(x.device)
+            if layout is not None:  # prefill: cuBLAS block scaling, the same numbers
                 try:
                     return blockwise.blockwise_fp8_linear(x, q_weight, w_scale, out_dtype, layout)
                 except RuntimeError as e:  # a shape the one-time check did not cover: Triton from now on

@@ -40,10 +40,16 @@ def _matmul(xq, xs_col, q_weight, ws_b, out_dtype, scaled_mm=None):
     return scaled_mm(xq, q_weight.t(), scale_a=xs_col, scale_b=ws_b, out_dtype=out_dtype)
 
 
-def known_layout(device: torch.device) -> int | None | bool:
-    """The layout :func:`pick_layout` found on ``device``, None if it found none, False if it has not run (it
-    cannot run while a CUDA graph is being captured: it copies to the device and reads a result back)."""
-    return _checked.get((device.type, device.index), False)
+def layout_for(device: torch.device) -> int | None:
+    """The layout to use on ``device``: :func:`pick_layout`'s answer, found on first use; None where there is none,
+    or while a CUDA graph is being captured before the check ran (it copies to the device and reads a result
+    back, which a capture forbids)."""
+    key = (device.type, device.index)
+    if key not in _checked:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        pick_layout(device)
+    return _checked[key]
 
 
 def forget(device: torch.device) -> None:

@@ -27,9 +27,8 @@ import triton
 import triton.language as tl
 
 from sala.ops.common.triton_utils import interp_rne, rne_bf16
+from sala.ops.fp8.naive import FP8_MAX
 from sala.utils.env import triton_interpret
-
-from sala.ops.fp8.naive import FP8_MAX  # noqa: E402  (448.0, the largest finite e4m3 value)
 
 
 @triton.jit
@@ -46,15 +45,24 @@ def _to_e4m3(x, RNE: tl.constexpr):
 
 
 @triton.jit
+def _scale_of(amax, FP8_MAX_: tl.constexpr):
+    """A group's scale from its absmax, as ``quantize_groups``: absmax * fp32(1 / 448), 1 for an all-zero group."""
+    return tl.where(amax > 0, amax * (1.0 / FP8_MAX_), 1.0)
+
+
+@triton.jit
+def _codes(x, scale, FP8_MAX_: tl.constexpr, RNE: tl.constexpr):
+    """x [R, C] fp32, scale [R] -> e4m3 codes of clamp(x / scale, +-448). The division has IEEE rounding
+    (``div_rn``): Triton's ``/`` is approximate on NVIDIA GPUs, up to 2 ulp off, which moves codes that sit on an
+    e4m3 rounding midpoint."""
+    return _to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale[:, None]), -FP8_MAX_), FP8_MAX_), RNE)
+
+
+@triton.jit
 def _quantize_tile(x, FP8_MAX_: tl.constexpr, RNE: tl.constexpr):
-    """x [R, C] fp32, one group per row -> (codes [R, C] fp8 e4m3, scale [R] fp32), as ``quantize_groups``:
-    scale = absmax * fp32(1 / 448) (1 for an all-zero row), codes = clamp(x / scale, +-448) rounded to nearest.
-    The codes divide with IEEE rounding (``div_rn``): Triton's ``/`` is an approximate division on NVIDIA GPUs,
-    up to 2 ulp off, which moves codes that sit on an e4m3 rounding midpoint."""
-    amax = tl.max(tl.abs(x), axis=1)
-    scale = tl.where(amax > 0, amax * (1.0 / FP8_MAX_), 1.0)
-    q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale[:, None]), -FP8_MAX_), FP8_MAX_)
-    return _to_e4m3(q, RNE), scale
+    """x [R, C] fp32, one group per row -> (codes [R, C] fp8 e4m3, scale [R] fp32), as ``quantize_groups``."""
+    scale = _scale_of(tl.max(tl.abs(x), axis=1), FP8_MAX_)
+    return _codes(x, scale, FP8_MAX_, RNE), scale
 
 
 @triton.jit(do_not_specialize=["M", "K", "group"])
@@ -82,13 +90,12 @@ def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, M, K, group, s_xm, s_qm, s_sm, 
             ok = r_ok[:, None] & (((c + cols) < group) & (k < K))[None, :]
             x = tl.load(x_ptr + rows[:, None] * s_xm + k[None, :], mask=ok, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-        scale = tl.where(amax > 0, amax * (1.0 / FP8_MAX_), 1.0)
+        scale = _scale_of(amax, FP8_MAX_)
         for c in range(0, group, BC):
             k = k0 + c + cols
             ok = r_ok[:, None] & (((c + cols) < group) & (k < K))[None, :]
             x = tl.load(x_ptr + rows[:, None] * s_xm + k[None, :], mask=ok, other=0.0).to(tl.float32)
-            q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale[:, None]), -FP8_MAX_), FP8_MAX_)
-            tl.store(q_ptr + rows[:, None] * s_qm + k[None, :], _to_e4m3(q, RNE), mask=ok)
+            tl.store(q_ptr + rows[:, None] * s_qm + k[None, :], _codes(x, scale, FP8_MAX_, RNE), mask=ok)
     tl.store(s_ptr + rows * s_sm + g * s_sg, scale, mask=r_ok)
 
 
