@@ -418,6 +418,14 @@ def test_blockwise_path_conditions():
     assert not takes(x(), q, None, 128, torch.float32)
 
 
+def test_triton_quantizer_wants_a_matrix(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from sala.ops.fp8.triton_gemm import triton_quantize_groups
+
+    with pytest.raises(ValueError, match=r"triton_quantize_groups wants x \[M, K\]; got \(2, 3, 64\)"):
+        triton_quantize_groups(torch.ones(2, 3, 64), 32)
+
+
 def test_group_gemm_with_empty_k_is_the_bias(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     from sala.ops.fp8.triton_gemm import triton_fp8_group_gemm
