@@ -477,6 +477,13 @@ def bench_sparse_decode(Ls=(32768, 131072, 262144, 1048576), batches=(1, 8), H: 
 FP8_SHAPES = (("qkv", 4096, 6144), ("o_proj", 4096, 4096), ("gate_up", 4096, 32768), ("down", 16384, 4096))
 
 
+# launch shapes of the decode-sized group GEMM compared at M <= 16: (BM, BN, warps, stages); the first is the default
+DECODE_PLANS = ((16, 64, 4, 4), (16, 16, 4, 4), (16, 32, 4, 4), (16, 32, 2, 6), (16, 128, 4, 4), (16, 128, 8, 3),
+                (16, 64, 4, 8))
+# launch shapes of the one-pass quantiser compared at prefill M: (elements per program, warps); the first is the default
+QUANT_TILES = ((4096, 4), (2048, 4), (8192, 8), (16384, 8), (4096, 8), (1024, 2))
+
+
 def bench_fp8_gemm(Ms=(1, 8, 8192), shapes=FP8_SHAPES, group: int = 128, device: str = "cuda") -> list[dict]:
     """FP8 linear layers against the bf16 GEMM (cuBLAS through F.linear, the strongest baseline) at decode and
     prefill M: row-wise ``_scaled_mm`` and group-wise Triton, each with its activation quantisation, plus the group
@@ -516,13 +523,28 @@ def bench_fp8_gemm(Ms=(1, 8, 8192), shapes=FP8_SHAPES, group: int = 128, device:
                         f"g{group}": rel_l2(fp8_linear(x, qg, sg, backend=backend, group_size=group).float(),
                                             naive_fp8_linear(x, qg, sg, None, torch.bfloat16, group).float())}
                 xq, xs = quantize_groups(x, group)
-                t = {"bf16": _time_ms(lambda: F.linear(x, w16)),
-                     "rowwise": _time_ms(lambda: fp8_linear(x, qr, sr, backend=backend)),
-                     f"g{group}": _time_ms(lambda: fp8_linear(x, qg, sg, backend=backend, group_size=group)),
-                     f"g{group} kernel": _time_ms(lambda: triton_fp8_group_gemm(xq, xs, qg, sg, None, torch.bfloat16, group)),
-                     f"g{group} quant": _time_ms(lambda: triton_quantize_groups(x, group)),
-                     f"g{group} quant torch": _time_ms(lambda: quantize_groups(x, group))}
-            row = {"shape": name, "K": k, "N": n, "M": m, **{f"{key} ms": v for key, v in t.items()},
+                # the engine decodes through CUDA graphs: eager timing of a 10 us GEMM measures the launch
+                timer = _graph_ms if dev.type == "cuda" and m <= 16 else _time_ms
+                t = {"bf16": timer(lambda: F.linear(x, w16)),
+                     "rowwise": timer(lambda: fp8_linear(x, qr, sr, backend=backend)),
+                     f"g{group}": timer(lambda: fp8_linear(x, qg, sg, backend=backend, group_size=group)),
+                     f"g{group} kernel": timer(lambda: triton_fp8_group_gemm(xq, xs, qg, sg, None, torch.bfloat16, group)),
+                     f"g{group} quant": timer(lambda: triton_quantize_groups(x, group)),
+                     f"g{group} quant torch": timer(lambda: quantize_groups(x, group))}
+                tiles = {}
+                if dev.type == "cuda" and m <= 16:  # decode launch shapes: (BM, BN, warps, stages) x K splits
+                    for plan in DECODE_PLANS:
+                        for split in (None, 1):
+                            label = f"plan {plan[1]}n/{plan[2]}w/{plan[3]}s/{'auto' if split is None else 1}"
+                            tiles[f"{label} TB/s"] = k * n / timer(lambda: triton_fp8_group_gemm(
+                                x, None, qg, sg, None, torch.bfloat16, group, split_k=split, plan=plan)) / 1e9
+                if dev.type == "cuda" and m > 16:  # launch shapes of the quantiser: (elements per program, warps),
+                    # GPU time only (a graph replay: no host launch cost, which overlaps the GEMMs in a prefill)
+                    for tile in QUANT_TILES:
+                        tiles[f"quant {tile[0]}/{tile[1]}w TB/s"] = 3 * m * k / _graph_ms(
+                            lambda: triton_quantize_groups(x, group, tile=tile)) / 1e9
+            row = {"shape": name, "K": k, "N": n, "M": m, "timing": "graph" if timer is not _time_ms else "eager",
+                   **{f"{key} ms": v for key, v in t.items()}, **tiles,
                    **{f"{key} / bf16": t[key] / t["bf16"] for key in t if key != "bf16"},
                    "bf16 weight TB/s": 2 * k * n / t["bf16"] / 1e9, "rowwise weight TB/s": k * n / t["rowwise"] / 1e9,
                    f"g{group} weight TB/s": k * n / t[f"g{group}"] / 1e9, **{f"err {key}": e for key, e in errs.items()}}
@@ -530,7 +552,14 @@ def bench_fp8_gemm(Ms=(1, 8, 8192), shapes=FP8_SHAPES, group: int = 128, device:
     _print_table(f"fp8 linear vs bf16 (groups of {group}; ratio < 1 is faster than bf16)", rows,
                  ["shape", "M", "bf16 ms", "rowwise / bf16", f"g{group} / bf16", f"g{group} kernel / bf16",
                   f"g{group} quant / bf16", f"g{group} quant torch / bf16", "bf16 weight TB/s",
-                  f"g{group} weight TB/s", f"err g{group}"])
+                  f"g{group} weight TB/s", f"err g{group}", "timing"])
+    if any(key.startswith("plan ") for r in rows for key in r):
+        _print_table("decode group GEMM launch shapes, in-kernel quantisation (weight TB/s; plan BN/warps/stages/"
+                     "K splits)", [r for r in rows if r["M"] <= 16],
+                     ["shape", "M"] + [key for key in rows[0] if key.startswith("plan ")])
+    if any(key.startswith("quant ") for r in rows for key in r):
+        _print_table("one-pass quantiser, bf16 in -> e4m3 + scales out (TB/s = 3 bytes per element / time)",
+                     [r for r in rows if r["M"] > 16], ["shape", "M"] + [key for key in rows[-1] if key.startswith("quant ")])
     return rows
 
 

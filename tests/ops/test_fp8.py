@@ -338,6 +338,9 @@ def test_triton_quantizer_gives_the_reference_codes_and_scales(monkeypatch, dtyp
     cm_q, cm_s = triton_quantize_groups(x, group, scales_column_major=True)
     assert cm_s.stride() == (1, m) and torch.equal(cm_s, want_s) and torch.equal(cm_q.view(torch.uint8),
                                                                               want_q.view(torch.uint8))
+    # another launch shape (more rows per program, a wider column tile): the same numbers
+    tq, ts = triton_quantize_groups(x, group, tile=(1024, 1))
+    assert torch.equal(ts, want_s) and torch.equal(tq.view(torch.uint8), want_q.view(torch.uint8))
 
 
 @pytest.mark.parametrize("m,k,n,group,split", [(1, 576, 40, 128, 3), (7, 1000, 24, 64, 4), (3, 600, 20, 256, 2),
@@ -360,6 +363,9 @@ def test_triton_group_gemm_split_k_and_in_kernel_quantisation(monkeypatch, m, k,
         for sk in (1, split):
             got = triton_fp8_group_gemm(x, None, q, s, b, torch.float32, group, split_k=sk)
             assert_close(got, want, 1e-6, f"in-kernel quantisation, split-K x{sk}, vs reference")
+        # another launch shape (narrow N tiles, taller M tiles): the same result
+        got = triton_fp8_group_gemm(x, None, q, s, b, torch.float32, group, plan=(32, 16, 1, 1))
+        assert_close(got, want, 1e-6, "in-kernel quantisation, 32 x 16 tiles, vs reference")
         got16 = triton_fp8_group_gemm(x.bfloat16(), None, q, s, b, torch.bfloat16, group, split_k=split)
         want16 = naive_fp8_linear(x.bfloat16(), q, s, b, torch.bfloat16, group)
         assert_close(got16.float(), want16.float(), 8e-3, "bf16 in and out, in-kernel quantisation")

@@ -99,11 +99,13 @@ def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, M, K, group, s_xm, s_qm, s_sm, 
     tl.store(s_ptr + rows * s_sm + g * s_sg, scale, mask=r_ok)
 
 
-def triton_quantize_groups(x: torch.Tensor, group_size: int | None,
-                           scales_column_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def triton_quantize_groups(x: torch.Tensor, group_size: int | None, scales_column_major: bool = False,
+                           tile: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] float -> (q [M, K] float8_e4m3fn, scale [M, G] float32) in one pass; the same numbers as
     ``sala.ops.fp8.naive.quantize_groups`` (G = 1 for row-wise scales, ``group_size=None``).
-    ``scales_column_major``: scale strides (1, M), the layout cuBLAS block scaling reads."""
+    ``scales_column_major``: scale strides (1, M), the layout cuBLAS block scaling reads. ``tile``: (elements per
+    program, warps), for benchmarks comparing launch shapes (default (4096, 4) on a GPU); the numbers do not
+    depend on it."""
     if x.dim() != 2:
         raise ValueError(f"triton_quantize_groups wants x [M, K]; got {tuple(x.shape)}")
     M, K = x.shape
@@ -115,11 +117,10 @@ def triton_quantize_groups(x: torch.Tensor, group_size: int | None,
              torch.empty(M, groups, dtype=torch.float32, device=x.device))
     if M == 0 or K == 0:
         return q, scale.fill_(1.0)
-    if triton_interpret():
-        br, bc, warps = 4, min(64, triton.next_power_of_2(group)), 1
-    else:
-        bc = min(512, triton.next_power_of_2(group))
-        br, warps = max(1, 4096 // bc), 4
+    interpret = triton_interpret()  # small tiles: the interpreter's cost grows with tile size
+    elements, warps = tile or ((256, 1) if interpret else (4096, 4))
+    bc = min(64 if interpret else 512, triton.next_power_of_2(group))
+    br = max(1, elements // bc)
     _quantize_groups_kernel[(triton.cdiv(M, br), groups)](
         x, q, scale, M, K, group, x.stride(0), q.stride(0), scale.stride(0), scale.stride(1), BR=br, BC=bc,
         FP8_MAX_=FP8_MAX, RNE=triton_interpret(), num_warps=warps)
@@ -197,11 +198,13 @@ def split_k_plan(tiles: int, k_steps: int, sms: int) -> int:
 
 def triton_fp8_group_gemm(xq: torch.Tensor, x_scale: torch.Tensor | None, q_weight: torch.Tensor,
                           w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype, group_size: int,
-                          split_k: int | None = None) -> torch.Tensor:
+                          split_k: int | None = None, plan: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """xq [M, K] fp8 with x_scale [M, G] fp32, or xq [M, K] float (fp32/bf16/fp16) with ``x_scale=None`` to
     quantise inside the kernel (group_size <= 128 only: one group per K step); q_weight [N, K] fp8, w_scale [N, G]
     fp32, bias [N] | None -> [M, N] in ``out_dtype``; G = ceil(K / group_size), group_size a power of two >= 16.
-    ``split_k``: K splits (default: :func:`split_k_plan` on CUDA, 1 in the interpreter)."""
+    ``split_k``: K splits (default: :func:`split_k_plan` on CUDA, 1 in the interpreter). ``plan``: (BM, BN, warps,
+    stages) instead of :func:`launch_plan`'s, for benchmarks comparing launch shapes (BM, BN >= 16); the numbers do
+    not depend on it beyond fp32 summation order across K splits."""
     M, K = xq.shape
     N = q_weight.shape[0]
     quant_a = x_scale is None
@@ -222,7 +225,7 @@ def triton_fp8_group_gemm(xq: torch.Tensor, x_scale: torch.Tensor | None, q_weig
         return out
     if K == 0:  # an empty sum
         return out.fill_(0) if bias is None else out.copy_(bias.float().expand(M, N))
-    bm, bn, warps, stages = launch_plan(M)
+    bm, bn, warps, stages = plan or launch_plan(M)
     nk = triton.cdiv(K, bk)
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     if split_k is None:
