@@ -190,6 +190,33 @@ def test_cuda_decode_split_k_matches_reference(group):
 
 
 @pytest.mark.gpu
+def test_cuda_split_k_in_a_graph_replays_right():
+    """The one-launch split-K (the last CTA of each tile adds the partials, then resets its arrival counter) in a
+    CUDA graph, as the engine decodes: replays with new inputs give the reference's numbers, counters end at 0."""
+    from sala.ops.fp8.triton_gemm import _ARRIVALS, triton_fp8_group_gemm
+
+    dev = torch.device("cuda")
+    q, s = quantize_fp8_weight((0.05 * _randn(512, 4096, seed=64)).to(dev), 128)
+    x = torch.empty(4, 4096, dtype=torch.bfloat16, device=dev)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        x.copy_(_randn(4, 4096, seed=65))
+        triton_fp8_group_gemm(x, None, q, s, None, torch.bfloat16, 128, split_k=6)  # compile and allocate outside
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = triton_fp8_group_gemm(x, None, q, s, None, torch.bfloat16, 128, split_k=6)
+    torch.cuda.current_stream().wait_stream(stream)
+    for seed in (66, 67, 68):
+        x.copy_(_randn(4, 4096, seed=seed))
+        graph.replay()
+        want = naive_fp8_linear(x, q, s, None, torch.bfloat16, 128)
+        assert_close(out.float(), want.float(), 8e-3, f"graph replay (seed {seed}) vs reference")
+    torch.cuda.synchronize()
+    assert all(not c.any() for (d, _), c in _ARRIVALS.items() if d.type == "cuda")
+
+
+@pytest.mark.gpu
 def test_cuda_prefill_group_128_path_matches_reference():
     """Prefill-sized M with groups of 128: cuBLAS block scaling where this torch takes it, else the Triton GEMM;
     either way the reference's numbers."""
@@ -359,6 +386,9 @@ def test_triton_group_gemm_split_k_and_in_kernel_quantisation(monkeypatch, m, k,
     xq, xs = quantize_groups(x, group)
     got = triton_fp8_group_gemm(xq, xs, q, s, b, torch.float32, group, split_k=split)
     assert_close(got, want, 1e-6, f"split-K x{split} vs reference")
+    from sala.ops.fp8.triton_gemm import _ARRIVALS
+
+    assert not _ARRIVALS[(torch.device("cpu"), 0)].any()  # the last split of each tile reset its counter
     if group <= 128:
         for sk in (1, split):
             got = triton_fp8_group_gemm(x, None, q, s, b, torch.float32, group, split_k=sk)

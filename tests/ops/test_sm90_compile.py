@@ -40,16 +40,22 @@ _SCRIPT = textwrap.dedent('''
          "s_xm": "i32", "s_qm": "i32", "s_sm": "i32", "s_sg": "i32", "BR": "constexpr", "BC": "constexpr",
          "FP8_MAX_": "constexpr", "RNE": "constexpr"}
     out["fp8 quantiser"] = build(_quantize_groups_kernel, q, {"BR": 32, "BC": 128, "FP8_MAX_": FP8_MAX, "RNE": False})
-    for quant_a, bm, bn in ((True, 16, 64), (False, 16, 64), (False, 128, 128)):
+    for quant_a, bm, bn, split in ((True, 16, 64, True), (False, 16, 64, False), (False, 128, 128, False)):
         g = {"a_ptr": "*bf16" if quant_a else "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv",
-             "bs_ptr": "*fp32", "bias_ptr": "*fp32", "c_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
-             "NK": "i32", "STEPS": "i32", "s_am": "i32", "s_asm": "i32", "s_bn": "i32", "s_bsn": "i32",
-             "s_cm": "i32", "s_cs": "i32", "GROUP": "constexpr", "BK": "constexpr", "BM": "constexpr",
-             "BN": "constexpr", "QUANT_A": "constexpr", "HAS_BIAS": "constexpr", "RNE_O": "constexpr",
-             "FP8_MAX_": "constexpr", "RNE_A": "constexpr"}
-        out[f"fp8 gemm quant_a={quant_a} {bm}x{bn}"] = build(_fp8_group_gemm_kernel, g, {
-            "GROUP": 128, "BK": 128, "BM": bm, "BN": bn, "QUANT_A": quant_a, "HAS_BIAS": False, "RNE_O": False,
-            "FP8_MAX_": FP8_MAX, "RNE_A": False})
+             "bs_ptr": "*fp32", "bias_ptr": "*fp32", "c_ptr": "*bf16", "ws_ptr": "*fp32", "arrivals_ptr": "*i32",
+             "M": "i32", "N": "i32", "K": "i32", "NK": "i32", "STEPS": "i32", "s_am": "i32", "s_asm": "i32",
+             "s_bn": "i32", "s_bsn": "i32", "s_cm": "i32", "s_ws": "i32", "GROUP": "constexpr", "BK": "constexpr",
+             "BM": "constexpr", "BN": "constexpr", "QUANT_A": "constexpr", "HAS_BIAS": "constexpr",
+             "RNE_O": "constexpr", "FP8_MAX_": "constexpr", "RNE_A": "constexpr", "SPLIT": "constexpr"}
+        out[f"fp8 gemm quant_a={quant_a} {bm}x{bn} split={split}"] = build(_fp8_group_gemm_kernel, g, {
+            "GROUP": 128, "BK": 128, "BM": bm, "BN": bn, "QUANT_A": quant_a, "HAS_BIAS": True, "RNE_O": False,
+            "FP8_MAX_": FP8_MAX, "RNE_A": False, "SPLIT": split})
+        if split:  # the split-K handshake: a gpu-scope acquire-release atomic, L2-only loads of the partials
+            ptx = triton.compile(ASTSource(fn=_fp8_group_gemm_kernel, signature=g, constexprs={
+                "GROUP": 128, "BK": 128, "BM": bm, "BN": bn, "QUANT_A": quant_a, "HAS_BIAS": True, "RNE_O": False,
+                "FP8_MAX_": FP8_MAX, "RNE_A": False, "SPLIT": split}), target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+            out["split handshake"] = {"cubin": True, "acq_rel": "atom.global.gpu.acq_rel" in ptx
+                                      or "atom.acq_rel.gpu" in ptx, "cg_loads": "ld.global.cg" in ptx}
     print(json.dumps(out))
 ''')
 
@@ -67,11 +73,17 @@ def compiled() -> dict:
 
 def test_kernels_compile_to_sm90_cubins(compiled):
     assert set(compiled) == {"kl_rows grad=True", "kl_rows grad=False", "fp8 quantiser",
-                             "fp8 gemm quant_a=True 16x64", "fp8 gemm quant_a=False 16x64",
-                             "fp8 gemm quant_a=False 128x128"}
+                             "fp8 gemm quant_a=True 16x64 split=True", "fp8 gemm quant_a=False 16x64 split=False",
+                             "fp8 gemm quant_a=False 128x128 split=False", "split handshake"}
     assert all(k["cubin"] for k in compiled.values()), compiled
 
 
+def test_split_k_handshake_is_ordered(compiled):
+    """The arrival count releases the partial sums and acquires the others' at GPU scope, and the last split reads
+    them past L1 (which is not coherent across SMs)."""
+    assert compiled["split handshake"]["acq_rel"] and compiled["split handshake"]["cg_loads"], compiled
+
+
 def test_fp8_codes_divide_with_ieee_rounding(compiled):
-    for name in ("fp8 quantiser", "fp8 gemm quant_a=True 16x64"):
+    for name in ("fp8 quantiser", "fp8 gemm quant_a=True 16x64 split=True"):
         assert compiled[name]["div_rn"] and not compiled[name]["div_approx"], (name, compiled[name])

@@ -128,13 +128,17 @@ def triton_quantize_groups(x: torch.Tensor, group_size: int | None, scales_colum
 
 
 @triton.jit(do_not_specialize=["M", "NK", "STEPS"])
-def _fp8_group_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K, NK, STEPS,
-                           s_am, s_asm, s_bn, s_bsn, s_cm, s_cs,
+def _fp8_group_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, ws_ptr, arrivals_ptr, M, N, K, NK, STEPS,
+                           s_am, s_asm, s_bn, s_bsn, s_cm, s_ws,
                            GROUP: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                            QUANT_A: tl.constexpr, HAS_BIAS: tl.constexpr, RNE_O: tl.constexpr,
-                           FP8_MAX_: tl.constexpr, RNE_A: tl.constexpr):
-    """Program (m tile, n tile, K split): K steps [split * STEPS, min(NK, (split + 1) * STEPS)). With several
-    splits, c is an fp32 workspace [splits, M, N] (split stride s_cs) and the bias waits for the reduction."""
+                           FP8_MAX_: tl.constexpr, RNE_A: tl.constexpr, SPLIT: tl.constexpr):
+    """Program (m tile, n tile, K split): K steps [split * STEPS, min(NK, (split + 1) * STEPS)).
+
+    With several splits (``SPLIT``) each program stores its fp32 partial sum in the workspace ws [splits, M, N]
+    (split stride s_ws) and counts itself in its tile's arrival counter; the last to arrive adds the partials in
+    split order, adds the bias, writes c and resets the counter to 0 for the next launch. One launch instead of a
+    GEMM, a sum and a copy: at decode, inside a CUDA graph, each of those is a node of a few microseconds."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     split = tl.program_id(2)
@@ -163,12 +167,30 @@ def _fp8_group_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, 
             sa = tl.load(as_ptr + rm * s_asm + g, mask=m_ok, other=0.0)
         sb = tl.load(bs_ptr + rn * s_bsn + g, mask=n_ok, other=0.0)
         acc += tl.dot(a, b, out_dtype=tl.float32) * sa[:, None] * sb[None, :]
+    c_mask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT:
+        tile_ws = ws_ptr + rm[:, None] * N + rn[None, :]
+        tl.store(tile_ws + split.to(tl.int64) * s_ws, acc, mask=c_mask)
+        tl.debug_barrier()  # every thread's partial is stored before the arrival is counted (release below)
+        arrived = tl.atomic_add(arrivals_ptr + pid_m * tl.num_programs(1) + pid_n, 1, sem="acq_rel")
+        if arrived == tl.num_programs(2) - 1:  # the last split of this tile: the others' partials are visible
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for s in range(0, tl.num_programs(2)):
+                acc += tl.load(tile_ws + s * s_ws, mask=c_mask, other=0.0, cache_modifier=".cg")  # not L1
+            _finish_tile(acc, bias_ptr, c_ptr, rm, rn, n_ok, c_mask, s_cm, HAS_BIAS, RNE_O)
+            tl.atomic_xchg(arrivals_ptr + pid_m * tl.num_programs(1) + pid_n, 0)
+    else:
+        _finish_tile(acc, bias_ptr, c_ptr, rm, rn, n_ok, c_mask, s_cm, HAS_BIAS, RNE_O)
+
+
+@triton.jit
+def _finish_tile(acc, bias_ptr, c_ptr, rm, rn, n_ok, c_mask, s_cm, HAS_BIAS: tl.constexpr, RNE_O: tl.constexpr):
+    """The bias, the rounding and the store of one output tile."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if RNE_O:
         acc = rne_bf16(acc)
-    tl.store(c_ptr + split.to(tl.int64) * s_cs + rm[:, None] * s_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(c_ptr + rm[:, None] * s_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 @functools.lru_cache(maxsize=8)
@@ -233,19 +255,34 @@ def triton_fp8_group_gemm(xq: torch.Tensor, x_scale: torch.Tensor | None, q_weig
     split_k = max(1, min(int(split_k), nk))
     steps = triton.cdiv(nk, split_k)
     split_k = triton.cdiv(nk, steps)  # no empty split
-    target = out if split_k == 1 else torch.empty(split_k, M, N, dtype=torch.float32, device=xq.device)
-    fuse_bias = bias is not None and split_k == 1
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn), split_k)
-    _fp8_group_gemm_kernel[grid](
-        xq, x_scale, q_weight, w_scale, bias if fuse_bias else w_scale, target, M, N, K, nk, steps,
-        xq.stride(0), x_scale.stride(0), q_weight.stride(0), w_scale.stride(0), target.stride(-2),
-        target.stride(0) if split_k > 1 else 0,
-        GROUP=group_size, BK=bk, BM=bm, BN=bn, QUANT_A=quant_a, HAS_BIAS=fuse_bias,
-        RNE_O=interp_rne(out_dtype) and split_k == 1, FP8_MAX_=FP8_MAX, RNE_A=triton_interpret(), num_warps=warps,
-        num_stages=stages)
     if split_k > 1:
-        acc = target.sum(0)
-        if bias is not None:
-            acc += bias.float()
-        out.copy_(acc)
+        workspace = torch.empty(split_k, M, N, dtype=torch.float32, device=xq.device)
+        arrivals = _arrival_counters(xq.device, grid[0] * grid[1])
+    else:
+        workspace = arrivals = out  # placeholders: never touched without splits
+    _fp8_group_gemm_kernel[grid](
+        xq, x_scale, q_weight, w_scale, bias if bias is not None else w_scale, out, workspace, arrivals, M, N, K, nk,
+        steps, xq.stride(0), x_scale.stride(0), q_weight.stride(0), w_scale.stride(0), out.stride(0),
+        workspace.stride(0) if split_k > 1 else 0,
+        GROUP=group_size, BK=bk, BM=bm, BN=bn, QUANT_A=quant_a, HAS_BIAS=bias is not None,
+        RNE_O=interp_rne(out_dtype), FP8_MAX_=FP8_MAX, RNE_A=triton_interpret(), SPLIT=split_k > 1, num_warps=warps,
+        num_stages=stages)
     return out
+
+
+_ARRIVALS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters (one per output tile) of split-K launches on this device and stream. Every
+    launch leaves them at zero again (the last split of each tile resets its counter), so they are allocated
+    once, outside any launch's critical path, and CUDA graphs replay with them. Per stream: two split-K GEMMs in
+    flight at once on different streams would otherwise count each other's arrivals."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    counters = _ARRIVALS.get(key)
+    if counters is None or counters.numel() < tiles:
+        counters = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+        _ARRIVALS[key] = counters
+    return counters
