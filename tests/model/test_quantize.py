@@ -153,14 +153,16 @@ def test_fused_projections_become_fused_fp8_groups(tiny_sparse_config, group):
         calls = []
         import sala.model.quantize as quantize
 
-        real = quantize.fp8_linear
+        real, real_glued = quantize.fp8_linear, quantize.fp8_glue_linear
         quantize.fp8_linear = lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k)
+        quantize.fp8_glue_linear = lambda *a, **k: calls.append(a[0]) or real_glued(*a, **k)
         try:
             assert_close(fused(ids).logits, want, 1e-6, "fused fp8 groups vs separate")
         finally:
-            quantize.fp8_linear = real
+            quantize.fp8_linear, quantize.fp8_glue_linear = real, real_glued
         layers = len(fused.model.layers)
         assert len(calls) == layers * 4  # per layer: fused q/k/v(/gate), o_proj, fused gate/up, down_proj
+        assert calls.count("silu_mul") == layers  # down_proj takes SwiGLU's two inputs
         state = {k: v.clone() for k, v in fused.state_dict().items()}
         assert torch.equal(state["model.layers.1.self_attn.q_proj.weight"].view(torch.uint8),
                            plain.state_dict()["model.layers.1.self_attn.q_proj.weight"].view(torch.uint8))
@@ -415,3 +417,27 @@ def test_layer_hessians_are_each_projection_inputs_second_moment(tiny_sparse_con
         x = torch.cat(captured[n]).double()
         assert_close(got[n].double(), x.t() @ x / x.shape[0], 1e-6, f"{n} hessian")
     assert not torch.allclose(got["q"], got["o"])  # different inputs give different products
+
+
+def test_glue_before_a_projection_is_quantised_in_one_pass(tiny_sparse_config, monkeypatch):
+    """A prefill through the Triton kernels (interpreter) of a group-quantised model: SwiGLU before down_proj and
+    the output gate before o_proj go into the fp8 input quantisation (no written glue result), with the same
+    logits as the glue kernel followed by the linear."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SALA_BACKEND", "triton")
+    import sala.ops.fp8.triton_gemm as triton_gemm
+
+    model = _model(tiny_sparse_config, attn_use_output_gate=True, use_output_gate=True)
+    quantize_fp8_(model, group_size=32)
+    ids = _ids(tiny_sparse_config, B=1, T=24)  # 24 tokens: past the in-GEMM quantisation of decode-sized inputs
+    glues = []
+    real = triton_gemm.triton_quantize_groups
+    monkeypatch.setattr(triton_gemm, "triton_quantize_groups",
+                        lambda *a, **k: glues.append((k.get("glue") or (None,))[0]) or real(*a, **k))
+    with torch.no_grad():
+        got = model(ids).logits
+        monkeypatch.setattr(FP8Linear, "glued", None)  # glued_linear then runs the glue, then the linear
+        want = model(ids).logits
+    layers = len(model.model.layers)
+    assert glues.count("silu_mul") == layers and glues.count("sigmoid_gate") == layers
+    assert torch.equal(got, want)

@@ -571,3 +571,73 @@ def test_fp8_cublas_switch(monkeypatch):
     monkeypatch.setenv("SALA_FP8_CUBLAS", "off")
     with pytest.raises(ValueError, match="SALA_FP8_CUBLAS must be 0 or 1, got 'off'"):
         env.fp8_cublas_blockwise()
+
+
+@pytest.mark.parametrize("op", ["silu_mul", "sigmoid_gate"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("group", [64, 256])
+def test_glue_is_quantised_in_the_same_pass(monkeypatch, op, dtype, group):
+    """The quantiser computing the glue itself (interpreter): the codes and scales of quantising the glue kernel's
+    output, bit for bit, for column slices of one wider tensor (as a fused gate/up GEMM leaves them)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from sala.ops import elementwise
+    from sala.ops.fp8.naive import quantize_groups
+    from sala.ops.fp8.triton_gemm import triton_quantize_groups
+
+    both = (3 * _randn(21, 2 * 320, seed=81)).to(dtype)
+    a, b = both[:, :320], both[:, 320:]
+    want_q, want_s = quantize_groups(getattr(elementwise, op)(a, b, "triton"), group)
+    got_q, got_s = triton_quantize_groups(a, group, glue=(op, b))
+    assert torch.equal(got_s, want_s)
+    assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))
+    with pytest.raises(ValueError, match="glue wants one of"):
+        triton_quantize_groups(a, group, glue=("relu", b))
+
+
+@pytest.mark.parametrize("op", ["silu_mul", "sigmoid_gate"])
+@pytest.mark.parametrize("m", [40, 3])
+def test_fp8_glue_linear_matches_glue_then_linear(monkeypatch, op, m):
+    """``fp8_glue_linear`` = the glue, then ``fp8_linear``: prefill-sized M takes the fused quantiser (interpreter),
+    decode-sized M the two steps; both against the reference composition. Bad arguments are named."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from sala.ops import elementwise
+    from sala.ops.fp8 import fp8_glue_linear
+
+    both = (2 * _randn(2, m, 2 * 256, seed=82)).bfloat16()
+    a, b = both[..., :256], both[..., 256:]
+    q, s = quantize_fp8_weight(0.05 * _randn(48, 256, seed=83), 128)
+    with torch.no_grad():
+        got = fp8_glue_linear(op, a, b, q, s, group_size=128, backend="triton")
+        unfused = fp8_linear(getattr(elementwise, op)(a, b, "triton"), q, s, group_size=128, backend="triton")
+        want = naive_fp8_linear(getattr(elementwise, op)(a, b, "naive").reshape(-1, 256), q, s, None,
+                                torch.bfloat16, 128).reshape(2, m, 48)
+    assert got.shape == (2, m, 48) and got.dtype == torch.bfloat16
+    assert torch.equal(got, unfused)  # the same codes, the same GEMM
+    assert_close(got.float(), want.float(), 2e-2, f"{op} fp8 glue linear vs the reference composition")
+    with pytest.raises(ValueError, match="op must be one of"):
+        fp8_glue_linear("gelu", a, b, q, s, group_size=128)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        fp8_glue_linear(op, a, b.float(), q, s, group_size=128)
+    with pytest.raises(ValueError, match=r"fp8_glue_linear \(group_size=128\) wants w_scale"):
+        fp8_glue_linear(op, a, b, q, s[:, :1], group_size=128)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [128, 64])
+def test_cuda_glue_linear_equals_glue_then_linear(group):
+    """On the GPU (cuBLAS block scaling for groups of 128, the Triton GEMM for 64): the fused glue quantisation
+    gives exactly the glue kernel + fp8_linear result, and the reference's numbers."""
+    from sala.ops import elementwise
+    from sala.ops.fp8 import fp8_glue_linear
+
+    dev = torch.device("cuda")
+    both = (2 * _randn(700, 2 * 1536, seed=84)).bfloat16().to(dev)
+    a, b = both[:, :1536], both[:, 1536:]
+    q, s = quantize_fp8_weight((0.05 * _randn(1024, 1536, seed=85)).to(dev), group)
+    for op in ("silu_mul", "sigmoid_gate"):
+        with torch.no_grad():
+            glue = getattr(elementwise, op)(a, b)
+            got = fp8_glue_linear(op, a, b, q, s, group_size=group)
+            assert torch.equal(got, fp8_linear(glue, q, s, group_size=group)), op
+            want = naive_fp8_linear(glue, q, s, None, torch.bfloat16, group)
+        assert_close(got.float(), want.float(), 8e-3, f"cuda {op} glue linear vs reference")

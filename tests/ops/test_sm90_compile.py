@@ -36,10 +36,13 @@ _SCRIPT = textwrap.dedent('''
           "BV": "constexpr"}
     for ng in (True, False):
         out[f"kl_rows grad={ng}"] = build(_kl_rows_kernel, kl, {"NEED_GRAD": ng, "BV": 4096})
-    q = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "M": "i32", "K": "i32", "group": "i32",
-         "s_xm": "i32", "s_qm": "i32", "s_sm": "i32", "s_sg": "i32", "BR": "constexpr", "BC": "constexpr",
-         "FP8_MAX_": "constexpr", "RNE": "constexpr"}
-    out["fp8 quantiser"] = build(_quantize_groups_kernel, q, {"BR": 32, "BC": 128, "FP8_MAX_": FP8_MAX, "RNE": False})
+    q = {"x_ptr": "*bf16", "y_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "M": "i32", "K": "i32",
+         "group": "i32", "s_xm": "i32", "s_ym": "i32", "s_qm": "i32", "s_sm": "i32", "s_sg": "i32", "BR": "constexpr",
+         "BC": "constexpr", "FP8_MAX_": "constexpr", "RNE": "constexpr", "GLUE": "constexpr", "RNE_X": "constexpr",
+         "ACCURATE": "constexpr"}
+    for glue in (-1, 0, 1):
+        out[f"fp8 quantiser glue={glue}"] = build(_quantize_groups_kernel, q, {
+            "BR": 32, "BC": 128, "FP8_MAX_": FP8_MAX, "RNE": False, "GLUE": glue, "RNE_X": False, "ACCURATE": True})
     for quant_a, bm, bn, split in ((True, 16, 64, True), (False, 16, 64, False), (False, 128, 128, False)):
         g = {"a_ptr": "*bf16" if quant_a else "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv",
              "bs_ptr": "*fp32", "bias_ptr": "*fp32", "c_ptr": "*bf16", "ws_ptr": "*fp32", "arrivals_ptr": "*i32",
@@ -72,7 +75,8 @@ def compiled() -> dict:
 
 
 def test_kernels_compile_to_sm90_cubins(compiled):
-    assert set(compiled) == {"kl_rows grad=True", "kl_rows grad=False", "fp8 quantiser",
+    assert set(compiled) == {"kl_rows grad=True", "kl_rows grad=False", "fp8 quantiser glue=-1",
+                             "fp8 quantiser glue=0", "fp8 quantiser glue=1",
                              "fp8 gemm quant_a=True 16x64 split=True", "fp8 gemm quant_a=False 16x64 split=False",
                              "fp8 gemm quant_a=False 128x128 split=False", "split handshake"}
     assert all(k["cubin"] for k in compiled.values()), compiled
@@ -85,5 +89,5 @@ def test_split_k_handshake_is_ordered(compiled):
 
 
 def test_fp8_codes_divide_with_ieee_rounding(compiled):
-    for name in ("fp8 quantiser", "fp8 gemm quant_a=True 16x64 split=True"):
+    for name in ("fp8 quantiser glue=-1", "fp8 quantiser glue=0", "fp8 gemm quant_a=True 16x64 split=True"):
         assert compiled[name]["div_rn"] and not compiled[name]["div_approx"], (name, compiled[name])

@@ -108,6 +108,17 @@ class FusedLinears(FusedRows):
         return len({(t.dtype, t.device) for t in tensors}) == 1
 
 
+_GLUES = {"silu_mul": silu_mul, "sigmoid_gate": sigmoid_gate}
+
+
+def glued_linear(linear: nn.Module, op: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``linear(glue(a, b))`` for the elementwise glue ``op`` that feeds it ("silu_mul" before down_proj,
+    "sigmoid_gate" before o_proj). A linear with a ``glued`` method (FP8Linear) takes both inputs, so that its
+    activation quantisation computes the glue in the same pass instead of reading back a written result."""
+    glued = getattr(linear, "glued", None)
+    return glued(op, a, b) if glued is not None else linear(_GLUES[op](a, b))
+
+
 def run_linears(linears: list[nn.Module], fused: FusedRows | None, x: torch.Tensor) -> list[torch.Tensor]:
     """Each Linear applied to ``x``: one fused GEMM when ``fused`` serves, else one call each."""
     out = fused(x, linears) if fused is not None else None
@@ -144,7 +155,7 @@ class SALAMLP(nn.Module):
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = run_linears([self.gate_proj, self.up_proj], self._fused, x)
-        return self.down_proj(silu_mul(gate, up))
+        return glued_linear(self.down_proj, "silu_mul", gate, up)
 
 
 class _Projections(nn.Module):
@@ -238,7 +249,7 @@ class LightningAttention(_Projections):
         if self.use_output_norm:
             o = self.o_norm(o)
         if self.use_output_gate:
-            o = sigmoid_gate(o, z)
+            return glued_linear(self.o_proj, "sigmoid_gate", o, z)
         return self.o_proj(o)
 
 
@@ -287,7 +298,7 @@ class SparseAttention(_Projections):
         """o: [B, T, H, D] attention output -> sigmoid output gate -> o_proj -> [B, T, hidden]."""
         o = o.reshape(*o.shape[:2], -1)
         if self.use_output_gate:
-            o = sigmoid_gate(o, g)
+            return glued_linear(self.o_proj, "sigmoid_gate", o, g)
         return self.o_proj(o)
 
 

@@ -25,7 +25,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from sala.model.fused import FusedRows
-from sala.ops.fp8 import FP8_DTYPE, check_group_size, fp8_linear, num_groups, quantize_fp8_weight
+from sala.ops.fp8 import FP8_DTYPE, check_group_size, fp8_glue_linear, fp8_linear, num_groups, quantize_fp8_weight
 from sala.ops.fp8.naive import gptq_fp8_weight
 from sala.utils.progress import counter
 
@@ -85,6 +85,11 @@ class FP8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] fp16/bf16/fp32 -> [..., out] in x's dtype."""
         return fp8_linear(x, self.weight, self.weight_scale, self.bias, out_dtype=x.dtype, group_size=self.group_size)
+
+    def glued(self, op: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``self(glue(a, b))`` for an elementwise glue ``op`` ("silu_mul", "sigmoid_gate"), the same numbers; a
+        prefill's activation quantisation computes the glue itself (see :func:`sala.ops.fp8.fp8_glue_linear`)."""
+        return fp8_glue_linear(op, a, b, self.weight, self.weight_scale, self.bias, group_size=self.group_size)
 
     def extra_repr(self) -> str:
         layout = ("per-channel, activations per-token" if self.group_size is None

@@ -36,6 +36,20 @@ def _exp(x, ACCURATE: tl.constexpr):
     return tl.exp(x)
 
 
+@triton.jit
+def glue_value(a, b, alpha, OP: tl.constexpr, dt: tl.constexpr, RNE: tl.constexpr, ACCURATE: tl.constexpr):
+    """``OP`` on fp32 tiles a, b loaded from ``dt`` tensors -> the result as the reference stores it (rounded to
+    ``dt``), kept in fp32. Launch without FP fusion (``enable_fp_fusion=False``): ``a + b * alpha`` must round the
+    product first, like the reference's two ops. Shared with the fp8 quantiser, which quantises this value."""
+    if OP == 0:  # silu(a) * b
+        out = _round(tl.div_rn(a, 1.0 + _exp(-a, ACCURATE)), dt, RNE) * b
+    elif OP == 1:  # a * sigmoid(b)
+        out = a * _round(tl.div_rn(1.0, 1.0 + _exp(-b, ACCURATE)), dt, RNE)
+    else:  # a + b * alpha
+        out = a + _round(b * alpha, dt, RNE)
+    return _round(out, dt, RNE)
+
+
 # Rows of C elements with their own row strides (the inputs may be column slices of one fused GEMM's output);
 # C and the strides are specialised on purpose (multiples of 16 let the loads vectorise; the model's sizes are)
 @triton.jit(do_not_specialize=["R"])
@@ -47,15 +61,7 @@ def _glue_kernel(a_ptr, b_ptr, o_ptr, R, C, s_a, s_b, alpha, OP: tl.constexpr, B
     a = tl.load(a_ptr + row * s_a + cols, mask=m, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + row * s_b + cols, mask=m, other=0.0).to(tl.float32)
     dt = o_ptr.dtype.element_ty
-    if OP == 0:  # silu(a) * b
-        out = _round(tl.div_rn(a, 1.0 + _exp(-a, ACCURATE)), dt, RNE) * b
-    elif OP == 1:  # a * sigmoid(b)
-        out = a * _round(tl.div_rn(1.0, 1.0 + _exp(-b, ACCURATE)), dt, RNE)
-    else:  # a + b * alpha
-        out = a + _round(b * alpha, dt, RNE)
-    if RNE:
-        out = rne_bf16(out)
-    tl.store(o_ptr + row * C + cols, out.to(dt), mask=m)
+    tl.store(o_ptr + row * C + cols, glue_value(a, b, alpha, OP, dt, RNE, ACCURATE).to(dt), mask=m)
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor | None:

@@ -22,7 +22,7 @@ import logging
 
 import torch
 
-from sala.ops.common.dispatch import call, register
+from sala.ops.common.dispatch import call, register, resolve_backend
 from sala.ops.fp8 import blockwise
 from sala.ops.fp8.naive import (FP8_DTYPE, FP8_MAX, dequantize_groups, naive_fp8_linear, num_groups,
                                 quantize_groups, quantize_rows)
@@ -33,6 +33,7 @@ __all__ = [
     "FP8_DTYPE",
     "FP8_MAX",
     "dequantize_fp8_weight",
+    "fp8_glue_linear",
     "fp8_linear",
     "naive_fp8_linear",
     "quantize_fp8_activation",
@@ -88,6 +89,35 @@ def quantize_fp8_activation(x: torch.Tensor, group_size: int | None = None) -> t
     return quantize_groups(x.detach(), group_size)
 
 
+def _check_linear(name: str, x: torch.Tensor, q_weight: torch.Tensor, w_scale: torch.Tensor,
+                  bias: torch.Tensor | None, out_dtype: torch.dtype, group_size: int | None) -> None:
+    """The argument checks of :func:`fp8_linear` (``name``: the entry, for the messages)."""
+    check_group_size(group_size)
+    if x.dtype not in _FLOAT:
+        raise ValueError(f"{name} wants x in float16, bfloat16 or float32; got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"{name} wants x [..., in]; got a 0-d tensor")
+    if q_weight.dtype != FP8_DTYPE:
+        raise ValueError(f"{name} wants q_weight of dtype {FP8_DTYPE} (see quantize_fp8_weight); got "
+                         f"{q_weight.dtype}")
+    if q_weight.dim() != 2 or q_weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"{name} wants q_weight [out, in] with in = x.shape[-1] = {x.shape[-1]}; got "
+                         f"q_weight {tuple(q_weight.shape)}")
+    out_features = q_weight.shape[0]
+    want = (out_features,) if group_size is None else (out_features, num_groups(q_weight.shape[1], group_size))
+    if w_scale.dtype != torch.float32 or tuple(w_scale.shape) != want:
+        layout = "row-wise" if group_size is None else f"group_size={group_size}"
+        raise ValueError(f"{name} ({layout}) wants w_scale {list(want)} float32; got {w_scale.dtype} "
+                         f"{tuple(w_scale.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"{name} wants bias [out] = [{out_features}] or None; got {tuple(bias.shape)}")
+    if out_dtype not in _FLOAT:
+        raise ValueError(f"{name}'s out_dtype must be float16, bfloat16 or float32; got {out_dtype}")
+    tensors = [x, q_weight, w_scale] + ([bias] if bias is not None else [])
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"{name} wants every tensor on one device; got {[str(t.device) for t in tensors]}")
+
+
 def fp8_linear(x: torch.Tensor, q_weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
                out_dtype: torch.dtype | None = None, backend: str = "auto",
                group_size: int | None = None) -> torch.Tensor:
@@ -98,35 +128,12 @@ def fp8_linear(x: torch.Tensor, q_weight: torch.Tensor, w_scale: torch.Tensor, b
     -> [..., out] in ``out_dtype`` (default: x's dtype). Meant for inference: with autograd on x the reference runs,
     its fp8 casts passing gradients straight through; the quantised weight is a constant.
     """
-    check_group_size(group_size)
-    if x.dtype not in _FLOAT:
-        raise ValueError(f"fp8_linear wants x in float16, bfloat16 or float32; got {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError("fp8_linear wants x [..., in]; got a 0-d tensor")
-    if q_weight.dtype != FP8_DTYPE:
-        raise ValueError(f"fp8_linear wants q_weight of dtype {FP8_DTYPE} (see quantize_fp8_weight); got "
-                         f"{q_weight.dtype}")
-    if q_weight.dim() != 2 or q_weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"fp8_linear wants q_weight [out, in] with in = x.shape[-1] = {x.shape[-1]}; got "
-                         f"q_weight {tuple(q_weight.shape)}")
-    out_features = q_weight.shape[0]
-    want = (out_features,) if group_size is None else (out_features, num_groups(q_weight.shape[1], group_size))
-    if w_scale.dtype != torch.float32 or tuple(w_scale.shape) != want:
-        layout = "row-wise" if group_size is None else f"group_size={group_size}"
-        raise ValueError(f"fp8_linear ({layout}) wants w_scale {list(want)} float32; got {w_scale.dtype} "
-                         f"{tuple(w_scale.shape)}")
-    if bias is not None and tuple(bias.shape) != (out_features,):
-        raise ValueError(f"fp8_linear wants bias [out] = [{out_features}] or None; got {tuple(bias.shape)}")
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    if out_dtype not in _FLOAT:
-        raise ValueError(f"fp8_linear's out_dtype must be float16, bfloat16 or float32; got {out_dtype}")
-    tensors = [x, q_weight, w_scale] + ([bias] if bias is not None else [])
-    if len({t.device for t in tensors}) != 1:
-        raise ValueError(f"fp8_linear wants every tensor on one device; got {[str(t.device) for t in tensors]}")
+    _check_linear("fp8_linear", x, q_weight, w_scale, bias, out_dtype, group_size)
     # implementations see 2-D activations [tokens, in]
     out = call("fp8_linear", backend, x.device, x.reshape(-1, x.shape[-1]), q_weight, w_scale, bias, out_dtype,
                group_size)
-    return out.reshape(*x.shape[:-1], out_features)
+    return out.reshape(*x.shape[:-1], q_weight.shape[0])
 
 
 register("fp8_linear", "naive", naive_fp8_linear)
@@ -172,24 +179,39 @@ def _triton_takes(x, q_weight, w_scale, bias, out_dtype, group_size) -> bool:
     return x.device.type == "cuda" and q_weight.shape[1] % 16 == 0 and q_weight.shape[0] % 16 == 0
 
 
+def _quantises_in_gemm(m: int, group_size: int) -> bool:
+    """Decode-sized M with groups <= 128: the group GEMM quantises its few rows itself (no separate pass)."""
+    return m <= FUSED_QUANT_MAX_M and group_size <= 128
+
+
+def _quantised_group_linear(x, q_weight, w_scale, bias, out_dtype, group_size, glue=None) -> torch.Tensor:
+    """x (or ``glue=(name, y)``: name(x, y)) quantised by one Triton pass, then cuBLAS block scaling (prefill, groups
+    of 128, where the device's check passed) or the Triton group GEMM; both give the reference's numbers."""
+    from sala.ops.fp8.triton_gemm import triton_fp8_group_gemm, triton_quantize_groups
+
+    if blockwise.takes(x, q_weight, bias, group_size, out_dtype) and env.fp8_cublas_blockwise():
+        layout = blockwise.layout_for(x.device)
+        if layout is not None:
+            xq, xs = triton_quantize_groups(x, group_size, scales_column_major=True, glue=glue)
+            try:
+                return blockwise.blockwise_fp8_linear(xq, xs, q_weight, w_scale, out_dtype, layout)
+            except RuntimeError as e:  # a shape the one-time check did not cover: Triton from now on
+                logger.warning("fp8: cuBLAS block scaling refused [%d, %d] x [%d, %d] (%s); using the Triton "
+                               "GEMM", *x.shape, *q_weight.shape, str(e).splitlines()[0][:160])
+                blockwise.forget(x.device)
+            return triton_fp8_group_gemm(xq, xs, q_weight, w_scale, bias, out_dtype, group_size)
+    xq, xs = triton_quantize_groups(x, group_size, glue=glue)
+    return triton_fp8_group_gemm(xq, xs, q_weight, w_scale, bias, out_dtype, group_size)
+
+
 @register("fp8_linear", "triton", accepts=_triton_takes)
 def _triton_fp8_linear(x, q_weight, w_scale, bias, out_dtype, group_size) -> torch.Tensor:
     if group_size is not None:
-        from sala.ops.fp8.triton_gemm import triton_fp8_group_gemm, triton_quantize_groups
+        if _quantises_in_gemm(x.shape[0], group_size):
+            from sala.ops.fp8.triton_gemm import triton_fp8_group_gemm
 
-        if x.shape[0] <= FUSED_QUANT_MAX_M and group_size <= 128:  # decode: the GEMM quantises its few rows itself
             return triton_fp8_group_gemm(x, None, q_weight, w_scale, bias, out_dtype, group_size)
-        if blockwise.takes(x, q_weight, bias, group_size, out_dtype) and env.fp8_cublas_blockwise():
-            layout = blockwise.layout_for(x.device)
-            if layout is not None:  # prefill: cuBLAS block scaling, the same numbers
-                try:
-                    return blockwise.blockwise_fp8_linear(x, q_weight, w_scale, out_dtype, layout)
-                except RuntimeError as e:  # a shape the one-time check did not cover: Triton from now on
-                    logger.warning("fp8: cuBLAS block scaling refused [%d, %d] x [%d, %d] (%s); using the Triton "
-                                   "GEMM", *x.shape, *q_weight.shape, str(e).splitlines()[0][:160])
-                    blockwise.forget(x.device)
-        xq, xs = triton_quantize_groups(x, group_size)
-        return triton_fp8_group_gemm(xq, xs, q_weight, w_scale, bias, out_dtype, group_size)
+        return _quantised_group_linear(x, q_weight, w_scale, bias, out_dtype, group_size)
     if out_dtype == torch.bfloat16:  # row-wise scaling on CUDA produces bf16 only
         return _scaled_mm_rowwise(x, q_weight, w_scale, bias, out_dtype)
     # fp16/fp32 outputs: the fp8 GEMM with unit tensor-wise scales into fp32, then the two scales and the bias
@@ -201,3 +223,36 @@ def _triton_fp8_linear(x, q_weight, w_scale, bias, out_dtype, group_size) -> tor
     if bias is not None:
         acc = acc + bias.float()
     return acc.to(out_dtype)
+
+
+GLUE_OPS = ("silu_mul", "sigmoid_gate")
+"""Elementwise glue :func:`fp8_glue_linear` takes (``sala.ops.elementwise`` entries of the same names)."""
+
+
+def fp8_glue_linear(op: str, a: torch.Tensor, b: torch.Tensor, q_weight: torch.Tensor, w_scale: torch.Tensor,
+                    bias: torch.Tensor | None = None, group_size: int | None = None,
+                    backend: str = "auto") -> torch.Tensor:
+    """``fp8_linear(glue(a, b), ...)`` for the glue ``op`` ("silu_mul": SwiGLU before a down projection;
+    "sigmoid_gate": an output gate before o_proj), with the same numbers. a, b: [..., in], one shape and dtype
+    -> [..., out] in a's dtype. Where the linear quantises its input in a separate pass (prefill-sized, group-wise
+    scales, Triton backend), that pass computes the glue itself: the glue's output is never written and read back.
+    """
+    if op not in GLUE_OPS:
+        raise ValueError(f"fp8_glue_linear's op must be one of {GLUE_OPS}; got {op!r}")
+    if a.shape != b.shape or a.dtype != b.dtype:
+        raise ValueError(f"fp8_glue_linear wants a and b of one shape and dtype; got {tuple(a.shape)} {a.dtype}, "
+                         f"{tuple(b.shape)} {b.dtype}")
+    _check_linear("fp8_glue_linear", a, q_weight, w_scale, bias, a.dtype, group_size)
+    from sala.ops.elementwise.fused import as_rows
+
+    a2, b2 = as_rows(a), as_rows(b)
+    if (group_size is not None and bias is None and a2 is not None and b2 is not None
+            and resolve_backend(backend, a.device) == "triton" and _no_grad(b)
+            and _triton_takes(a2, q_weight, w_scale, bias, a.dtype, group_size)
+            and not _quantises_in_gemm(a2.shape[0], group_size)):
+        out = _quantised_group_linear(a2, q_weight, w_scale, None, a.dtype, group_size, glue=(op, b2))
+        return out.reshape(*a.shape[:-1], q_weight.shape[0])
+    from sala.ops import elementwise
+
+    return fp8_linear(getattr(elementwise, op)(a, b, backend), q_weight, w_scale, bias, group_size=group_size,
+                      backend=backend)

@@ -104,11 +104,9 @@ def takes(x: torch.Tensor, q_weight: torch.Tensor, bias: torch.Tensor | None, gr
             and q_weight.shape[0] % 16 == 0 and out_dtype == torch.bfloat16 and bias is None)
 
 
-def blockwise_fp8_linear(x: torch.Tensor, q_weight: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype,
-                         layout: int) -> torch.Tensor:
-    """x [M, K] float, q_weight [N, K] fp8, w_scale [N, K / 128] fp32 -> [M, N] ``out_dtype``; ``layout`` from
-    :func:`pick_layout`."""
-    from sala.ops.fp8.triton_gemm import triton_quantize_groups
-
-    xq, xs = triton_quantize_groups(x, GROUP, scales_column_major=True)
-    return _matmul(xq, xs, q_weight, WEIGHT_SCALE_LAYOUTS[layout][1](w_scale), out_dtype)
+def blockwise_fp8_linear(xq: torch.Tensor, x_scale: torch.Tensor, q_weight: torch.Tensor, w_scale: torch.Tensor,
+                         out_dtype: torch.dtype, layout: int) -> torch.Tensor:
+    """xq [M, K] fp8 with x_scale [M, K / 128] fp32 in column-major strides (``triton_quantize_groups(...,
+    scales_column_major=True)``), q_weight [N, K] fp8, w_scale [N, K / 128] fp32 -> [M, N] ``out_dtype``;
+    ``layout`` from :func:`pick_layout`."""
+    return _matmul(xq, x_scale, q_weight, WEIGHT_SCALE_LAYOUTS[layout][1](w_scale), out_dtype)

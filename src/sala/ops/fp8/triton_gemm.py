@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from sala.ops.common.triton_utils import interp_rne, rne_bf16
+from sala.ops.elementwise.fused import glue_value
 from sala.ops.fp8.naive import FP8_MAX
 from sala.utils.env import triton_interpret
 
@@ -65,12 +66,26 @@ def _quantize_tile(x, FP8_MAX_: tl.constexpr, RNE: tl.constexpr):
     return _codes(x, scale, FP8_MAX_, RNE), scale
 
 
+@triton.jit
+def _load_activation(x_ptr, y_ptr, rows, k, ok, s_xm, s_ym, GLUE: tl.constexpr, RNE_X: tl.constexpr,
+                     ACCURATE: tl.constexpr):
+    """The activation tile [rows, k] in fp32: x itself (``GLUE`` < 0), or the elementwise glue of x and y whose
+    result the linear reads (0: silu(x) * y, 1: x * sigmoid(y)), rounded to x's dtype as the glue kernel stores it
+    (``RNE_X``: by hand, for bf16 in the interpreter)."""
+    x = tl.load(x_ptr + rows[:, None] * s_xm + k[None, :], mask=ok, other=0.0).to(tl.float32)
+    if GLUE >= 0:
+        y = tl.load(y_ptr + rows[:, None] * s_ym + k[None, :], mask=ok, other=0.0).to(tl.float32)
+        x = glue_value(x, y, 1.0, GLUE, x_ptr.dtype.element_ty, RNE_X, ACCURATE)
+    return x
+
+
 @triton.jit(do_not_specialize=["M", "K", "group"])
-def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, M, K, group, s_xm, s_qm, s_sm, s_sg,
+def _quantize_groups_kernel(x_ptr, y_ptr, q_ptr, s_ptr, M, K, group, s_xm, s_ym, s_qm, s_sm, s_sg,
                             BR: tl.constexpr, BC: tl.constexpr, FP8_MAX_: tl.constexpr,
-                            RNE: tl.constexpr):
+                            RNE: tl.constexpr, GLUE: tl.constexpr, RNE_X: tl.constexpr, ACCURATE: tl.constexpr):
     """One program per BR rows x one group of ``group`` columns (row-wise scales: group = K): a pass for the absmax
-    (when the group is wider than BC), a pass for the codes."""
+    (when the group is wider than BC), a pass for the codes. The activation is x, or glue(x, y) (see
+    :func:`_load_activation`): the glue's output is then never written."""
     pid_r = tl.program_id(0)
     g = tl.program_id(1)
     rows = (pid_r * BR + tl.arange(0, BR)).to(tl.int64)
@@ -80,7 +95,7 @@ def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, M, K, group, s_xm, s_qm, s_sm, 
     if BC >= group:  # the whole group in one tile: one read
         k = k0 + cols
         ok = r_ok[:, None] & ((cols < group) & (k < K))[None, :]
-        x = tl.load(x_ptr + rows[:, None] * s_xm + k[None, :], mask=ok, other=0.0).to(tl.float32)
+        x = _load_activation(x_ptr, y_ptr, rows, k, ok, s_xm, s_ym, GLUE, RNE_X, ACCURATE)
         q, scale = _quantize_tile(x, FP8_MAX_, RNE)
         tl.store(q_ptr + rows[:, None] * s_qm + k[None, :], q, mask=ok)
     else:
@@ -88,30 +103,43 @@ def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, M, K, group, s_xm, s_qm, s_sm, 
         for c in range(0, group, BC):
             k = k0 + c + cols
             ok = r_ok[:, None] & (((c + cols) < group) & (k < K))[None, :]
-            x = tl.load(x_ptr + rows[:, None] * s_xm + k[None, :], mask=ok, other=0.0).to(tl.float32)
+            x = _load_activation(x_ptr, y_ptr, rows, k, ok, s_xm, s_ym, GLUE, RNE_X, ACCURATE)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
         scale = _scale_of(amax, FP8_MAX_)
         for c in range(0, group, BC):
             k = k0 + c + cols
             ok = r_ok[:, None] & (((c + cols) < group) & (k < K))[None, :]
-            x = tl.load(x_ptr + rows[:, None] * s_xm + k[None, :], mask=ok, other=0.0).to(tl.float32)
+            x = _load_activation(x_ptr, y_ptr, rows, k, ok, s_xm, s_ym, GLUE, RNE_X, ACCURATE)
             tl.store(q_ptr + rows[:, None] * s_qm + k[None, :], _codes(x, scale, FP8_MAX_, RNE), mask=ok)
     tl.store(s_ptr + rows * s_sm + g * s_sg, scale, mask=r_ok)
 
 
+GLUES = {"silu_mul": 0, "sigmoid_gate": 1}
+"""Elementwise glue the quantiser can apply first (``sala.ops.elementwise`` entries; codes of its kernel)."""
+
+
 def triton_quantize_groups(x: torch.Tensor, group_size: int | None, scales_column_major: bool = False,
-                           tile: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           tile: tuple[int, int] | None = None,
+                           glue: tuple[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] float -> (q [M, K] float8_e4m3fn, scale [M, G] float32) in one pass; the same numbers as
     ``sala.ops.fp8.naive.quantize_groups`` (G = 1 for row-wise scales, ``group_size=None``).
     ``scales_column_major``: scale strides (1, M), the layout cuBLAS block scaling reads. ``tile``: (elements per
     program, warps), for benchmarks comparing launch shapes (default (4096, 4) on a GPU); the numbers do not
-    depend on it."""
+    depend on it. ``glue=(name, y)``: quantise ``name(x, y)`` (a :data:`GLUES` entry, y like x) as the Triton glue
+    kernel computes it, without writing it out: the codes of ``quantize_groups(silu_mul(x, y))``."""
     if x.dim() != 2:
         raise ValueError(f"triton_quantize_groups wants x [M, K]; got {tuple(x.shape)}")
     M, K = x.shape
     group = K if group_size is None else group_size
     groups = triton.cdiv(K, group)
     x = x if x.stride(-1) == 1 else x.contiguous()
+    op, y = -1, x
+    if glue is not None:
+        name, y = glue
+        if name not in GLUES or y.shape != x.shape or y.dtype != x.dtype:
+            raise ValueError(f"triton_quantize_groups glue wants one of {sorted(GLUES)} and y of x's shape and dtype "
+                             f"{tuple(x.shape)} {x.dtype}; got {name!r}, {tuple(y.shape)} {y.dtype}")
+        op, y = GLUES[name], y if y.stride(-1) == 1 else y.contiguous()
     q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
     scale = (torch.empty(groups, M, dtype=torch.float32, device=x.device).t() if scales_column_major else
              torch.empty(M, groups, dtype=torch.float32, device=x.device))
@@ -121,9 +149,11 @@ def triton_quantize_groups(x: torch.Tensor, group_size: int | None, scales_colum
     elements, warps = tile or ((256, 1) if interpret else (4096, 4))
     bc = min(64 if interpret else 512, triton.next_power_of_2(group))
     br = max(1, elements // bc)
+    # no FP fusion with a glue: its rounding points are the glue kernel's (see glue_value)
     _quantize_groups_kernel[(triton.cdiv(M, br), groups)](
-        x, q, scale, M, K, group, x.stride(0), q.stride(0), scale.stride(0), scale.stride(1), BR=br, BC=bc,
-        FP8_MAX_=FP8_MAX, RNE=triton_interpret(), num_warps=warps)
+        x, y, q, scale, M, K, group, x.stride(0), y.stride(0), q.stride(0), scale.stride(0), scale.stride(1), BR=br,
+        BC=bc, FP8_MAX_=FP8_MAX, RNE=interpret, GLUE=op, RNE_X=interp_rne(x.dtype), ACCURATE=not interpret,
+        num_warps=warps, enable_fp_fusion=op < 0)
     return q, scale
 
 
