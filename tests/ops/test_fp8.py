@@ -641,3 +641,22 @@ def test_cuda_glue_linear_equals_glue_then_linear(group):
             assert torch.equal(got, fp8_linear(glue, q, s, group_size=group)), op
             want = naive_fp8_linear(glue, q, s, None, torch.bfloat16, group)
         assert_close(got.float(), want.float(), 8e-3, f"cuda {op} glue linear vs reference")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [None, 64, 128, 512])
+def test_cuda_quantizer_codes_are_the_references_bit_for_bit(group):
+    """On the GPU the one-pass quantiser (``div_rn`` codes, ``absmax * fp32(1/448)`` scales) and the PyTorch
+    reference on the same CUDA tensor give the same codes and scales, bit for bit; plain and with the SwiGLU glue."""
+    from sala.ops import elementwise
+    from sala.ops.fp8.naive import quantize_groups
+    from sala.ops.fp8.triton_gemm import triton_quantize_groups
+
+    dev = torch.device("cuda")
+    both = (3 * _randn(300, 2 * 1536, seed=86)).bfloat16().to(dev)
+    x, y = both[:, :1536], both[:, 1536:]
+    for got, src in ((triton_quantize_groups(x, group), x),
+                     (triton_quantize_groups(x, group, glue=("silu_mul", y)), elementwise.silu_mul(x, y))):
+        want_q, want_s = quantize_groups(src, group)
+        assert torch.equal(got[1], want_s)
+        assert torch.equal(got[0].view(torch.uint8), want_q.view(torch.uint8))
