@@ -441,3 +441,12 @@ def test_glue_before_a_projection_is_quantised_in_one_pass(tiny_sparse_config, m
     layers = len(model.model.layers)
     assert glues.count("silu_mul") == layers and glues.count("sigmoid_gate") == layers
     assert torch.equal(got, want)
+    # a hook on the projection is honoured: the glued path steps aside for nn.Module.__call__
+    monkeypatch.undo()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SALA_BACKEND", "triton")
+    seen = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)
+    assert seen == [(1, 24, tiny_sparse_config.intermediate_size)]

@@ -116,7 +116,10 @@ def glued_linear(linear: nn.Module, op: str, a: torch.Tensor, b: torch.Tensor) -
     "sigmoid_gate" before o_proj). A linear with a ``glued`` method (FP8Linear) takes both inputs, so that its
     activation quantisation computes the glue in the same pass instead of reading back a written result."""
     glued = getattr(linear, "glued", None)
-    return glued(op, a, b) if glued is not None else linear(_GLUES[op](a, b))
+    if (glued is None or a.dtype != b.dtype or a.device != b.device  # the glue promotes mixed dtypes
+            or linear._forward_hooks or linear._forward_pre_hooks or hasattr(linear, "_hf_hook")):  # hooks: __call__
+        return linear(_GLUES[op](a, b))
+    return glued(op, a, b)
 
 
 def run_linears(linears: list[nn.Module], fused: FusedRows | None, x: torch.Tensor) -> list[torch.Tensor]:

@@ -205,8 +205,10 @@ def _fp8_group_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, ws_ptr
         arrived = tl.atomic_add(arrivals_ptr + pid_m * tl.num_programs(1) + pid_n, 1, sem="acq_rel")
         if arrived == tl.num_programs(2) - 1:  # the last split of this tile: the others' partials are visible
             acc = tl.zeros((BM, BN), dtype=tl.float32)
-            for s in range(0, tl.num_programs(2)):
-                acc += tl.load(tile_ws + s * s_ws, mask=c_mask, other=0.0, cache_modifier=".cg")  # not L1
+            partial = tile_ws
+            for _ in range(0, tl.num_programs(2)):  # a pointer step per split: no 32-bit split * s_ws product
+                acc += tl.load(partial, mask=c_mask, other=0.0, cache_modifier=".cg")  # .cg: past L1
+                partial += s_ws
             _finish_tile(acc, bias_ptr, c_ptr, rm, rn, n_ok, c_mask, s_cm, HAS_BIAS, RNE_O)
             tl.atomic_xchg(arrivals_ptr + pid_m * tl.num_programs(1) + pid_n, 0)
     else:
@@ -301,18 +303,20 @@ def triton_fp8_group_gemm(xq: torch.Tensor, x_scale: torch.Tensor | None, q_weig
     return out
 
 
-_ARRIVALS: dict[tuple[torch.device, int], torch.Tensor] = {}
+_ARRIVALS: dict[torch.device, list[torch.Tensor]] = {}
+ARRIVAL_COUNTERS = 65536
+"""Split-K arrival counters allocated per device at first use (256 KB): the default launch plans split K only when
+there are fewer output tiles than SMs, so one allocation serves every later call, graph captures included."""
 
 
 def _arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters (one per output tile) of split-K launches on this device and stream. Every
-    launch leaves them at zero again (the last split of each tile resets its counter), so they are allocated
-    once, outside any launch's critical path, and CUDA graphs replay with them. Per stream: two split-K GEMMs in
-    flight at once on different streams would otherwise count each other's arrivals."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    counters = _ARRIVALS.get(key)
-    if counters is None or counters.numel() < tiles:
-        counters = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
-        _ARRIVALS[key] = counters
-    return counters
+    """Zeroed int32 arrival counters (one per output tile) for split-K launches on ``device``. Every launch leaves
+    them at zero again (the last split of each tile resets its counter), so they are allocated once and CUDA graphs
+    replay with them. One set per device: split-K GEMMs on one device must not run at the same time on two streams
+    (sala runs a model on one stream). A larger set, if one is ever needed, is added and the earlier ones stay
+    alive for the graphs that captured them (a set first allocated inside a capture is zeroed by that graph's
+    replays too, which is harmless)."""
+    sets = _ARRIVALS.setdefault(device, [])
+    if not sets or sets[-1].numel() < tiles:
+        sets.append(torch.zeros(max(tiles, ARRIVAL_COUNTERS), dtype=torch.int32, device=device))
+    return sets[-1]
