@@ -69,6 +69,21 @@ def test_students_reduce_mse(sources):
     assert not any(p.requires_grad for p in teacher.parameters())
 
 
+def test_training_students_leaves_the_teacher_alone(sources):
+    """An fp32 teacher on the CPU: the students own copies of the inherited weights, so aligning them does not move
+    the teacher (its single-swap probes once measured a teacher trained along with them: LM loss 11.7, not 2.8)."""
+    spec = read_source(sources["llama"])
+    teacher = build_identity_model(spec)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    students = make_students(teacher, spec, InitOptions(), "cpu")
+    teacher_ptrs = {t.untyped_storage().data_ptr() for t in teacher.state_dict().values()}
+    assert not any(p.untyped_storage().data_ptr() in teacher_ptrs for s in students for p in s.parameters())
+    from sala.convert.select import align_students
+    calib = torch.randint(0, 320, (2000,), generator=torch.Generator().manual_seed(3))
+    align_students(teacher, students, calib, SelectConfig(source="x", **{**FAST, "steps": 5, "lr": 3e-3}), "cpu")
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+
+
 def test_selection_report_format(selection):
     result, out = selection
     report = json.loads((out / "layer_selection.json").read_text())

@@ -202,7 +202,9 @@ def make_students(teacher: SALAForCausalLM, spec: SourceSpec, opts: InitOptions,
         src = {k: v.detach().cpu() for k, v in layer.self_attn.state_dict().items()}
         with torch.device("meta"):
             attn = LightningAttention(cfg, i)
-        tensors = {k: v.float() for k, v in lightning_attention_tensors(src, spec, i, opts).items()}
+        # copies: for an fp32 teacher on the CPU, .cpu() and .float() return the teacher's own tensors, and training
+        # the students would then train the teacher (its single-swap probes measured a degraded model)
+        tensors = {k: v.to(torch.float32, copy=True) for k, v in lightning_attention_tensors(src, spec, i, opts).items()}
         attn.load_state_dict(tensors, strict=True, assign=True)
         students.append(_Student(attn).to(device).train().requires_grad_(True))
     return students
