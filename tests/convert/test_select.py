@@ -40,6 +40,10 @@ def test_choose_sparse_layers():
     assert choose_sparse_layers([1.0] * 4, fraction=0.25)[0] == [0, 3]  # floor(1) < forced: forced only
     with pytest.raises(ValueError, match=r"cannot keep 9 softmax layers out of 8"):
         choose_sparse_layers(scores, num_sparse=9)
+    # several layers at the score cap: the larger recall drop wins, then the lower index
+    capped = [0.0, 50.0, 50.0, 50.0, 3.0, 0.0]
+    assert choose_sparse_layers(capped, num_sparse=4, recall_drops=[0, 0.2, 0.9, 0.5, 1.0, 0])[0] == [0, 2, 3, 5]
+    assert choose_sparse_layers(capped, num_sparse=4)[0] == [0, 1, 2, 5]
 
 
 def test_recall_probe_answers_are_in_context(sources):

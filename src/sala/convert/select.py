@@ -376,14 +376,18 @@ def halo_scores(recall: list[float], general: list[float], eps: float = 1e-10, c
 
 
 def choose_sparse_layers(scores: list[float], *, fraction: float = 0.25, num_sparse: int | None = None,
-                         force_first_last: bool = True) -> tuple[list[int], list[int]]:
-    """(sparse layers, forced layers): forced first/last, then highest scores (ties: lower index) up to the total."""
+                         force_first_last: bool = True,
+                         recall_drops: list[float] | None = None) -> tuple[list[int], list[int]]:
+    """(sparse layers, forced layers): forced first/last, then highest scores up to the total. Ties (several layers
+    at the score cap, common when linearising a layer barely moves the LM loss) go to the larger ``recall_drops``
+    entry, the numerator the cap discarded, then to the lower index."""
     L = len(scores)
+    drops = recall_drops if recall_drops is not None else [0.0] * L
     forced = sorted({0, L - 1}) if force_first_last else []
     total = num_sparse if num_sparse is not None else max(len(forced), math.floor(fraction * L))
     if not len(forced) <= total <= L:
         raise ValueError(f"cannot keep {total} softmax layers out of {L} with forced layers {forced}")
-    ranked = sorted((i for i in range(L) if i not in forced), key=lambda i: (-scores[i], i))
+    ranked = sorted((i for i in range(L) if i not in forced), key=lambda i: (-scores[i], -drops[i], i))
     return sorted(forced + ranked[: total - len(forced)]), forced
 
 
@@ -393,7 +397,8 @@ def _score_layers(cfg: SelectConfig, before, after, train_mse, swaps) -> tuple[l
     general = [-m["lm_loss"] for m in swaps]  # higher is better, like recall
     scores = halo_scores(recall, general, cfg.eps, cfg.score_cap)
     sparse, forced = choose_sparse_layers(scores, fraction=cfg.sparse_fraction, num_sparse=cfg.num_sparse,
-                                          force_first_last=cfg.force_first_last)
+                                          force_first_last=cfg.force_first_last,
+                                          recall_drops=[max(recall) - r for r in recall])
     layers = [
         LayerResult(layer=i, mse_before=before[i][0], mse_after=after[i][0], train_mse=train_mse[i],
                     rel_mse=after[i][0] / max(after[i][1], 1e-30), recall=swaps[i]["recall"],
