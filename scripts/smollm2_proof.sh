@@ -11,10 +11,10 @@
 #   GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf RUN=/tmp/smol SPARSE=0,... bash scripts/smollm2_proof.sh 1
 #   GGUF=... RUN=/tmp/smol OUT=$OUT bash scripts/smollm2_proof.sh 2
 # Stage shares (seconds of the total): ALIGN_S, DISTILL_S, LONG_S. SPARSE: the softmax layers, default first, last and
-# evenly spaced (0,4,8,12,16,20,25,29: 1.227x the teacher's ppl on Dec 5, against 1.325x for the CPU HALO run's
+# evenly spaced (0,4,8,12,16,20,25,29: 1.227x the teacher's ppl on Dec 5, against 1.325x for a broken CPU HALO run's
 # 0,3,12,13,19,23,26,29 with the same distill budget; benchmarks/RESULTS.md); SPARSE=halo runs HALO layer selection on
 # the GPU first (8 of 30 layers, first and last forced) and converts with its choice; SPARSE=<layer_selection.json>
-# (e.g. benchmarks/results/halo_smollm2_cpu/layer_selection.json) takes
+# (e.g. benchmarks/results/halo_smollm2_cpu_fixed/layer_selection.json, HALO on the CPU: 0,4,8,16,17,18,19,29) takes
 # the choice of an earlier selection run; PROFILE=N writes torch.profiler tables
 # of N steps per stage of the calibration run ($RUN/calib/profile-<stage>.txt).
 set -euo pipefail
