@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from sala.ops.common.triton_utils import interp_rne, rne_bf16
-from sala.ops.elementwise.fused import glue_value
+from sala.ops.elementwise.fused import SIGMOID_GATE, SILU_MUL, glue_value
 from sala.ops.fp8.naive import FP8_MAX
 from sala.utils.env import triton_interpret
 
@@ -70,7 +70,7 @@ def _quantize_tile(x, FP8_MAX_: tl.constexpr, RNE: tl.constexpr):
 def _load_activation(x_ptr, y_ptr, rows, k, ok, s_xm, s_ym, GLUE: tl.constexpr, RNE_X: tl.constexpr,
                      ACCURATE: tl.constexpr):
     """The activation tile [rows, k] in fp32: x itself (``GLUE`` < 0), or the elementwise glue of x and y whose
-    result the linear reads (0: silu(x) * y, 1: x * sigmoid(y)), rounded to x's dtype as the glue kernel stores it
+    result the linear reads (SILU_MUL: silu(x) * y, SIGMOID_GATE: x * sigmoid(y)), rounded to x's dtype as the glue kernel stores it
     (``RNE_X``: by hand, for bf16 in the interpreter)."""
     x = tl.load(x_ptr + rows[:, None] * s_xm + k[None, :], mask=ok, other=0.0).to(tl.float32)
     if GLUE >= 0:
@@ -114,8 +114,8 @@ def _quantize_groups_kernel(x_ptr, y_ptr, q_ptr, s_ptr, M, K, group, s_xm, s_ym,
     tl.store(s_ptr + rows * s_sm + g * s_sg, scale, mask=r_ok)
 
 
-GLUES = {"silu_mul": 0, "sigmoid_gate": 1}
-"""Elementwise glue the quantiser can apply first (``sala.ops.elementwise`` entries; codes of its kernel)."""
+GLUES = {"silu_mul": SILU_MUL, "sigmoid_gate": SIGMOID_GATE}
+"""Elementwise glue the quantiser can apply first (``sala.ops.elementwise`` entries -> the glue kernel's op codes)."""
 
 
 def triton_quantize_groups(x: torch.Tensor, group_size: int | None, scales_column_major: bool = False,
@@ -202,7 +202,8 @@ def _fp8_group_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, ws_ptr
         tile_ws = ws_ptr + rm[:, None] * N + rn[None, :]
         tl.store(tile_ws + split.to(tl.int64) * s_ws, acc, mask=c_mask)
         tl.debug_barrier()  # every thread's partial is stored before the arrival is counted (release below)
-        arrived = tl.atomic_add(arrivals_ptr + pid_m * tl.num_programs(1) + pid_n, 1, sem="acq_rel")
+        counter = arrivals_ptr + pid_m * tl.num_programs(1) + pid_n
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
         if arrived == tl.num_programs(2) - 1:  # the last split of this tile: the others' partials are visible
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             partial = tile_ws
@@ -210,7 +211,7 @@ def _fp8_group_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, ws_ptr
                 acc += tl.load(partial, mask=c_mask, other=0.0, cache_modifier=".cg")  # .cg: past L1
                 partial += s_ws
             _finish_tile(acc, bias_ptr, c_ptr, rm, rn, n_ok, c_mask, s_cm, HAS_BIAS, RNE_O)
-            tl.atomic_xchg(arrivals_ptr + pid_m * tl.num_programs(1) + pid_n, 0)
+            tl.atomic_xchg(counter, 0)
     else:
         _finish_tile(acc, bias_ptr, c_ptr, rm, rn, n_ok, c_mask, s_cm, HAS_BIAS, RNE_O)
 
