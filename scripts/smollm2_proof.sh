@@ -10,12 +10,12 @@
 # Usage (repo root, PYTHONPATH=src):
 #   GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf RUN=/tmp/smol SPARSE=0,... bash scripts/smollm2_proof.sh 1
 #   GGUF=... RUN=/tmp/smol OUT=$OUT bash scripts/smollm2_proof.sh 2
-# Stage shares (seconds of the total): ALIGN_S, DISTILL_S, LONG_S. SPARSE: the softmax layers, default first, last and
-# evenly spaced (0,4,8,12,16,20,25,29: 1.227x the teacher's ppl on Dec 5, against 1.325x for a broken CPU HALO run's
-# 0,3,12,13,19,23,26,29 with the same distill budget; benchmarks/RESULTS.md); SPARSE=halo runs HALO layer selection on
-# the GPU first (8 of 30 layers, first and last forced) and converts with its choice; SPARSE=<layer_selection.json>
-# (e.g. benchmarks/results/halo_smollm2_cpu_fixed/layer_selection.json, HALO on the CPU: 0,4,8,16,17,18,19,29) takes
-# the choice of an earlier selection run; PROFILE=N writes torch.profiler tables
+# Stage shares (seconds of the total): ALIGN_S, DISTILL_S, LONG_S (defaults: the late Dec 5 H200 run, 1.208x the teacher's
+# ppl). SPARSE: the softmax layers, default HALO's picks from the CPU selection run
+# (benchmarks/results/halo_smollm2_cpu_fixed/layer_selection.json: 0,4,8,16,17,18,19,29); a comma list converts with
+# those layers (evenly spaced 0,4,8,12,16,20,25,29 reached 1.227x on Dec 5 with 480 s of distill); SPARSE=halo runs HALO
+# layer selection on the GPU first (8 of 30 layers, first and last forced) and converts with its choice; any other
+# layer_selection.json takes the choice of that selection run; PROFILE=N writes torch.profiler tables
 # of N steps per stage of the calibration run ($RUN/calib/profile-<stage>.txt).
 set -euo pipefail
 export PYTHONPATH=${PYTHONPATH:-src}
@@ -23,13 +23,13 @@ PHASE=${1:?phase 1 or 2}
 GGUF=${GGUF:?path of SmolLM2-135M-Instruct.Q4_1.gguf}
 RUN=${RUN:-/tmp/smol}
 OUT=${OUT:-$RUN/out}
-SPARSE=${SPARSE:-0,4,8,12,16,20,25,29}
+SPARSE=${SPARSE:-benchmarks/results/halo_smollm2_cpu_fixed/layer_selection.json}
 PROFILE=${PROFILE:-0}
 CALIB=${CALIB:-}  # a calibration.json of an earlier run on the same card: skip the calibration run
-ALIGN_S=${ALIGN_S:-80}
-DISTILL_S=${DISTILL_S:-600}
-LONG_S=${LONG_S:-100}
-PHASE1_MINUTES=${PHASE1_MINUTES:-6.3}
+ALIGN_S=${ALIGN_S:-70}
+DISTILL_S=${DISTILL_S:-640}
+LONG_S=${LONG_S:-75}
+PHASE1_MINUTES=${PHASE1_MINUTES:-8.0}
 PHASE2_MINUTES=${PHASE2_MINUTES:-8.6}
 # tokens per optimizer step of each stage (seq_len x micro_batch of the smollm2 recipe)
 ALIGN_STEP=${ALIGN_STEP:-$((512 * 64))}

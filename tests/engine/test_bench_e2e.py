@@ -56,7 +56,7 @@ def test_bench_smollm2_shapes_match_the_real_pair():
     from sala.engine.bench import hf_dense
 
     s = sala_config("smollm2", None, 32768)
-    assert s.sparse_layers == [0, 4, 8, 12, 16, 20, 25, 29] and (s.hidden_size, s.lightning_nkv) == (576, 9)
+    assert s.sparse_layers == [0, 4, 8, 16, 17, 18, 19, 29] and (s.hidden_size, s.lightning_nkv) == (576, 9)
     d = dense_config("smollm2", None, 32768)
     assert (d.num_hidden_layers, d.num_attention_heads, d.num_key_value_heads, d.rope_theta) == (30, 9, 3, 100000.0)
     assert not d.attn_qk_norm and d.tie_word_embeddings

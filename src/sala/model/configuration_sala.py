@@ -313,15 +313,15 @@ def preset(name: str, **overrides: Any) -> SALAConfig:
             sparse_config=dict(kernel_size=16, kernel_stride=8, block_size=32, init_blocks=1, window_size=128,
                                topk=8, dense_len=512),
         ),
-        # what `sala convert` makes of SmolLM2-135M(-Instruct) with softmax layers 0,4,8,12,16,20,25,29 (the demo's
-        # and the training proof's conversion): for benchmarks with random weights of the real geometry
+        # what `sala convert` makes of SmolLM2-135M(-Instruct) with softmax layers 0,4,8,16,17,18,19,29 (HALO's picks:
+        # the demo's and the training proof's conversion): for benchmarks with random weights of the real geometry
         "smollm2-hybrid": dict(
             vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
             num_key_value_heads=3, head_dim=64, lightning_nh=9, lightning_nkv=9, lightning_head_dim=64,
             max_position_embeddings=32768, rope_theta=100000.0, rms_norm_eps=1e-5, scale_emb=1.0,
             scale_depth=30**0.5, dim_model_base=576, qk_norm=True, attn_qk_norm=False, attn_use_rope=False,
             attn_use_output_gate=True, use_output_gate=True, use_output_norm=True, lightning_use_rope=True,
-            tie_word_embeddings=True, mixer_types=mixer_schedule(30, (0, 4, 8, 12, 16, 20, 25, 29)),
+            tie_word_embeddings=True, mixer_types=mixer_schedule(30, (0, 4, 8, 16, 17, 18, 19, 29)),
             architectures=["MiniCPMSALAForCausalLM"], bos_token_id=1, eos_token_id=2, pad_token_id=2,
         ),
     }
