@@ -370,6 +370,51 @@ def test_triton_quantizer_gives_the_reference_codes_and_scales(monkeypatch, dtyp
     assert torch.equal(ts, want_s) and torch.equal(tq.view(torch.uint8), want_q.view(torch.uint8))
 
 
+def _quotient_cases() -> tuple[torch.Tensor, torch.Tensor]:
+    """(x [R, C], scale [R]) rows of the kinds a quantiser meets: bf16 activations under their row's absmax, values
+    within a few ulp of an e4m3 rounding midpoint times the scale, signed zeros, and rows whose scale is tiny
+    (subnormal absmax: 1 / scale overflows fp32) or huge."""
+    g = torch.Generator().manual_seed(7)
+    rows, cols = 96, 256
+    x = torch.randn(rows, cols, generator=g).bfloat16().float() * torch.exp2(torch.randint(-30, 30, (rows, 1),
+                                                                                          generator=g).float())
+    mids = torch.tensor([(1 + (m + 0.5) / 8) * 2.0 ** e for e in range(-9, 9) for m in range(8)])
+    amax = x.abs().amax(1)
+    scale = amax * torch.tensor(E4M3_INV)
+    near = scale[:, None] * mids[torch.randint(0, len(mids), (rows, cols), generator=g)]
+    near = (near.view(torch.int32) + torch.randint(-2, 3, (rows, cols), generator=g, dtype=torch.int32)).view(
+        torch.float32) * torch.where(torch.rand(rows, cols, generator=g) < 0.5, -1.0, 1.0)
+    x = torch.where(torch.arange(cols) % 2 == 0, x, near.clamp(-amax[:, None], amax[:, None]))
+    # rows with a set absmax: subnormal scales (1 / scale overflows fp32), scales below 2^-62, huge scales
+    x[:8] = x[:8] / x[:8].abs().amax(1, True) * torch.tensor([1e-41, 1e-39, 1e-36, 1e-30, 1e-20, 1e20, 1e30, 1e37])[:, None]
+    x[8, :5] = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 0.0])
+    scale = x.abs().amax(1) * torch.tensor(E4M3_INV)
+    return x, torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def test_codes_divide_like_ieee_division(monkeypatch):
+    """The quantisers' quotient (one correctly rounded reciprocal per row and an FMA correction, interpreter) is
+    x / scale as IEEE division computes it, bit for bit, wherever the quotient is >= 2^-60 (below that, intermediate
+    underflow is allowed); the e4m3 codes, signed zeros included, match everywhere, tiny and huge scales too."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    from tests.ops.fp8_quotient_kernel import quotient_kernel
+
+    x, scale = _quotient_cases()
+    got = torch.empty_like(x)
+    quotient_kernel[(x.shape[0],)](x, scale, got, C=x.shape[1])
+    want = x / scale[:, None]
+    big = want.abs() >= 2.0**-60
+    assert big.sum() > 0.9 * x.numel()
+    assert torch.equal(got.view(torch.int32)[big], want.view(torch.int32)[big])
+
+    def codes(q):
+        return q.clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE).view(torch.uint8)
+
+    assert torch.equal(codes(got), codes(want))
+    assert torch.equal(torch.signbit(got), torch.signbit(want))
+
+
 @pytest.mark.parametrize("m,k,n,group,split", [(1, 576, 40, 128, 3), (7, 1000, 24, 64, 4), (3, 600, 20, 256, 2),
                                                (20, 512, 33, 32, 5)])
 def test_triton_group_gemm_split_k_and_in_kernel_quantisation(monkeypatch, m, k, n, group, split):

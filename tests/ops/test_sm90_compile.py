@@ -1,6 +1,7 @@
 """GPU-only compile errors caught without a GPU: Triton compiles these kernels for an H100/H200 (sm_90) down to a
 cubin with the ptxas it ships (the interpreter tests check their numbers, not that they compile). Also checks
-that the fp8 codes divide with IEEE rounding (``div.rn``), not Triton's default approximate division.
+that the fp8 codes divide with IEEE rounding (a ``div.rn`` reciprocal per row, corrected by FMAs), not Triton's
+default approximate division.
 
 The compilation runs in a child process: the test session sets ``TRITON_INTERPRET=1``, under which ``@triton.jit``
 makes interpreter functions that cannot be compiled."""
@@ -26,8 +27,14 @@ _SCRIPT = textwrap.dedent('''
     from sala.ops.kl.triton_kl import _kl_rows_kernel
 
     def build(fn, sig, consts):
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+        # as a launch on real shapes specialises: pointers and the int arguments that are multiples of 16 (K, N,
+        # row strides) marked divisible by 16, so loads vectorise and layouts are the GPU's
+        div16 = [n for n in sig if sig[n].startswith("*") or n in ("N", "K", "V") or n.startswith("s_")]
+        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32))
         return {"cubin": "cubin" in k.asm, "div_rn": "div.rn.f32" in k.asm["ptx"],
+                "div_rn_count": k.asm["ptx"].count("div.rn.f32"),
                 "div_approx": "div.full.f32" in k.asm["ptx"] or "div.approx.f32" in k.asm["ptx"]}
 
     out = {}
@@ -91,3 +98,6 @@ def test_split_k_handshake_is_ordered(compiled):
 def test_fp8_codes_divide_with_ieee_rounding(compiled):
     for name in ("fp8 quantiser glue=-1", "fp8 quantiser glue=0", "fp8 gemm quant_a=True 16x64 split=True"):
         assert compiled[name]["div_rn"] and not compiled[name]["div_approx"], (name, compiled[name])
+    # one correctly rounded reciprocal per row a thread holds, not a division per element: 16 x 128 codes per K step
+    # over 128 threads were 16 div.rn (each with a slow-path call) in the decode GEMM's loop
+    assert compiled["fp8 gemm quant_a=True 16x64 split=True"]["div_rn_count"] <= 4, compiled

@@ -11,7 +11,9 @@ nothing (a server's first request pays no tuning).
 
 Decode-sized M (<= 16 rows) reads the weight once and little else, so two things matter there:
 * the activations are quantised inside the GEMM (``QUANT_A``, groups of <= 128: one group per K step) instead of
-  by a separate pass; every CTA re-quantises the same few rows, which costs nothing next to its weight tile;
+  by a separate pass; every CTA re-quantises the same few rows, which costs little next to its weight tile as long
+  as the codes take no per-element ``div_rn`` (its slow-path call in the K loop made these GEMMs 2-3.5x slower on
+  an H100: :func:`_quotient` divides exactly with one reciprocal per row);
 * K is split over CTAs when N alone gives too few tiles to keep every SM streaming weights (split-K); the fp32
   partial sums are added by one reduction.
 Larger M quantises its activations with :func:`triton_quantize_groups`: one read of x, one write of the codes and
@@ -52,11 +54,27 @@ def _scale_of(amax, FP8_MAX_: tl.constexpr):
 
 
 @triton.jit
+def _quotient(x, scale):
+    """x [R, C] / scale [R] (scale > 0) rounded as IEEE division, from one ``div_rn`` per row: Triton's ``/`` is
+    approximate on NVIDIA GPUs (up to 2 ulp off, which moves codes on an e4m3 rounding midpoint), and ``div_rn`` per
+    element calls a slow-path subroutine inside the decode GEMM's K loop. Markstein's correction: with y = RN(1/s)
+    and q0 = RN(x * y) (within 1 ulp), r = x - q0 * s is exact in an FMA and RN(q0 + r * y) is RN(x / s), as long
+    as nothing underflows. Rows with a scale below 2^-62 are first multiplied by 2^100 on both sides (exact), so an
+    underflow can only touch quotients below 2^-70, whose e4m3 code is a signed zero either way; that zero takes
+    q0's sign (x's), as the division would."""
+    up = tl.where(scale < 2.168404344971009e-19, 1.2676506002282294e30, 1.0)  # 2^-62 -> 2^100
+    s = scale * up
+    y = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    xs = x * up[:, None]
+    q0 = xs * y[:, None]
+    q = tl.math.fma(tl.math.fma(-q0, s[:, None], xs), y[:, None], q0)
+    return tl.where(q0 == 0.0, q0, q)
+
+
+@triton.jit
 def _codes(x, scale, FP8_MAX_: tl.constexpr, RNE: tl.constexpr):
-    """x [R, C] fp32, scale [R] -> e4m3 codes of clamp(x / scale, +-448). The division has IEEE rounding
-    (``div_rn``): Triton's ``/`` is approximate on NVIDIA GPUs, up to 2 ulp off, which moves codes that sit on an
-    e4m3 rounding midpoint."""
-    return _to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale[:, None]), -FP8_MAX_), FP8_MAX_), RNE)
+    """x [R, C] fp32, scale [R] -> e4m3 codes of clamp(x / scale, +-448), x / scale rounded as IEEE division."""
+    return _to_e4m3(tl.minimum(tl.maximum(_quotient(x, scale), -FP8_MAX_), FP8_MAX_), RNE)
 
 
 @triton.jit
@@ -114,6 +132,10 @@ def _quantize_groups_kernel(x_ptr, y_ptr, q_ptr, s_ptr, M, K, group, s_xm, s_ym,
     tl.store(s_ptr + rows * s_sm + g * s_sg, scale, mask=r_ok)
 
 
+QUANT_TILE = (1024, 2)
+"""The quantiser's (elements per program, warps) on a GPU: 1.2-1.3 TB/s at M = 8,192 on the 9B projections against
+0.57-0.73 for the other five shapes tried, (4096, 4) included (H200, ``benchmarks/kernels.py --only fp8``)."""
+
 GLUES = {"silu_mul": SILU_MUL, "sigmoid_gate": SIGMOID_GATE}
 """Elementwise glue the quantiser can apply first (``sala.ops.elementwise`` entries -> the glue kernel's op codes)."""
 
@@ -124,7 +146,7 @@ def triton_quantize_groups(x: torch.Tensor, group_size: int | None, scales_colum
     """x [M, K] float -> (q [M, K] float8_e4m3fn, scale [M, G] float32) in one pass; the same numbers as
     ``sala.ops.fp8.naive.quantize_groups`` (G = 1 for row-wise scales, ``group_size=None``).
     ``scales_column_major``: scale strides (1, M), the layout cuBLAS block scaling reads. ``tile``: (elements per
-    program, warps), for benchmarks comparing launch shapes (default (4096, 4) on a GPU); the numbers do not
+    program, warps), for benchmarks comparing launch shapes (default :data:`QUANT_TILE` on a GPU); the numbers do not
     depend on it. ``glue=(name, y)``: quantise ``name(x, y)`` (a :data:`GLUES` entry, y like x) as the Triton glue
     kernel computes it, without writing it out: the codes of ``quantize_groups(silu_mul(x, y))``."""
     if x.dim() != 2:
@@ -146,7 +168,7 @@ def triton_quantize_groups(x: torch.Tensor, group_size: int | None, scales_colum
     if M == 0 or K == 0:
         return q, scale.fill_(1.0)
     interpret = triton_interpret()  # small tiles: the interpreter's cost grows with tile size
-    elements, warps = tile or ((256, 1) if interpret else (4096, 4))
+    elements, warps = tile or ((256, 1) if interpret else QUANT_TILE)
     bc = min(64 if interpret else 512, triton.next_power_of_2(group))
     br = max(1, elements // bc)
     # no FP fusion with a glue: its rounding points are the glue kernel's (see glue_value)
@@ -233,11 +255,13 @@ def _sm_count(device_index: int) -> int:
 
 def launch_plan(m: int) -> tuple[int, int, int, int]:
     """(BM, BN, num_warps, num_stages) for M rows: decode-sized M reads each weight tile once per 16 rows; prefill
-    takes 128 x 128 tiles. The interpreter takes small tiles (it runs every program in Python)."""
+    takes 128 x 128 tiles. The interpreter takes small tiles (it runs every program in Python). Decode's 16 x 128
+    tiles with 8 warps and 3 stages: the fastest of 7 launch shapes at M = 1 and 8 on every 9B projection, 1.5-1.9x
+    the 16 x 64 / 4-warp plan (H200, CUDA graphs, ``benchmarks/kernels.py --only fp8``)."""
     if triton_interpret():
         return 16, 32, 1, 1
     if m <= 16:
-        return 16, 64, 4, 4
+        return 16, 128, 8, 3
     if m <= 64:
         return 64, 128, 4, 3
     return 128, 128, 8, 3
