@@ -43,6 +43,7 @@ from sala.ops import (  # apply_rope, rms_norm and the elementwise glue: one fus
     sigmoid_gate,
     silu_mul,
 )
+from sala.ops.elementwise import GLUE_OPS
 from sala.ops.infllm_v2 import InfLLMv2Params
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class FusedLinears(FusedRows):
         return len({(t.dtype, t.device) for t in tensors}) == 1
 
 
-_GLUES = {"silu_mul": silu_mul, "sigmoid_gate": sigmoid_gate}
+_GLUES = dict(zip(GLUE_OPS, (silu_mul, sigmoid_gate)))
 
 
 def glued_linear(linear: nn.Module, op: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,11 @@ import torch
 from sala.ops.common.dispatch import call, register, resolve
 from sala.ops.elementwise.naive import naive_scaled_residual, naive_sigmoid_gate, naive_silu_mul
 
-__all__ = ["scaled_residual", "sigmoid_gate", "silu_mul"]
+__all__ = ["GLUE_OPS", "scaled_residual", "sigmoid_gate", "silu_mul"]
+
+GLUE_OPS = ("silu_mul", "sigmoid_gate")
+"""The glue that feeds a linear layer (SwiGLU before down_proj, the output gate before o_proj): entries here of
+these names, and what an fp8 linear can compute inside its activation quantiser (``sala.ops.fp8.fp8_glue_linear``)."""
 
 
 def _fusable(a: torch.Tensor, b: torch.Tensor, *_) -> bool:

@@ -23,6 +23,7 @@ import logging
 import torch
 
 from sala.ops.common.dispatch import call, register, resolve_backend
+from sala.ops.elementwise import GLUE_OPS
 from sala.ops.fp8 import blockwise
 from sala.ops.fp8.naive import (FP8_DTYPE, FP8_MAX, dequantize_groups, naive_fp8_linear, num_groups,
                                 quantize_groups, quantize_rows)
@@ -223,10 +224,6 @@ def _triton_fp8_linear(x, q_weight, w_scale, bias, out_dtype, group_size) -> tor
     if bias is not None:
         acc = acc + bias.float()
     return acc.to(out_dtype)
-
-
-GLUE_OPS = ("silu_mul", "sigmoid_gate")
-"""Elementwise glue :func:`fp8_glue_linear` takes (``sala.ops.elementwise`` entries of the same names)."""
 
 
 def fp8_glue_linear(op: str, a: torch.Tensor, b: torch.Tensor, q_weight: torch.Tensor, w_scale: torch.Tensor,

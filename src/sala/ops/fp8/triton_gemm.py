@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from sala.ops.common.triton_utils import interp_rne, rne_bf16
+from sala.ops.elementwise import GLUE_OPS
 from sala.ops.elementwise.fused import SIGMOID_GATE, SILU_MUL, glue_value
 from sala.ops.fp8.naive import FP8_MAX
 from sala.utils.env import triton_interpret
@@ -136,7 +137,7 @@ QUANT_TILE = (1024, 2)
 """The quantiser's (elements per program, warps) on a GPU: 1.2-1.3 TB/s at M = 8,192 on the 9B projections against
 0.57-0.73 for the other five shapes tried, (4096, 4) included (H200, ``benchmarks/kernels.py --only fp8``)."""
 
-GLUES = {"silu_mul": SILU_MUL, "sigmoid_gate": SIGMOID_GATE}
+GLUES = dict(zip(GLUE_OPS, (SILU_MUL, SIGMOID_GATE)))
 """Elementwise glue the quantiser can apply first (``sala.ops.elementwise`` entries -> the glue kernel's op codes)."""
 
 
