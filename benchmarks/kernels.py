@@ -11,6 +11,7 @@ are reported as such and skipped.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 from pathlib import Path
@@ -162,8 +163,10 @@ def bench_lightning_train(Ts=(8192, 32768), H: int = 32, D: int = 128) -> list[d
     return rows
 
 
-def _graph_ms(fn) -> float:
-    """Median time of one replay of ``fn`` captured in a CUDA graph."""
+def _graph_ms(fn, calls: int = 1) -> float:
+    """Median time of one call of ``fn``, ``calls`` of them captured back to back in a CUDA graph and replayed (a
+    graph of one short kernel also times the graph launch, a few microseconds that a decode step's graph of
+    hundreds of kernels pays once)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -172,8 +175,9 @@ def _graph_ms(fn) -> float:
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
-    return _time_ms(graph.replay)
+        for _ in range(calls):
+            fn()
+    return _time_ms(graph.replay) / calls
 
 
 def bench_lightning_decode(batches=(1, 16, 64), H: int = 32, D: int = 128) -> list[dict]:
@@ -523,8 +527,9 @@ def bench_fp8_gemm(Ms=(1, 8, 8192), shapes=FP8_SHAPES, group: int = 128, device:
                         f"g{group}": rel_l2(fp8_linear(x, qg, sg, backend=backend, group_size=group).float(),
                                             naive_fp8_linear(x, qg, sg, None, torch.bfloat16, group).float())}
                 xq, xs = quantize_groups(x, group)
-                # the engine decodes through CUDA graphs: eager timing of a 10 us GEMM measures the launch
-                timer = _graph_ms if dev.type == "cuda" and m <= 16 else _time_ms
+                # the engine decodes through CUDA graphs of many kernels: eager timing of a 10 us GEMM measures the
+                # launch, and a graph of one call its graph launch
+                timer = functools.partial(_graph_ms, calls=32) if dev.type == "cuda" and m <= 16 else _time_ms
                 t = {"bf16": timer(lambda: F.linear(x, w16)),
                      "rowwise": timer(lambda: fp8_linear(x, qr, sr, backend=backend)),
                      f"g{group}": timer(lambda: fp8_linear(x, qg, sg, backend=backend, group_size=group)),
