@@ -147,7 +147,8 @@ def exactness(n=1 << 26):
     g = torch.Generator(device="cuda").manual_seed(0)
     res = {}
     for trial in range(4):
-        x = torch.randn(n, device="cuda", generator=g) * torch.exp2(torch.randint(-20, 20, (n,), device="cuda", generator=g).float())
+        powers = torch.randint(-20, 20, (n,), device="cuda", generator=g).float()
+        x = torch.randn(n, device="cuda", generator=g) * torch.exp2(powers)
         amax = x.abs() * (1 + 10 * torch.rand(n, device="cuda", generator=g))
         if trial == 1:  # quotients on e4m3 midpoints and near them
             x = torch.randn(n, device="cuda", generator=g).bfloat16().float()
@@ -158,13 +159,14 @@ def exactness(n=1 << 26):
         if trial == 3:  # tiny and huge magnitudes
             x = torch.randn(n, device="cuda", generator=g) * 1e-30
             amax = x.abs() * (1 + torch.rand(n, device="cuda", generator=g)) + 1e-38
-        s = torch.where(amax > 0, amax * torch.tensor(1.0 / 448, dtype=torch.float32, device="cuda"), torch.ones_like(amax))
+        s = amax * torch.tensor(1.0 / 448, dtype=torch.float32, device="cuda")
+        s = torch.where(s > 0, s, torch.ones_like(s))
         outs = {}
         for div in (0, 1, 2):
             o = torch.empty_like(x)
             _quot_kernel[(triton.cdiv(n, 1024),)](x, s, o, n, DIV=div, B=1024)
             outs[div] = o
-        ref = (x.double() / s.double()).float()  # double rounding is possible but rare
+        ref = (x.double() / s.double()).float()  # exact: an fp64 quotient of fp32 numbers rounds to the fp32 one
         for div in (0, 1, 2):
             bits = (outs[div].view(torch.int32) != outs[0].view(torch.int32))
             codes = (outs[div].clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)

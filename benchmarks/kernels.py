@@ -481,11 +481,13 @@ def bench_sparse_decode(Ls=(32768, 131072, 262144, 1048576), batches=(1, 8), H: 
 FP8_SHAPES = (("qkv", 4096, 6144), ("o_proj", 4096, 4096), ("gate_up", 4096, 32768), ("down", 16384, 4096))
 
 
-# launch shapes of the decode-sized group GEMM compared at M <= 16: (BM, BN, warps, stages); the first is the default
-DECODE_PLANS = ((16, 64, 4, 4), (16, 16, 4, 4), (16, 32, 4, 4), (16, 32, 2, 6), (16, 128, 4, 4), (16, 128, 8, 3),
-                (16, 64, 4, 8))
-# launch shapes of the one-pass quantiser compared at prefill M: (elements per program, warps); the first is the default
-QUANT_TILES = ((4096, 4), (2048, 4), (8192, 8), (16384, 8), (4096, 8), (1024, 2))
+# launch shapes of the decode-sized group GEMM compared at M <= 16 (in-kernel quantisation): (BM, BN, warps, stages);
+# the default is triton_gemm.launch_plan's
+DECODE_PLANS = ((16, 128, 8, 3), (16, 64, 4, 4), (16, 16, 4, 4), (16, 32, 4, 4), (16, 32, 2, 6), (16, 128, 4, 4),
+                (16, 64, 4, 8), (16, 256, 8, 3))
+# launch shapes of the one-pass quantiser compared at prefill M: (elements per program, warps); the first is the
+# default (triton_gemm.QUANT_TILE)
+QUANT_TILES = ((1024, 2), (512, 1), (512, 2), (2048, 4), (4096, 4), (1024, 4))
 
 
 def bench_fp8_gemm(Ms=(1, 8, 8192), shapes=FP8_SHAPES, group: int = 128, device: str = "cuda") -> list[dict]:

@@ -373,7 +373,8 @@ def test_triton_quantizer_gives_the_reference_codes_and_scales(monkeypatch, dtyp
 def _quotient_cases() -> tuple[torch.Tensor, torch.Tensor]:
     """(x [R, C], scale [R]) rows of the kinds a quantiser meets: bf16 activations under their row's absmax, values
     within a few ulp of an e4m3 rounding midpoint times the scale, signed zeros, and rows whose scale is tiny
-    (subnormal absmax: 1 / scale overflows fp32) or huge."""
+    (1 / scale overflows fp32), small (the remainder underflows without the rescale) or huge; scales as the
+    quantisers make them (absmax * fp32(1/448), 1 where that is 0)."""
     g = torch.Generator().manual_seed(7)
     rows, cols = 96, 256
     x = torch.randn(rows, cols, generator=g).bfloat16().float() * torch.exp2(torch.randint(-30, 30, (rows, 1),
@@ -385,9 +386,13 @@ def _quotient_cases() -> tuple[torch.Tensor, torch.Tensor]:
     near = (near.view(torch.int32) + torch.randint(-2, 3, (rows, cols), generator=g, dtype=torch.int32)).view(
         torch.float32) * torch.where(torch.rand(rows, cols, generator=g) < 0.5, -1.0, 1.0)
     x = torch.where(torch.arange(cols) % 2 == 0, x, near.clamp(-amax[:, None], amax[:, None]))
-    # rows with a set absmax: subnormal scales (1 / scale overflows fp32), scales below 2^-62, huge scales
-    x[:8] = x[:8] / x[:8].abs().amax(1, True) * torch.tensor([1e-41, 1e-39, 1e-36, 1e-30, 1e-20, 1e20, 1e30, 1e37])[:, None]
-    x[8, :5] = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 0.0])
+    # rows with a set absmax: subnormal scales (1 / scale overflows fp32), small ones (the remainder underflows for
+    # tiny x unless rescaled), huge ones; row 8's absmax is too small for a nonzero scale (scale 1)
+    absmax = torch.tensor([1e-41, 1e-39, 1e-36, 1e-30, 1e-20, 1e-14, 1e30, 1e37, 1e-43])
+    x[:9] = x[:9] / x[:9].abs().amax(1, True) * absmax[:, None]
+    x[9, :5] = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 0.0])
+    x[10, :2] = torch.tensor([1.255502939364662e-16, 2.8340498766545383e-32])  # quotient 2^-43; r underflows at 2^-62
+    x[10, 2:] = x[10, 2:].clamp(-1e-16, 1e-16)
     scale = x.abs().amax(1) * torch.tensor(E4M3_INV)
     return x, torch.where(scale > 0, scale, torch.ones_like(scale))
 
@@ -413,6 +418,23 @@ def test_codes_divide_like_ieee_division(monkeypatch):
 
     assert torch.equal(codes(got), codes(want))
     assert torch.equal(torch.signbit(got), torch.signbit(want))
+
+
+def test_a_group_too_small_for_a_scale_gets_scale_1(monkeypatch):
+    """absmax * fp32(1/448) underflows to 0 below 224 * 2^-149: such a group takes scale 1 and zero codes, in the
+    reference and in the Triton quantiser alike (before, the reference divided by 0 and the quantiser clamped NaN
+    to -448)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from sala.ops.fp8.naive import quantize_groups
+    from sala.ops.fp8.triton_gemm import triton_quantize_groups
+
+    x = 2 * _randn(3, 32, seed=61)
+    x[1, :16] = torch.tensor([1e-43, -1e-43, 5e-44] + [0.0] * 13)
+    want_q, want_s = quantize_groups(x, 16)
+    assert want_s[1, 0] == 1 and not want_q.float().isnan().any()
+    assert torch.equal(want_q[1, :16].float().abs(), torch.zeros(16))
+    got_q, got_s = triton_quantize_groups(x, 16)
+    assert torch.equal(got_s, want_s) and torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))
 
 
 @pytest.mark.parametrize("m,k,n,group,split", [(1, 576, 40, 128, 3), (7, 1000, 24, 64, 4), (3, 600, 20, 256, 2),

@@ -23,19 +23,22 @@ _SCRIPT = textwrap.dedent('''
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from sala.ops.fp8.triton_gemm import FP8_MAX, _fp8_group_gemm_kernel, _quantize_groups_kernel
+    from sala.ops.fp8.triton_gemm import (FP8_MAX, QUANT_TILE, _fp8_group_gemm_kernel, _quantize_groups_kernel,
+                                          launch_plan)
     from sala.ops.kl.triton_kl import _kl_rows_kernel
 
-    def build(fn, sig, consts):
+    def build(fn, sig, consts, warps=4, stages=3):
         # as a launch on real shapes specialises: pointers and the int arguments that are multiples of 16 (K, N,
         # row strides) marked divisible by 16, so loads vectorise and layouts are the GPU's
         div16 = [n for n in sig if sig[n].startswith("*") or n in ("N", "K", "V") or n.startswith("s_")]
         attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32))
-        return {"cubin": "cubin" in k.asm, "div_rn": "div.rn.f32" in k.asm["ptx"],
-                "div_rn_count": k.asm["ptx"].count("div.rn.f32"),
-                "div_approx": "div.full.f32" in k.asm["ptx"] or "div.approx.f32" in k.asm["ptx"]}
+                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+        ptx = k.asm["ptx"]
+        return {"cubin": "cubin" in k.asm, "div_rn": "div.rn.f32" in ptx, "div_rn_count": ptx.count("div.rn.f32"),
+                "div_approx": "div.full.f32" in ptx or "div.approx.f32" in ptx,
+                "acq_rel": "atom.global.gpu.acq_rel" in ptx or "atom.acq_rel.gpu" in ptx,
+                "cg_loads": "ld.global.cg" in ptx}
 
     out = {}
     kl = {"s_ptr": "*fp32", "t_ptr": "*fp32", "loss_ptr": "*fp32", "V": "i32", "s_stride": "i32",
@@ -47,25 +50,23 @@ _SCRIPT = textwrap.dedent('''
          "group": "i32", "s_xm": "i32", "s_ym": "i32", "s_qm": "i32", "s_sm": "i32", "s_sg": "i32", "BR": "constexpr",
          "BC": "constexpr", "FP8_MAX_": "constexpr", "RNE": "constexpr", "GLUE": "constexpr", "RNE_X": "constexpr",
          "ACCURATE": "constexpr"}
-    for glue in (-1, 0, 1):
+    for glue in (-1, 0, 1):  # the default tile, groups of 128
         out[f"fp8 quantiser glue={glue}"] = build(_quantize_groups_kernel, q, {
-            "BR": 32, "BC": 128, "FP8_MAX_": FP8_MAX, "RNE": False, "GLUE": glue, "RNE_X": False, "ACCURATE": True})
-    for quant_a, bm, bn, split in ((True, 16, 64, True), (False, 16, 64, False), (False, 128, 128, False)):
+            "BR": QUANT_TILE[0] // 128, "BC": 128, "FP8_MAX_": FP8_MAX, "RNE": False, "GLUE": glue, "RNE_X": False,
+            "ACCURATE": True}, warps=QUANT_TILE[1])
+    # the default launch plans: decode quantising in the kernel with split-K, decode pre-quantised, prefill
+    for name, quant_a, m, split in (("decode quant", True, 1, True), ("decode", False, 1, False),
+                                    ("prefill", False, 8192, False)):
+        bm, bn, warps, stages = launch_plan(m, quant_a)
         g = {"a_ptr": "*bf16" if quant_a else "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv",
              "bs_ptr": "*fp32", "bias_ptr": "*fp32", "c_ptr": "*bf16", "ws_ptr": "*fp32", "arrivals_ptr": "*i32",
              "M": "i32", "N": "i32", "K": "i32", "NK": "i32", "STEPS": "i32", "s_am": "i32", "s_asm": "i32",
              "s_bn": "i32", "s_bsn": "i32", "s_cm": "i32", "s_ws": "i32", "GROUP": "constexpr", "BK": "constexpr",
              "BM": "constexpr", "BN": "constexpr", "QUANT_A": "constexpr", "HAS_BIAS": "constexpr",
              "RNE_O": "constexpr", "FP8_MAX_": "constexpr", "RNE_A": "constexpr", "SPLIT": "constexpr"}
-        out[f"fp8 gemm quant_a={quant_a} {bm}x{bn} split={split}"] = build(_fp8_group_gemm_kernel, g, {
+        out[f"fp8 gemm {name}"] = build(_fp8_group_gemm_kernel, g, {
             "GROUP": 128, "BK": 128, "BM": bm, "BN": bn, "QUANT_A": quant_a, "HAS_BIAS": True, "RNE_O": False,
-            "FP8_MAX_": FP8_MAX, "RNE_A": False, "SPLIT": split})
-        if split:  # the split-K handshake: a gpu-scope acquire-release atomic, L2-only loads of the partials
-            ptx = triton.compile(ASTSource(fn=_fp8_group_gemm_kernel, signature=g, constexprs={
-                "GROUP": 128, "BK": 128, "BM": bm, "BN": bn, "QUANT_A": quant_a, "HAS_BIAS": True, "RNE_O": False,
-                "FP8_MAX_": FP8_MAX, "RNE_A": False, "SPLIT": split}), target=GPUTarget("cuda", 90, 32)).asm["ptx"]
-            out["split handshake"] = {"cubin": True, "acq_rel": "atom.global.gpu.acq_rel" in ptx
-                                      or "atom.acq_rel.gpu" in ptx, "cg_loads": "ld.global.cg" in ptx}
+            "FP8_MAX_": FP8_MAX, "RNE_A": False, "SPLIT": split}, warps=warps, stages=stages)
     print(json.dumps(out))
 ''')
 
@@ -83,21 +84,20 @@ def compiled() -> dict:
 
 def test_kernels_compile_to_sm90_cubins(compiled):
     assert set(compiled) == {"kl_rows grad=True", "kl_rows grad=False", "fp8 quantiser glue=-1",
-                             "fp8 quantiser glue=0", "fp8 quantiser glue=1",
-                             "fp8 gemm quant_a=True 16x64 split=True", "fp8 gemm quant_a=False 16x64 split=False",
-                             "fp8 gemm quant_a=False 128x128 split=False", "split handshake"}
+                             "fp8 quantiser glue=0", "fp8 quantiser glue=1", "fp8 gemm decode quant",
+                             "fp8 gemm decode", "fp8 gemm prefill"}
     assert all(k["cubin"] for k in compiled.values()), compiled
 
 
 def test_split_k_handshake_is_ordered(compiled):
     """The arrival count releases the partial sums and acquires the others' at GPU scope, and the last split reads
     them past L1 (which is not coherent across SMs)."""
-    assert compiled["split handshake"]["acq_rel"] and compiled["split handshake"]["cg_loads"], compiled
+    assert compiled["fp8 gemm decode quant"]["acq_rel"] and compiled["fp8 gemm decode quant"]["cg_loads"], compiled
 
 
 def test_fp8_codes_divide_with_ieee_rounding(compiled):
-    for name in ("fp8 quantiser glue=-1", "fp8 quantiser glue=0", "fp8 gemm quant_a=True 16x64 split=True"):
+    for name in ("fp8 quantiser glue=-1", "fp8 quantiser glue=0", "fp8 gemm decode quant"):
         assert compiled[name]["div_rn"] and not compiled[name]["div_approx"], (name, compiled[name])
     # one correctly rounded reciprocal per row a thread holds, not a division per element: 16 x 128 codes per K step
-    # over 128 threads were 16 div.rn (each with a slow-path call) in the decode GEMM's loop
-    assert compiled["fp8 gemm quant_a=True 16x64 split=True"]["div_rn_count"] <= 4, compiled
+    # over 128 threads were 8-16 div.rn (each with a slow-path call) in the decode GEMM's loop
+    assert compiled["fp8 gemm decode quant"]["div_rn_count"] <= 4, compiled

@@ -40,9 +40,8 @@ from sala.ops import (  # apply_rope, rms_norm and the elementwise glue: one fus
     residual_rms_norm,
     rms_norm,
     scaled_residual,
-    sigmoid_gate,
-    silu_mul,
 )
+from sala.ops import elementwise
 from sala.ops.elementwise import GLUE_OPS
 from sala.ops.infllm_v2 import InfLLMv2Params
 
@@ -109,7 +108,7 @@ class FusedLinears(FusedRows):
         return len({(t.dtype, t.device) for t in tensors}) == 1
 
 
-_GLUES = dict(zip(GLUE_OPS, (silu_mul, sigmoid_gate)))
+_GLUES = {op: getattr(elementwise, op) for op in GLUE_OPS}
 
 
 def glued_linear(linear: nn.Module, op: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -28,9 +28,10 @@ def quantize_groups(x: torch.Tensor, group_size: int | None = None) -> tuple[tor
     """x: [..., n] float -> (q [..., n] float8_e4m3fn, scale [..., G] float32) with ``x ~= q * expand(scale)``,
     G = :func:`num_groups` (1 for row-wise scales).
 
-    An all-zero group gets scale 1 (its q is zeros either way, and nothing divides by zero). Values are clamped to
-    +-448 before the cast: a scale rounded down by a hair would otherwise push the absmax element past e4m3's
-    largest finite value, and float8_e4m3fn has no inf, so the cast would give NaN.
+    An all-zero group gets scale 1 (its q is zeros either way, and nothing divides by zero), and so does a group
+    whose absmax is so small (below 224 * 2^-149) that absmax / 448 underflows to 0: its codes round to zero. Values
+    are clamped to +-448 before the cast: a scale rounded down by a hair would otherwise push the absmax element
+    past e4m3's largest finite value, and float8_e4m3fn has no inf, so the cast would give NaN.
     """
     n = x.shape[-1]
     size = n if group_size is None else group_size
@@ -40,7 +41,8 @@ def quantize_groups(x: torch.Tensor, group_size: int | None = None) -> tuple[tor
         x32 = F.pad(x32, (0, groups * size - n))
     g = x32.reshape(*x.shape[:-1], groups, size)
     amax = g.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax * INV_FP8_MAX, torch.ones_like(amax))
+    scale = amax * INV_FP8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # absmax 0, or below 224 * 2^-149: the product is 0
     q = (g / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).reshape(*x.shape[:-1], groups * size)
     if groups * size != n:
         q = q[..., :n].contiguous()

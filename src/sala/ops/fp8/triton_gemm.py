@@ -12,7 +12,7 @@ nothing (a server's first request pays no tuning).
 Decode-sized M (<= 16 rows) reads the weight once and little else, so two things matter there:
 * the activations are quantised inside the GEMM (``QUANT_A``, groups of <= 128: one group per K step) instead of
   by a separate pass; every CTA re-quantises the same few rows, which costs little next to its weight tile as long
-  as the codes take no per-element ``div_rn`` (its slow-path call in the K loop made these GEMMs 2-3.5x slower on
+  as the codes take no per-element ``div_rn`` (its slow-path call in the K loop made these GEMMs 1.4-2.8x slower on
   an H100: :func:`_quotient` divides exactly with one reciprocal per row);
 * K is split over CTAs when N alone gives too few tiles to keep every SM streaming weights (split-K); the fp32
   partial sums are added by one reduction.
@@ -30,7 +30,8 @@ import triton.language as tl
 
 from sala.ops.common.triton_utils import interp_rne, rne_bf16
 from sala.ops.elementwise import GLUE_OPS
-from sala.ops.elementwise.fused import SIGMOID_GATE, SILU_MUL, glue_value
+from sala.ops.elementwise import fused
+from sala.ops.elementwise.fused import glue_value
 from sala.ops.fp8.naive import FP8_MAX
 from sala.utils.env import triton_interpret
 
@@ -50,20 +51,24 @@ def _to_e4m3(x, RNE: tl.constexpr):
 
 @triton.jit
 def _scale_of(amax, FP8_MAX_: tl.constexpr):
-    """A group's scale from its absmax, as ``quantize_groups``: absmax * fp32(1 / 448), 1 for an all-zero group."""
-    return tl.where(amax > 0, amax * (1.0 / FP8_MAX_), 1.0)
+    """A group's scale from its absmax, as ``quantize_groups``: absmax * fp32(1 / 448), 1 where that is 0 (an all-zero
+    group, or an absmax below 224 * 2^-149 whose product underflows)."""
+    scale = amax * (1.0 / FP8_MAX_)
+    return tl.where(scale > 0, scale, 1.0)
 
 
 @triton.jit
 def _quotient(x, scale):
     """x [R, C] / scale [R] (scale > 0) rounded as IEEE division, from one ``div_rn`` per row: Triton's ``/`` is
     approximate on NVIDIA GPUs (up to 2 ulp off, which moves codes on an e4m3 rounding midpoint), and ``div_rn`` per
-    element calls a slow-path subroutine inside the decode GEMM's K loop. Markstein's correction: with y = RN(1/s)
-    and q0 = RN(x * y) (within 1 ulp), r = x - q0 * s is exact in an FMA and RN(q0 + r * y) is RN(x / s), as long
-    as nothing underflows. Rows with a scale below 2^-62 are first multiplied by 2^100 on both sides (exact), so an
-    underflow can only touch quotients below 2^-70, whose e4m3 code is a signed zero either way; that zero takes
-    q0's sign (x's), as the division would."""
-    up = tl.where(scale < 2.168404344971009e-19, 1.2676506002282294e30, 1.0)  # 2^-62 -> 2^100
+    element calls a slow-path subroutine inside the decode GEMM's K loop. With y = RN(1/s) and q0 = RN(x * y), the
+    remainder r = x - q0 * s is exact in an FMA, and RN(q0 + r * y) is RN(x / s) unless something underflows (the
+    final error is (x/s - q0)(s*y - 1): q0 may be more than 1 ulp off only far from a rounding midpoint). Rows with
+    a scale below 2^-32 are first multiplied by 2^100 on both sides (exact; nothing overflows: s * 2^100 < 2^68), so
+    an underflow can only touch quotients below 2^-70, whose e4m3 code is a signed zero either way; that zero takes
+    q0's sign (x's), as the division would. Checked against numpy's division with an exact FMA on every bf16
+    (absmax, x) pair and billions of targeted fp32 cases (all-ones significands, midpoints, subnormal scales)."""
+    up = tl.where(scale < 2.3283064365386963e-10, 1.2676506002282294e30, 1.0)  # 2^-32 -> 2^100
     s = scale * up
     y = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
     xs = x * up[:, None]
@@ -137,7 +142,7 @@ QUANT_TILE = (1024, 2)
 """The quantiser's (elements per program, warps) on a GPU: 1.2-1.3 TB/s at M = 8,192 on the 9B projections against
 0.57-0.73 for the other five shapes tried, (4096, 4) included (H200, ``benchmarks/kernels.py --only fp8``)."""
 
-GLUES = dict(zip(GLUE_OPS, (SILU_MUL, SIGMOID_GATE)))
+GLUES = {op: getattr(fused, op.upper()) for op in GLUE_OPS}  # the glue kernel's op codes: SILU_MUL, SIGMOID_GATE
 """Elementwise glue the quantiser can apply first (``sala.ops.elementwise`` entries -> the glue kernel's op codes)."""
 
 
@@ -254,15 +259,16 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def launch_plan(m: int) -> tuple[int, int, int, int]:
+def launch_plan(m: int, quantise: bool = True) -> tuple[int, int, int, int]:
     """(BM, BN, num_warps, num_stages) for M rows: decode-sized M reads each weight tile once per 16 rows; prefill
-    takes 128 x 128 tiles. The interpreter takes small tiles (it runs every program in Python). Decode's 16 x 128
-    tiles with 8 warps and 3 stages: the fastest of 7 launch shapes at M = 1 and 8 on every 9B projection, 1.5-1.9x
-    the 16 x 64 / 4-warp plan (H200, CUDA graphs, ``benchmarks/kernels.py --only fp8``)."""
+    takes 128 x 128 tiles. The interpreter takes small tiles (it runs every program in Python). ``quantise``: the
+    kernel quantises its rows itself. At decode that takes 16 x 128 tiles with 8 warps and 3 stages, 5% faster over
+    the four 9B projections than 16 x 64 with 4 warps and 4 stages, which pre-quantised rows keep (4% faster there;
+    H100, CUDA graphs, ``benchmarks/fp8_decode_division.py``)."""
     if triton_interpret():
         return 16, 32, 1, 1
     if m <= 16:
-        return 16, 128, 8, 3
+        return (16, 128, 8, 3) if quantise else (16, 64, 4, 4)
     if m <= 64:
         return 64, 128, 4, 3
     return 128, 128, 8, 3
@@ -305,7 +311,7 @@ def triton_fp8_group_gemm(xq: torch.Tensor, x_scale: torch.Tensor | None, q_weig
         return out
     if K == 0:  # an empty sum
         return out.fill_(0) if bias is None else out.copy_(bias.float().expand(M, N))
-    bm, bn, warps, stages = plan or launch_plan(M)
+    bm, bn, warps, stages = plan or launch_plan(M, quant_a)
     nk = triton.cdiv(K, bk)
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     if split_k is None:
