@@ -397,18 +397,14 @@ def _quotient_cases() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def test_codes_divide_like_ieee_division(monkeypatch):
-    """The quantisers' quotient (one correctly rounded reciprocal per row and an FMA correction, interpreter) is
-    x / scale as IEEE division computes it, bit for bit, wherever the quotient is >= 2^-60 (below that, intermediate
-    underflow is allowed); the e4m3 codes, signed zeros included, match everywhere, tiny and huge scales too."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def _check_quotient(device: torch.device) -> None:
     pytest.importorskip("triton")
     from tests.ops.fp8_quotient_kernel import quotient_kernel
 
-    x, scale = _quotient_cases()
+    x, scale = (t.to(device) for t in _quotient_cases())
     got = torch.empty_like(x)
     quotient_kernel[(x.shape[0],)](x, scale, got, C=x.shape[1])
-    want = x / scale[:, None]
+    got, want = got.cpu(), (x / scale[:, None]).cpu()  # torch's division is IEEE on both devices
     big = want.abs() >= 2.0**-60
     assert big.sum() > 0.9 * x.numel()
     assert torch.equal(got.view(torch.int32)[big], want.view(torch.int32)[big])
@@ -418,6 +414,20 @@ def test_codes_divide_like_ieee_division(monkeypatch):
 
     assert torch.equal(codes(got), codes(want))
     assert torch.equal(torch.signbit(got), torch.signbit(want))
+
+
+def test_codes_divide_like_ieee_division(monkeypatch):
+    """The quantisers' quotient (one correctly rounded reciprocal per row and an FMA correction, interpreter) is
+    x / scale as IEEE division computes it, bit for bit, wherever the quotient is >= 2^-60 (below that, intermediate
+    underflow is allowed); the e4m3 codes, signed zeros included, match everywhere, tiny and huge scales too."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _check_quotient(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+def test_cuda_codes_divide_like_ieee_division():
+    """The same on the GPU: the compiled div.rn reciprocal and FFMAs against CUDA's IEEE division."""
+    _check_quotient(torch.device("cuda"))
 
 
 def test_a_group_too_small_for_a_scale_gets_scale_1(monkeypatch):
