@@ -134,6 +134,39 @@ def test_autocast_mixed_residual_dtypes(tiny_sparse_config, monkeypatch):
     assert_close(logits, want, 3e-2, "autocast vs fp32")  # measured 1.1e-2
 
 
+def test_mixers_get_autocast_dtype_operands(tiny_sparse_config, monkeypatch):
+    """Autocast does not reach the Triton mixers: under it, q, k, v enter the Lightning and the sparse attention in
+    autocast's dtype (the fp32 qk-norm weights and RoPE tables had promoted q and k to fp32 beside a bf16 v, which
+    ran training's Lightning dots in 3xTF32). The logits stay within bf16 error of the fp32 model; without autocast
+    the operands keep the model's dtype."""
+    import sala.model.modeling_sala as modeling
+    from sala.model.cache import NoCache
+
+    model = _model(tiny_sparse_config, seed=9)
+    ids = _ids(tiny_sparse_config, B=1, T=20)
+    seen, lightning, attend = [], modeling.chunk_lightning, NoCache.attend
+
+    def spy_lightning(q, k, v, *args, **kwargs):
+        seen.append(("lightning", q.dtype, k.dtype, v.dtype))
+        return lightning(q, k, v, *args, **kwargs)
+
+    def spy_attend(self, q, k, v, *args, **kwargs):
+        seen.append(("sparse", q.dtype, k.dtype, v.dtype))
+        return attend(self, q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(modeling, "chunk_lightning", spy_lightning)
+    monkeypatch.setattr(NoCache, "attend", spy_attend)
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits  # no cache: the sparse layers attend through NoCache
+        assert {dt for _, *dts in seen for dt in dts} == {torch.float32}
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(ids, use_cache=False).logits
+    assert {kind for kind, *_ in seen} == {"lightning", "sparse"}
+    assert all(dts == [torch.bfloat16] * 3 for _, *dts in seen), seen
+    assert_close(got, want, 3e-2, "autocast vs fp32")
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_cpu_mlp_row_chunks_equal_the_whole(tiny_sparse_config, monkeypatch, fused):
     """Long CPU inputs run the MLP ``CPU_ROWS`` tokens at a time (small activations); a batch of 2 x 37 tokens

@@ -204,6 +204,12 @@ class _Projections(nn.Module):
                                 k_eps=self.k_norm.eps)
         elif rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if torch.is_autocast_enabled(x.device.type):
+            # Autocast does not reach the Triton mixers. The fp32 norm weights and RoPE tables promoted q and k to
+            # fp32 beside a bf16 v, which sent training's Lightning dots to 3xTF32 with conversion copies. Give the
+            # mixers autocast's dtype, as it would give a matmul: the numbers of a bf16 model's inference.
+            dt = torch.get_autocast_dtype(x.device.type)
+            q, k, v = q.to(dt), k.to(dt), v.to(dt)
         return q, k, v, (gate[0] if gate else None)
 
 
