@@ -205,12 +205,20 @@ class _Projections(nn.Module):
         elif rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if torch.is_autocast_enabled(x.device.type):
-            # Autocast does not reach the Triton mixers. The fp32 norm weights and RoPE tables promoted q and k to
-            # fp32 beside a bf16 v, which sent training's Lightning dots to 3xTF32 with conversion copies. Give the
-            # mixers autocast's dtype, as it would give a matmul: the numbers of a bf16 model's inference.
-            dt = torch.get_autocast_dtype(x.device.type)
+            # Autocast does not reach the Triton mixers. The fp32 qk-norm weights promoted q and k to fp32 beside a
+            # bf16 v, which sent training's Lightning dots to 3xTF32 with conversion copies. Give the mixers
+            # autocast's dtype, as it would give a matmul: the numbers of a bf16 model's inference.
+            dt = mixer_dtype(x)
             q, k, v = q.to(dt), k.to(dt), v.to(dt)
         return q, k, v, (gate[0] if gate else None)
+
+
+def mixer_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a mixer computes and writes in: autocast's where it is on (the residual stream x is then fp32),
+    else x's. A Lightning output in it also keeps the backward's gradient in it, so all four passes of the chunk
+    kernel take 16-bit dots under autocast."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -244,13 +252,13 @@ class LightningAttention(_Projections):
         state = cache.state if cache is not None else None
         rows = cache.rows if cache is not None else None
         if T == 1 and state is not None:
-            o = lightning_step(q[:, 0], k[:, 0], v[:, 0], slopes, self.scale, state, output_dtype=x.dtype,
+            o = lightning_step(q[:, 0], k[:, 0], v[:, 0], slopes, self.scale, state, output_dtype=mixer_dtype(x),
                                state_rows=rows)[:, None]
         else:
             if rows is not None:
                 raise ValueError("a Lightning cache with state rows serves one-token decode steps only")
             o, final = chunk_lightning(q, k, v, slopes, self.scale, initial_state=state,
-                                       output_final_state=cache is not None, output_dtype=x.dtype,
+                                       output_final_state=cache is not None, output_dtype=mixer_dtype(x),
                                        cu_seqlens=layout.cu_seqlens)
             if cache is not None:
                 cache.state = final
