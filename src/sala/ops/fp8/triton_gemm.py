@@ -29,8 +29,7 @@ import triton
 import triton.language as tl
 
 from sala.ops.common.triton_utils import interp_rne, rne_bf16
-from sala.ops.elementwise import GLUE_OPS
-from sala.ops.elementwise import fused
+from sala.ops.elementwise import GLUE_OPS, fused
 from sala.ops.elementwise.fused import glue_value
 from sala.ops.fp8.naive import FP8_MAX
 from sala.utils.env import triton_interpret
@@ -94,8 +93,8 @@ def _quantize_tile(x, FP8_MAX_: tl.constexpr, RNE: tl.constexpr):
 def _load_activation(x_ptr, y_ptr, rows, k, ok, s_xm, s_ym, GLUE: tl.constexpr, RNE_X: tl.constexpr,
                      ACCURATE: tl.constexpr):
     """The activation tile [rows, k] in fp32: x itself (``GLUE`` < 0), or the elementwise glue of x and y whose
-    result the linear reads (SILU_MUL: silu(x) * y, SIGMOID_GATE: x * sigmoid(y)), rounded to x's dtype as the glue kernel stores it
-    (``RNE_X``: by hand, for bf16 in the interpreter)."""
+    result the linear reads (SILU_MUL: silu(x) * y, SIGMOID_GATE: x * sigmoid(y)), rounded to x's dtype as the glue
+    kernel stores it (``RNE_X``: by hand, for bf16 in the interpreter)."""
     x = tl.load(x_ptr + rows[:, None] * s_xm + k[None, :], mask=ok, other=0.0).to(tl.float32)
     if GLUE >= 0:
         y = tl.load(y_ptr + rows[:, None] * s_ym + k[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -142,8 +141,9 @@ QUANT_TILE = (1024, 2)
 """The quantiser's (elements per program, warps) on a GPU: 1.2-1.3 TB/s at M = 8,192 on the 9B projections against
 0.57-0.73 for the other five shapes tried, (4096, 4) included (H200, ``benchmarks/kernels.py --only fp8``)."""
 
-GLUES = {op: getattr(fused, op.upper()) for op in GLUE_OPS}  # the glue kernel's op codes: SILU_MUL, SIGMOID_GATE
-"""Elementwise glue the quantiser can apply first (``sala.ops.elementwise`` entries -> the glue kernel's op codes)."""
+GLUES = {op: getattr(fused, op.upper()) for op in GLUE_OPS}
+"""Elementwise glue the quantiser can apply first: ``sala.ops.elementwise`` entries -> the glue kernel's op codes
+(``SILU_MUL``, ``SIGMOID_GATE``)."""
 
 
 def triton_quantize_groups(x: torch.Tensor, group_size: int | None, scales_column_major: bool = False,
