@@ -6,6 +6,8 @@
 #   STEPS="fp8"                     bf16 vs fp8 vs dense vs transformers at 128K/256K
 #   STEPS="cold"                    first-request TTFT after load (cold process, then warm process) and 1M
 #   STEPS="profile_fp8"             kernel time of one decode step at 256K, bf16 then fp8
+#   STEPS="profile_prefill"         kernel time of one 8K prefill chunk after 128K tokens (a 256K prompt's mean chunk)
+#   STEPS="gemv e2e256"             decode GEMM launch plans vs cuBLAS per 9B shape; bf16 vs fp8 end to end at 256K
 #   STEPS="kl"                      the training KL kernel vs its PyTorch reference (issue 11's distill step)
 #   STEPS="soak"                    issue 17: sala serve, 9B shape, 64 streams at 1K-63K-token prompts (needs
 #                                   fastapi, uvicorn and httpx importable: PYTHONPATH is kept after src)
@@ -29,6 +31,10 @@ python -c "import torch, triton, transformers; print(torch.__version__, triton._
 export SALA_CACHE_DIR=$OUT/cache  # tuning picks of this run, returned with the logs
 
 # -- tests: fp8 GEMMs, the cuDNN split, precompile, cache protocol, fused decode, CUDA graphs
+group_tests_fp8() {
+    python -m pytest -q -p no:cacheprovider -m gpu tests/ops/test_fp8.py tests/model/test_quantize.py
+}
+step tests_fp8 group_tests_fp8
 group_tests() {
     python -m pytest -q -p no:cacheprovider -m gpu tests/ops/test_fp8.py tests/model/test_quantize.py \
         tests/ops/test_dense_sdpa.py tests/engine/test_fused_decode.py tests/engine/test_cuda_graphs.py \
@@ -46,6 +52,12 @@ step gemm python benchmarks/kernels.py --only fp8 --out "$OUT/kernels"
 # -- issue 15: where an fp8 decode step's time goes (5.77 ms against a 2.30 ms weight-read floor), bf16 beside it
 step profile_fp8 bash -c 'for q in none fp8; do timeout 200 python benchmarks/profile_step.py --context 256K \
     --quantize $q --top 30; done'
+step profile_prefill bash -c 'for q in none fp8; do timeout 200 python benchmarks/profile_step.py --context 128K \
+    --prefill 8192 --quantize $q --steps 2 --top 30; done'
+step e2e256 sala bench e2e --systems sala,sala-fp8 --contexts 256K --decode-steps 16 --decode-batch 8 \
+    --out "$OUT/e2e_256k"
+# -- issue 15: decode GEMMs, every launch plan against cuBLAS bf16, weights rotated past the L2
+step gemv env PYTHONPATH=src:benchmarks python benchmarks/decode_gemv.py
 # -- issue 11: the distillation KL kernel against the PyTorch passes it replaced (SmolLM2 vocabulary)
 step kl python benchmarks/kernels.py --only kl --out "$OUT/kernels"
 # -- issue 15: bf16 vs fp8 (groups of 128, and row-wise) vs the dense systems

@@ -190,7 +190,8 @@ def _fp8_group_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, ws_ptr
                            s_am, s_asm, s_bn, s_bsn, s_cm, s_ws,
                            GROUP: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                            QUANT_A: tl.constexpr, HAS_BIAS: tl.constexpr, RNE_O: tl.constexpr,
-                           FP8_MAX_: tl.constexpr, RNE_A: tl.constexpr, SPLIT: tl.constexpr):
+                           FP8_MAX_: tl.constexpr, RNE_A: tl.constexpr, SPLIT: tl.constexpr, UNROLL: tl.constexpr,
+                           SCALED: tl.constexpr):
     """Program (m tile, n tile, K split): K steps [split * STEPS, min(NK, (split + 1) * STEPS)).
 
     With several splits (``SPLIT``) each program stores its fp32 partial sum in the workspace ws [splits, M, N]
@@ -211,20 +212,31 @@ def _fp8_group_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, ws_ptr
     # One loop over K steps of BK = min(GROUP, 128); each step's fp32 partial product takes its group's two scales
     # (a group past 128 spans several steps; scaling distributes over their sum). A static inner loop over a large
     # group's steps made the pipeliner keep every step's tiles live: 384 KB of shared memory for GROUP=512.
-    for kk in range(kk0, kk1):
-        k = kk * BK + rk
-        k_ok = k < K
-        a_mask = m_ok[:, None] & k_ok[None, :]
-        b = tl.load(b_ptr + rn[None, :] * s_bn + k[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-        g = (kk * BK) // GROUP
-        if QUANT_A:  # a is the float activation; BK == GROUP, so this step is one whole group of each row
-            x = tl.load(a_ptr + rm[:, None] * s_am + k[None, :], mask=a_mask, other=0.0).to(tl.float32)
-            a, sa = _quantize_tile(x, FP8_MAX_, RNE_A)
-        else:
-            a = tl.load(a_ptr + rm[:, None] * s_am + k[None, :], mask=a_mask, other=0.0)
-            sa = tl.load(as_ptr + rm * s_asm + g, mask=m_ok, other=0.0)
-        sb = tl.load(bs_ptr + rn * s_bsn + g, mask=n_ok, other=0.0)
-        acc += tl.dot(a, b, out_dtype=tl.float32) * sa[:, None] * sb[None, :]
+    # UNROLL consecutive K steps per iteration: each weight row is then read in UNROLL * BK contiguous bytes at once
+    # (steps past this split's last are masked to zero).
+    k_end = tl.minimum(K, kk1 * BK)
+    for kk_base in range(kk0, kk1, UNROLL):
+        for j in tl.static_range(UNROLL):
+            kk = kk_base + j
+            k = kk * BK + rk
+            k_ok = k < k_end
+            a_mask = m_ok[:, None] & k_ok[None, :]
+            b = tl.load(b_ptr + rn[None, :] * s_bn + k[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            if SCALED:
+                g = (tl.minimum(kk, kk1 - 1) * BK) // GROUP  # a masked step past the split reads a valid scale
+                if QUANT_A:  # a is the float activation; BK == GROUP, so this step is one whole group of each row
+                    x = tl.load(a_ptr + rm[:, None] * s_am + k[None, :], mask=a_mask, other=0.0).to(tl.float32)
+                    a, sa = _quantize_tile(x, FP8_MAX_, RNE_A)
+                else:
+                    a = tl.load(a_ptr + rm[:, None] * s_am + k[None, :], mask=a_mask, other=0.0)
+                    sa = tl.load(as_ptr + rm * s_asm + g, mask=m_ok, other=0.0)
+                sb = tl.load(bs_ptr + rn * s_bsn + g, mask=n_ok, other=0.0)
+                acc += tl.dot(a, b, out_dtype=tl.float32) * sa[:, None] * sb[None, :]
+            else:  # a plain 16-bit GEMM (a and b of one float dtype): the decode GEMV of unquantised weights
+                a = tl.load(a_ptr + rm[:, None] * s_am + k[None, :], mask=a_mask, other=0.0)
+                if RNE_A:  # the interpreter: its dots take no bf16; fp32 products of bf16 values are exact
+                    a, b = a.to(tl.float32), b.to(tl.float32)
+                acc = tl.dot(a, b, acc, out_dtype=tl.float32)
     c_mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT:
         tile_ws = ws_ptr + rm[:, None] * N + rn[None, :]
@@ -284,17 +296,15 @@ def split_k_plan(tiles: int, k_steps: int, sms: int) -> int:
 
 def triton_fp8_group_gemm(xq: torch.Tensor, x_scale: torch.Tensor | None, q_weight: torch.Tensor,
                           w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype, group_size: int,
-                          split_k: int | None = None, plan: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                          split_k: int | None = None, plan: tuple[int, ...] | None = None) -> torch.Tensor:
     """xq [M, K] fp8 with x_scale [M, G] fp32, or xq [M, K] float (fp32/bf16/fp16) with ``x_scale=None`` to
     quantise inside the kernel (group_size <= 128 only: one group per K step); q_weight [N, K] fp8, w_scale [N, G]
     fp32, bias [N] | None -> [M, N] in ``out_dtype``; G = ceil(K / group_size), group_size a power of two >= 16.
     ``split_k``: K splits (default: :func:`split_k_plan` on CUDA, 1 in the interpreter). ``plan``: (BM, BN, warps,
-    stages) instead of :func:`launch_plan`'s, for benchmarks comparing launch shapes (BM, BN >= 16); the numbers do
-    not depend on it beyond fp32 summation order across K splits."""
+    stages[, K steps per iteration]) instead of :func:`launch_plan`'s, for benchmarks comparing launch shapes (BM,
+    BN >= 16); the numbers do not depend on it beyond fp32 summation order across K splits."""
     M, K = xq.shape
-    N = q_weight.shape[0]
     quant_a = x_scale is None
-    bk = min(group_size, 128)
     if quant_a:
         if group_size > 128:
             raise ValueError(f"in-kernel activation quantisation takes groups of <= 128 (one per K step); got "
@@ -304,14 +314,37 @@ def triton_fp8_group_gemm(xq: torch.Tensor, x_scale: torch.Tensor | None, q_weig
     elif x_scale.shape[1] != triton.cdiv(K, group_size):
         raise ValueError(f"x_scale has {x_scale.shape[1]} groups per row; K={K} in groups of {group_size} needs "
                          f"{triton.cdiv(K, group_size)}")
-    xq, q_weight, w_scale = xq.contiguous(), q_weight.contiguous(), w_scale.contiguous()
+    w_scale = w_scale.contiguous()
     x_scale = w_scale if quant_a else x_scale.contiguous()  # a placeholder pointer when quantising in the kernel
+    return _launch_gemm(xq, x_scale, q_weight, w_scale, bias, out_dtype, group_size, quant_a, split_k,
+                        plan or launch_plan(M, quant_a))
+
+
+def triton_decode_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                       split_k: int | None = None, plan: tuple[int, ...] | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for decode-sized M with 16-bit weights: x [M, K], weight [N, K] of x's dtype
+    (bf16 / fp16), bias [N] | None -> [M, N] in x's dtype, fp32 accumulation; the fp8 kernel's K loop and split-K
+    without scales. ``split_k`` / ``plan`` as :func:`triton_fp8_group_gemm`."""
+    if x.dtype != weight.dtype or x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"triton_decode_gemm wants x and weight of one 16-bit float dtype; got {x.dtype}, "
+                         f"{weight.dtype}")
+    return _launch_gemm(x, weight, weight, weight, bias, x.dtype, 128, False, split_k,
+                        plan or launch_plan(x.shape[0], False), scaled=False)
+
+
+def _launch_gemm(xq, x_scale, q_weight, w_scale, bias, out_dtype, group_size, quant_a, split_k, plan,
+                 scaled: bool = True) -> torch.Tensor:
+    M, K = xq.shape
+    N = q_weight.shape[0]
+    bk = min(group_size, 128)
+    xq, q_weight = xq.contiguous(), q_weight.contiguous()
     out = torch.empty(M, N, dtype=out_dtype, device=xq.device)
     if M == 0:
         return out
     if K == 0:  # an empty sum
         return out.fill_(0) if bias is None else out.copy_(bias.float().expand(M, N))
-    bm, bn, warps, stages = plan or launch_plan(M, quant_a)
+    bm, bn, warps, stages, *rest = plan
+    unroll = rest[0] if rest else 1
     nk = triton.cdiv(K, bk)
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     if split_k is None:
@@ -330,8 +363,8 @@ def triton_fp8_group_gemm(xq: torch.Tensor, x_scale: torch.Tensor | None, q_weig
         steps, xq.stride(0), x_scale.stride(0), q_weight.stride(0), w_scale.stride(0), out.stride(0),
         workspace.stride(0) if split_k > 1 else 0,
         GROUP=group_size, BK=bk, BM=bm, BN=bn, QUANT_A=quant_a, HAS_BIAS=bias is not None,
-        RNE_O=interp_rne(out_dtype), FP8_MAX_=FP8_MAX, RNE_A=triton_interpret(), SPLIT=split_k > 1, num_warps=warps,
-        num_stages=stages)
+        RNE_O=interp_rne(out_dtype), FP8_MAX_=FP8_MAX, RNE_A=triton_interpret(), SPLIT=split_k > 1, UNROLL=unroll,
+        SCALED=scaled, num_warps=warps, num_stages=stages)
     return out
 
 

@@ -1,0 +1,143 @@
+"""Decode GEMMs (M = 1 and 8) on the 9B projection shapes: how close each gets to the card's weight-read bandwidth.
+
+Times cuBLAS bf16 (``F.linear``), sala's Triton 16-bit decode GEMM (``triton_decode_gemm``) and the fp8 group GEMM
+(``triton_fp8_group_gemm``, activations quantised in the kernel, groups of 128) over a sweep of launch plans
+(BN, warps, stages, K steps per iteration) and K-split targets (CTAs per SM). Each timed call reads a different
+copy of the weight (the copies together are over 3x the L2), 32 calls per CUDA graph, as a decode step's layers
+do: a repeated weight would be served from L2. Every variant is checked against ``F.linear`` / the fp8 reference
+first. Prints TB/s of weight bytes and writes ``$OUT/decode_gemv.json``.
+
+    PYTHONPATH=src:benchmarks OUT=out python benchmarks/decode_gemv.py        # one GPU, a few minutes
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from kernels import FP8_SHAPES  # benchmarks/ is on PYTHONPATH (see the usage line)
+from sala.ops.fp8 import naive_fp8_linear, quantize_fp8_weight
+from sala.ops.fp8.triton_gemm import _sm_count, launch_plan, triton_decode_gemm, triton_fp8_group_gemm
+from sala.utils.testing import rel_l2
+
+L2_BYTES = 60 * 2**20
+CALLS = 32
+
+
+def graph_us(fn_of_copy, copies: int) -> float:
+    """Median microseconds per call: CALLS calls, call i on weight copy i % copies, in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(3):
+            fn_of_copy(i % copies)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(CALLS):
+            fn_of_copy(i % copies)
+    graph.replay()
+    times = []
+    for _ in range(5):  # median of 5 x 10 replays: each replay is 32 calls of 5-100 us
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 10)
+    return 1e3 * sorted(times)[2] / CALLS
+
+
+def splits_for(tiles: int, k_steps: int, sms: int, per_sm: int) -> int:
+    if tiles >= per_sm * sms // 2:
+        return 1
+    return max(1, min(triton.cdiv(per_sm * sms, tiles), k_steps // 2))
+
+
+def main() -> None:
+    out_dir = os.environ.get("OUT", "out")
+    os.makedirs(out_dir, exist_ok=True)
+    dev = torch.device("cuda")
+    sms = _sm_count(0)
+    print(torch.cuda.get_device_name(0), f"{sms} SMs", torch.__version__, triton.__version__, flush=True)
+    quick = "--quick" in sys.argv
+    fp8_plans = [(16, bn, w, s, u) for bn, w, s, u in itertools.product((64, 128), (4, 8), (2, 3, 4), (1, 2, 4))]
+    bf16_plans = [(16, bn, w, s, u) for bn, w, s, u in itertools.product((64, 128), (4, 8), (3, 4), (1, 2))]
+    per_sm_choices = (2, 4)
+    if quick:
+        fp8_plans, bf16_plans, per_sm_choices = fp8_plans[:3], bf16_plans[:2], (2,)
+    rows = []
+    for name, k, n in FP8_SHAPES:
+        g = torch.Generator(device=dev).manual_seed(k + n)
+        copies = max(2, triton.cdiv(3 * L2_BYTES, k * n))
+        w16 = [(0.02 * torch.randn(n, k, device=dev, generator=g)).bfloat16() for _ in range(copies)]
+        q8 = [quantize_fp8_weight(w.float(), 128) for w in w16]
+        for m in (1, 8):
+            x = torch.randn(m, k, device=dev, generator=g).bfloat16()
+            ref16 = F.linear(x, w16[0]).float()
+            ref8 = naive_fp8_linear(x, *q8[0], None, torch.bfloat16, 128).float()
+            row = {"shape": name, "K": k, "N": n, "M": m, "copies": copies}
+            row["cublas_bf16_us"] = graph_us(lambda i: F.linear(x, w16[i]), copies)
+            row["fp8_default_us"] = graph_us(lambda i: triton_fp8_group_gemm(x, None, *q8[i], None, torch.bfloat16,
+                                                                              128), copies)
+            row["fp8_default_plan"] = launch_plan(m, True)
+            best8, best16 = (None, 1e9), (None, 1e9)
+            for plan in fp8_plans:
+                tiles = triton.cdiv(n, plan[1])
+                for per_sm in per_sm_choices:
+                    split = splits_for(tiles, k // 128, sms, per_sm)
+                    fn = lambda i: triton_fp8_group_gemm(x, None, *q8[i], None, torch.bfloat16, 128,  # noqa: E731
+                                                         split_k=split, plan=plan)
+                    err = rel_l2(fn(0).float(), ref8)
+                    if not err < 1e-2:
+                        print(f"  fp8 {name} M={m} plan {plan} split {split}: rel err {err:.2e}, skipped")
+                        continue
+                    us = graph_us(fn, copies)
+                    row[f"fp8 {plan[1]}n{plan[2]}w{plan[3]}s{plan[4]}u/{per_sm}"] = us
+                    if us < best8[1]:
+                        best8 = ((plan, per_sm, split), us)
+            for plan in bf16_plans:
+                tiles = triton.cdiv(n, plan[1])
+                for per_sm in per_sm_choices:
+                    split = splits_for(tiles, k // 128, sms, per_sm)
+                    fn = lambda i: triton_decode_gemm(x, w16[i], split_k=split, plan=plan)  # noqa: E731
+                    err = rel_l2(fn(0).float(), ref16)
+                    if not err < 1e-2:
+                        print(f"  bf16 {name} M={m} plan {plan} split {split}: rel err {err:.2e}, skipped")
+                        continue
+                    us = graph_us(fn, copies)
+                    row[f"bf16 {plan[1]}n{plan[2]}w{plan[3]}s{plan[4]}u/{per_sm}"] = us
+                    if us < best16[1]:
+                        best16 = ((plan, per_sm, split), us)
+            row["fp8_best"], row["fp8_best_us"] = best8
+            row["bf16_best"], row["bf16_best_us"] = best16
+            gb16, gb8 = 2 * k * n / 1e9, k * n * (1 + 4 / 128) / 1e9
+            print(f"{name:8s} M={m}: cuBLAS bf16 {row['cublas_bf16_us']:7.1f} us ({gb16 / row['cublas_bf16_us'] * 1e3:.2f} TB/s)"
+                  f" | triton bf16 best {best16[1]:7.1f} us ({gb16 / best16[1] * 1e3:.2f} TB/s) {best16[0]}"
+                  f" | fp8 default {row['fp8_default_us']:6.1f} us ({gb8 / row['fp8_default_us'] * 1e3:.2f} TB/s)"
+                  f" | fp8 best {best8[1]:6.1f} us ({gb8 / best8[1] * 1e3:.2f} TB/s) {best8[0]}", flush=True)
+            rows.append(row)
+        del w16, q8
+    # per plan over all shapes at M = 1 and 8: which single plan (and split target) is best on the sum
+    for kind in ("fp8", "bf16"):
+        keys = [key for key in rows[0] if key.startswith(kind + " ")]
+        for m in (1, 8):
+            totals = sorted((sum(r[key] for r in rows if r["M"] == m and key in r), key) for key in keys)
+            print(f"{kind} M={m}: best plans over the four shapes (sum of us):",
+                  ", ".join(f"{key} {t:.1f}" for t, key in totals[:5]))
+        for m in (1, 8):
+            print(f"  {kind} M={m} reference sums: cuBLAS bf16 {sum(r['cublas_bf16_us'] for r in rows if r['M'] == m):.1f}"
+                  f", fp8 default {sum(r['fp8_default_us'] for r in rows if r['M'] == m):.1f}, per-shape best "
+                  f"{sum(r[kind + '_best_us'] for r in rows if r['M'] == m):.1f}")
+    with open(os.path.join(out_dir, "decode_gemv.json"), "w") as f:
+        json.dump(rows, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
