@@ -57,6 +57,22 @@ def fp8_cublas_blockwise() -> bool:
     return _switch("SALA_FP8_CUBLAS")
 
 
+def fp8_decode_plan() -> tuple[int, int, int, int, int] | None:
+    """``SALA_FP8_DECODE_PLAN=BM,BN,warps,stages,swap``: the decode-sized fp8 group GEMM's launch plan instead of
+    the built-in one (for benchmarks comparing plans end to end); unset: None."""
+    value = os.environ.get("SALA_FP8_DECODE_PLAN", "").strip()
+    if not value:
+        return None
+    try:
+        plan = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        plan = ()
+    if len(plan) != 5 or min(plan[:4]) < 1 or plan[0] < 16 or plan[1] < 16 or plan[4] not in (0, 1):
+        raise ValueError(f"SALA_FP8_DECODE_PLAN must be BM,BN,warps,stages,swap (BM, BN >= 16, warps and stages >= 1, "
+                         f"swap 0 or 1); got {value!r}")
+    return plan
+
+
 def triton_interpret() -> bool:
     """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

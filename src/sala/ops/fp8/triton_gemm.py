@@ -32,6 +32,7 @@ from sala.ops.common.triton_utils import interp_rne, rne_bf16
 from sala.ops.elementwise import GLUE_OPS, fused
 from sala.ops.elementwise.fused import glue_value
 from sala.ops.fp8.naive import FP8_MAX
+from sala.utils import env
 from sala.utils.env import triton_interpret
 
 
@@ -190,7 +191,7 @@ def _fp8_group_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, ws_ptr
                            s_am, s_asm, s_bn, s_bsn, s_cm, s_ws,
                            GROUP: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                            QUANT_A: tl.constexpr, HAS_BIAS: tl.constexpr, RNE_O: tl.constexpr,
-                           FP8_MAX_: tl.constexpr, RNE_A: tl.constexpr, SPLIT: tl.constexpr, UNROLL: tl.constexpr,
+                           FP8_MAX_: tl.constexpr, RNE_A: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr,
                            SCALED: tl.constexpr):
     """Program (m tile, n tile, K split): K steps [split * STEPS, min(NK, (split + 1) * STEPS)).
 
@@ -206,37 +207,45 @@ def _fp8_group_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, ws_ptr
     rk = tl.arange(0, BK)
     m_ok = rm < M
     n_ok = rn < N
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    # SWAP (decode-sized M): the product is computed transposed, C^T = B @ A^T, so that the weight tile is the MMA's
+    # M operand (64+ rows: Hopper's wgmma reads it from shared memory) and the few tokens are its N operand
+    acc = tl.zeros((BN, BM) if SWAP else (BM, BN), dtype=tl.float32)
     kk0 = split * STEPS
     kk1 = tl.minimum(kk0 + STEPS, NK)
     # One loop over K steps of BK = min(GROUP, 128); each step's fp32 partial product takes its group's two scales
     # (a group past 128 spans several steps; scaling distributes over their sum). A static inner loop over a large
     # group's steps made the pipeliner keep every step's tiles live: 384 KB of shared memory for GROUP=512.
-    # UNROLL consecutive K steps per iteration: each weight row is then read in UNROLL * BK contiguous bytes at once
-    # (steps past this split's last are masked to zero).
-    k_end = tl.minimum(K, kk1 * BK)
-    for kk_base in range(kk0, kk1, UNROLL):
-        for j in tl.static_range(UNROLL):
-            kk = kk_base + j
-            k = kk * BK + rk
-            k_ok = k < k_end
-            a_mask = m_ok[:, None] & k_ok[None, :]
+    for kk in range(kk0, kk1):
+        k = kk * BK + rk
+        k_ok = k < K
+        a_mask = m_ok[:, None] & k_ok[None, :]
+        if SWAP:  # [BN, BK]
+            b = tl.load(b_ptr + rn[:, None] * s_bn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        else:  # [BK, BN]
             b = tl.load(b_ptr + rn[None, :] * s_bn + k[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-            if SCALED:
-                g = (tl.minimum(kk, kk1 - 1) * BK) // GROUP  # a masked step past the split reads a valid scale
-                if QUANT_A:  # a is the float activation; BK == GROUP, so this step is one whole group of each row
-                    x = tl.load(a_ptr + rm[:, None] * s_am + k[None, :], mask=a_mask, other=0.0).to(tl.float32)
-                    a, sa = _quantize_tile(x, FP8_MAX_, RNE_A)
-                else:
-                    a = tl.load(a_ptr + rm[:, None] * s_am + k[None, :], mask=a_mask, other=0.0)
-                    sa = tl.load(as_ptr + rm * s_asm + g, mask=m_ok, other=0.0)
-                sb = tl.load(bs_ptr + rn * s_bsn + g, mask=n_ok, other=0.0)
-                acc += tl.dot(a, b, out_dtype=tl.float32) * sa[:, None] * sb[None, :]
-            else:  # a plain 16-bit GEMM (a and b of one float dtype): the decode GEMV of unquantised weights
+        if SCALED:
+            g = (kk * BK) // GROUP
+            if QUANT_A:  # a is the float activation; BK == GROUP, so this step is one whole group of each row
+                x = tl.load(a_ptr + rm[:, None] * s_am + k[None, :], mask=a_mask, other=0.0).to(tl.float32)
+                a, sa = _quantize_tile(x, FP8_MAX_, RNE_A)
+            else:
                 a = tl.load(a_ptr + rm[:, None] * s_am + k[None, :], mask=a_mask, other=0.0)
-                if RNE_A:  # the interpreter: its dots take no bf16; fp32 products of bf16 values are exact
-                    a, b = a.to(tl.float32), b.to(tl.float32)
+                sa = tl.load(as_ptr + rm * s_asm + g, mask=m_ok, other=0.0)
+            sb = tl.load(bs_ptr + rn * s_bsn + g, mask=n_ok, other=0.0)
+            if SWAP:
+                acc += tl.dot(b, tl.trans(a), out_dtype=tl.float32) * sb[:, None] * sa[None, :]
+            else:
+                acc += tl.dot(a, b, out_dtype=tl.float32) * sa[:, None] * sb[None, :]
+        else:  # a plain 16-bit GEMM (a and b of one float dtype): the decode GEMV of unquantised weights
+            a = tl.load(a_ptr + rm[:, None] * s_am + k[None, :], mask=a_mask, other=0.0)
+            if RNE_A:  # the interpreter: its dots take no bf16; fp32 products of bf16 values are exact
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            if SWAP:
+                acc = tl.dot(b, tl.trans(a), acc, out_dtype=tl.float32)
+            else:
                 acc = tl.dot(a, b, acc, out_dtype=tl.float32)
+    if SWAP:
+        acc = tl.trans(acc)
     c_mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT:
         tile_ws = ws_ptr + rm[:, None] * N + rn[None, :]
@@ -271,7 +280,7 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def launch_plan(m: int, quantise: bool = True) -> tuple[int, int, int, int]:
+def launch_plan(m: int, quantise: bool = True) -> tuple[int, ...]:
     """(BM, BN, num_warps, num_stages) for M rows: decode-sized M reads each weight tile once per 16 rows; prefill
     takes 128 x 128 tiles. The interpreter takes small tiles (it runs every program in Python). ``quantise``: the
     kernel quantises its rows itself. At decode that takes 16 x 128 tiles with 8 warps and 3 stages, 5% faster over
@@ -279,6 +288,8 @@ def launch_plan(m: int, quantise: bool = True) -> tuple[int, int, int, int]:
     H100, CUDA graphs, ``benchmarks/fp8_decode_division.py``)."""
     if triton_interpret():
         return 16, 32, 1, 1
+    if m <= 16 and env.fp8_decode_plan() is not None:
+        return env.fp8_decode_plan()
     if m <= 16:
         return (16, 128, 8, 3) if quantise else (16, 64, 4, 4)
     if m <= 64:
@@ -301,7 +312,7 @@ def triton_fp8_group_gemm(xq: torch.Tensor, x_scale: torch.Tensor | None, q_weig
     quantise inside the kernel (group_size <= 128 only: one group per K step); q_weight [N, K] fp8, w_scale [N, G]
     fp32, bias [N] | None -> [M, N] in ``out_dtype``; G = ceil(K / group_size), group_size a power of two >= 16.
     ``split_k``: K splits (default: :func:`split_k_plan` on CUDA, 1 in the interpreter). ``plan``: (BM, BN, warps,
-    stages[, K steps per iteration]) instead of :func:`launch_plan`'s, for benchmarks comparing launch shapes (BM,
+    stages[, swap]) instead of :func:`launch_plan`'s, for benchmarks comparing launch shapes (BM,
     BN >= 16); the numbers do not depend on it beyond fp32 summation order across K splits."""
     M, K = xq.shape
     quant_a = x_scale is None
@@ -344,7 +355,7 @@ def _launch_gemm(xq, x_scale, q_weight, w_scale, bias, out_dtype, group_size, qu
     if K == 0:  # an empty sum
         return out.fill_(0) if bias is None else out.copy_(bias.float().expand(M, N))
     bm, bn, warps, stages, *rest = plan
-    unroll = rest[0] if rest else 1
+    swap = bool(rest[0]) if rest else False
     nk = triton.cdiv(K, bk)
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     if split_k is None:
@@ -363,7 +374,7 @@ def _launch_gemm(xq, x_scale, q_weight, w_scale, bias, out_dtype, group_size, qu
         steps, xq.stride(0), x_scale.stride(0), q_weight.stride(0), w_scale.stride(0), out.stride(0),
         workspace.stride(0) if split_k > 1 else 0,
         GROUP=group_size, BK=bk, BM=bm, BN=bn, QUANT_A=quant_a, HAS_BIAS=bias is not None,
-        RNE_O=interp_rne(out_dtype), FP8_MAX_=FP8_MAX, RNE_A=triton_interpret(), SPLIT=split_k > 1, UNROLL=unroll,
+        RNE_O=interp_rne(out_dtype), FP8_MAX_=FP8_MAX, RNE_A=triton_interpret(), SPLIT=split_k > 1, SWAP=swap,
         SCALED=scaled, num_warps=warps, num_stages=stages)
     return out
 
