@@ -481,10 +481,9 @@ def bench_sparse_decode(Ls=(32768, 131072, 262144, 1048576), batches=(1, 8), H: 
 FP8_SHAPES = (("qkv", 4096, 6144), ("o_proj", 4096, 4096), ("gate_up", 4096, 32768), ("down", 16384, 4096))
 
 
-# launch shapes of the decode-sized group GEMM compared at M <= 16 (in-kernel quantisation): (BM, BN, warps, stages);
-# the default is triton_gemm.launch_plan's
-DECODE_PLANS = ((16, 128, 8, 3), (16, 64, 4, 4), (16, 16, 4, 4), (16, 32, 4, 4), (16, 32, 2, 6), (16, 128, 4, 4),
-                (16, 64, 4, 8), (16, 256, 8, 3))
+# launch shapes of the decode-sized group GEMM compared at M <= 16 (in-kernel quantisation): (BM, BN, warps, stages,
+# swap); the first is triton_gemm.launch_plan's default (benchmarks/decode_gemv.py sweeps many more)
+DECODE_PLANS = ((16, 128, 8, 3, 1), (16, 64, 4, 3, 1), (16, 128, 8, 3, 0), (16, 64, 4, 4, 0), (16, 256, 8, 3, 1))
 # launch shapes of the one-pass quantiser compared at prefill M: (elements per program, warps); the first is the
 # default (triton_gemm.QUANT_TILE)
 QUANT_TILES = ((1024, 2), (512, 1), (512, 2), (2048, 4), (4096, 4), (1024, 4))
@@ -542,7 +541,7 @@ def bench_fp8_gemm(Ms=(1, 8, 8192), shapes=FP8_SHAPES, group: int = 128, device:
                 if dev.type == "cuda" and m <= 16:  # decode launch shapes: (BM, BN, warps, stages) x K splits
                     for plan in DECODE_PLANS:
                         for split in (None, 1):
-                            label = f"plan {plan[1]}n/{plan[2]}w/{plan[3]}s/{'auto' if split is None else 1}"
+                            label = f"plan {plan[1]}n/{plan[2]}w/{plan[3]}s{'/swap' * plan[4]}/{'auto' if split is None else 1}"
                             tiles[f"{label} TB/s"] = k * n / timer(lambda: triton_fp8_group_gemm(
                                 x, None, qg, sg, None, torch.bfloat16, group, split_k=split, plan=plan)) / 1e9
                 if dev.type == "cuda" and m > 16:  # launch shapes of the quantiser: (elements per program, warps),

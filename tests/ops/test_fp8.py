@@ -483,6 +483,58 @@ def test_triton_group_gemm_split_k_and_in_kernel_quantisation(monkeypatch, m, k,
         triton_fp8_group_gemm(xq, None, q, s, b, torch.float32, 64)
 
 
+@pytest.mark.parametrize("m,k,n,split", [(1, 640, 48, 3), (9, 384, 40, 1), (16, 512, 33, 2)])
+def test_transposed_decode_product_matches_reference(monkeypatch, m, k, n, split):
+    """The decode plans' transposed product (``swap``: C^T = W @ x^T, the weight tile as the MMA's M operand), with
+    in-kernel and prior quantisation, split-K and a ragged N tile: the reference's numbers, in the interpreter."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from sala.ops.fp8.naive import quantize_groups
+    from sala.ops.fp8.triton_gemm import triton_fp8_group_gemm
+
+    x = 2 * _randn(m, k, seed=71)
+    q, s = quantize_fp8_weight(0.05 * _randn(n, k, seed=72), 128)
+    b = 0.2 * _randn(n, seed=73)
+    want = naive_fp8_linear(x, q, s, b, torch.float32, 128)
+    xq, xs = quantize_groups(x, 128)
+    for swap in (1, 0):
+        plan = (16, 32, 1, 1, swap)
+        assert_close(triton_fp8_group_gemm(x, None, q, s, b, torch.float32, 128, split_k=split, plan=plan), want,
+                     1e-6, f"in-kernel quantisation, swap={swap}, split-K x{split}")
+        assert_close(triton_fp8_group_gemm(xq, xs, q, s, b, torch.float32, 128, split_k=split, plan=plan), want,
+                     1e-6, f"quantised rows, swap={swap}, split-K x{split}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_decode_gemm_is_f_linear(monkeypatch, dtype):
+    """The 16-bit decode GEMM (the fp8 kernel without scales), both product orientations and split-K, against
+    F.linear in fp32 on the same 16-bit values; mismatched dtypes are refused."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from sala.ops.fp8.triton_gemm import triton_decode_gemm
+
+    x, w, b = (_randn(*shape, seed=seed).to(dtype) for shape, seed in (((5, 640), 74), ((40, 640), 75), ((40,), 76)))
+    w = (0.05 * w.float()).to(dtype)
+    want = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    for swap, split in ((0, 1), (1, 3)):
+        got = triton_decode_gemm(x, w, b, split_k=split, plan=(16, 32, 1, 1, swap))
+        assert got.dtype == dtype
+        assert_close(got.float(), want, 4e-3, f"decode GEMM {dtype}, swap={swap}, split-K x{split}")
+    with pytest.raises(ValueError, match="one 16-bit float dtype"):
+        triton_decode_gemm(x.float(), w.float())
+
+
+def test_fp8_decode_plan_switch(monkeypatch):
+    from sala.utils import env
+
+    monkeypatch.setenv("SALA_FP8_DECODE_PLAN", "16,64,4,3,1")
+    assert env.fp8_decode_plan() == (16, 64, 4, 3, 1)
+    monkeypatch.delenv("SALA_FP8_DECODE_PLAN")
+    assert env.fp8_decode_plan() is None
+    for bad in ("16,64,4,3", "8,64,4,3,1", "16,64,4,3,2", "a,b,c,d,e"):
+        monkeypatch.setenv("SALA_FP8_DECODE_PLAN", bad)
+        with pytest.raises(ValueError, match="BM,BN,warps,stages,swap"):
+            env.fp8_decode_plan()
+
+
 def _fake_blockwise_scaled_mm(accepted: int, wrong: bool = False):
     """A stand-in for a torch whose ``_scaled_mm`` takes 1 x 128 block scales with the weight's scales in layout
     ``accepted`` of WEIGHT_SCALE_LAYOUTS only (other layouts raise, like an unsupported recipe); it dequantises

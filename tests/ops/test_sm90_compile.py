@@ -36,6 +36,7 @@ _SCRIPT = textwrap.dedent('''
                            target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
         ptx = k.asm["ptx"]
         return {"cubin": "cubin" in k.asm, "div_rn": "div.rn.f32" in ptx, "div_rn_count": ptx.count("div.rn.f32"),
+                "wgmma": "wgmma.mma_async" in ptx, "mma_sync": "mma.sync" in ptx,
                 "div_approx": "div.full.f32" in ptx or "div.approx.f32" in ptx,
                 "acq_rel": "atom.global.gpu.acq_rel" in ptx or "atom.acq_rel.gpu" in ptx,
                 "cg_loads": "ld.global.cg" in ptx}
@@ -57,16 +58,18 @@ _SCRIPT = textwrap.dedent('''
     # the default launch plans: decode quantising in the kernel with split-K, decode pre-quantised, prefill
     for name, quant_a, m, split in (("decode quant", True, 1, True), ("decode", False, 1, False),
                                     ("prefill", False, 8192, False)):
-        bm, bn, warps, stages = launch_plan(m, quant_a)
+        bm, bn, warps, stages, swap = launch_plan(m, quant_a)
         g = {"a_ptr": "*bf16" if quant_a else "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv",
              "bs_ptr": "*fp32", "bias_ptr": "*fp32", "c_ptr": "*bf16", "ws_ptr": "*fp32", "arrivals_ptr": "*i32",
              "M": "i32", "N": "i32", "K": "i32", "NK": "i32", "STEPS": "i32", "s_am": "i32", "s_asm": "i32",
              "s_bn": "i32", "s_bsn": "i32", "s_cm": "i32", "s_ws": "i32", "GROUP": "constexpr", "BK": "constexpr",
              "BM": "constexpr", "BN": "constexpr", "QUANT_A": "constexpr", "HAS_BIAS": "constexpr",
-             "RNE_O": "constexpr", "FP8_MAX_": "constexpr", "RNE_A": "constexpr", "SPLIT": "constexpr"}
+             "RNE_O": "constexpr", "FP8_MAX_": "constexpr", "RNE_A": "constexpr", "SPLIT": "constexpr",
+             "SWAP": "constexpr", "SCALED": "constexpr"}
         out[f"fp8 gemm {name}"] = build(_fp8_group_gemm_kernel, g, {
             "GROUP": 128, "BK": 128, "BM": bm, "BN": bn, "QUANT_A": quant_a, "HAS_BIAS": True, "RNE_O": False,
-            "FP8_MAX_": FP8_MAX, "RNE_A": False, "SPLIT": split}, warps=warps, stages=stages)
+            "FP8_MAX_": FP8_MAX, "RNE_A": False, "SPLIT": split, "SWAP": bool(swap), "SCALED": True},
+            warps=warps, stages=stages)
     print(json.dumps(out))
 ''')
 
@@ -93,6 +96,13 @@ def test_split_k_handshake_is_ordered(compiled):
     """The arrival count releases the partial sums and acquires the others' at GPU scope, and the last split reads
     them past L1 (which is not coherent across SMs)."""
     assert compiled["fp8 gemm decode quant"]["acq_rel"] and compiled["fp8 gemm decode quant"]["cg_loads"], compiled
+
+
+def test_decode_plans_run_the_weight_tile_through_wgmma(compiled):
+    """Decode plans compute C^T = W @ x^T so that the weight tile is the M operand of Hopper's wgmma (16-row tiles
+    of x as the M operand go through ldmatrix and mma.sync: 5% slower over the 9B projections on an H100)."""
+    for name in ("fp8 gemm decode quant", "fp8 gemm decode"):
+        assert compiled[name]["wgmma"] and not compiled[name]["mma_sync"], (name, compiled[name])
 
 
 def test_fp8_codes_divide_with_ieee_rounding(compiled):

@@ -281,20 +281,22 @@ def _sm_count(device_index: int) -> int:
 
 
 def launch_plan(m: int, quantise: bool = True) -> tuple[int, ...]:
-    """(BM, BN, num_warps, num_stages) for M rows: decode-sized M reads each weight tile once per 16 rows; prefill
-    takes 128 x 128 tiles. The interpreter takes small tiles (it runs every program in Python). ``quantise``: the
-    kernel quantises its rows itself. At decode that takes 16 x 128 tiles with 8 warps and 3 stages, 5% faster over
-    the four 9B projections than 16 x 64 with 4 warps and 4 stages, which pre-quantised rows keep (4% faster there;
-    H100, CUDA graphs, ``benchmarks/fp8_decode_division.py``)."""
+    """(BM, BN, num_warps, num_stages, swap) for M rows: decode-sized M reads each weight tile once per 16 rows and
+    computes the product transposed (``swap``: C^T = W @ x^T, so the [BN, 128] weight tile is the M operand of
+    Hopper's wgmma, read from shared memory, instead of going through ldmatrix into mma.sync with 16-row tiles).
+    That took the four 9B projections at M = 1 from 116 to 110 us on an H100 (weights rotated past the L2, CUDA
+    graphs; ``benchmarks/decode_gemv.py``): 16 x 128 tiles, 8 warps, 3 stages when the kernel quantises its rows
+    itself, 16 x 64 with 8 warps for rows quantised beforehand. Prefill takes 128 x 128 tiles. The interpreter
+    takes small tiles (it runs every program in Python). ``SALA_FP8_DECODE_PLAN`` replaces the decode plan."""
     if triton_interpret():
-        return 16, 32, 1, 1
+        return 16, 32, 1, 1, 0
     if m <= 16 and env.fp8_decode_plan() is not None:
         return env.fp8_decode_plan()
     if m <= 16:
-        return (16, 128, 8, 3) if quantise else (16, 64, 4, 4)
+        return (16, 128, 8, 3, 1) if quantise else (16, 64, 8, 3, 1)
     if m <= 64:
-        return 64, 128, 4, 3
-    return 128, 128, 8, 3
+        return 64, 128, 4, 3, 0
+    return 128, 128, 8, 3, 0
 
 
 def split_k_plan(tiles: int, k_steps: int, sms: int) -> int:
@@ -335,12 +337,15 @@ def triton_decode_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                        split_k: int | None = None, plan: tuple[int, ...] | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for decode-sized M with 16-bit weights: x [M, K], weight [N, K] of x's dtype
     (bf16 / fp16), bias [N] | None -> [M, N] in x's dtype, fp32 accumulation; the fp8 kernel's K loop and split-K
-    without scales. ``split_k`` / ``plan`` as :func:`triton_fp8_group_gemm`."""
+    without scales. ``split_k`` / ``plan`` as :func:`triton_fp8_group_gemm`. The bf16 model does not use it: on an
+    H100 its best plan (16 x 64, 4 warps, 3 stages) was within 3% of cuBLAS over the four 9B projections (176.7
+    against 181.7 us at M = 1, ``benchmarks/decode_gemv.py``), which is the baseline it exists to check."""
     if x.dtype != weight.dtype or x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"triton_decode_gemm wants x and weight of one 16-bit float dtype; got {x.dtype}, "
                          f"{weight.dtype}")
-    return _launch_gemm(x, weight, weight, weight, bias, x.dtype, 128, False, split_k,
-                        plan or launch_plan(x.shape[0], False), scaled=False)
+    if plan is None:
+        plan = (16, 64, 4, 3, 0) if x.shape[0] <= 16 and not triton_interpret() else launch_plan(x.shape[0], False)
+    return _launch_gemm(x, weight, weight, weight, bias, x.dtype, 128, False, split_k, plan, scaled=False)
 
 
 def _launch_gemm(xq, x_scale, q_weight, w_scale, bias, out_dtype, group_size, quant_a, split_k, plan,
