@@ -106,48 +106,36 @@ def _load_activation(x_ptr, y_ptr, rows, k, ok, s_xm, s_ym, GLUE: tl.constexpr, 
 @triton.jit(do_not_specialize=["M", "K", "group"])
 def _quantize_groups_kernel(x_ptr, y_ptr, q_ptr, s_ptr, M, K, group, s_xm, s_ym, s_qm, s_sm, s_sg,
                             BR: tl.constexpr, BC: tl.constexpr, FP8_MAX_: tl.constexpr,
-                            RNE: tl.constexpr, GLUE: tl.constexpr, RNE_X: tl.constexpr, ACCURATE: tl.constexpr,
-                            GPP: tl.constexpr = 1):
+                            RNE: tl.constexpr, GLUE: tl.constexpr, RNE_X: tl.constexpr, ACCURATE: tl.constexpr):
     """One program per BR rows x one group of ``group`` columns (row-wise scales: group = K): a pass for the absmax
-    (when the group is wider than BC), a pass for the codes; or, with ``GPP`` > 1 (BC == group), BR rows x GPP
-    consecutive groups in one read, the [BR, GPP * BC] tile viewed as BR * GPP rows of one group each. The
-    activation is x, or glue(x, y) (see :func:`_load_activation`): the glue's output is then never written."""
+    (when the group is wider than BC), a pass for the codes. The activation is x, or glue(x, y) (see
+    :func:`_load_activation`): the glue's output is then never written."""
     pid_r = tl.program_id(0)
     g = tl.program_id(1)
     rows = (pid_r * BR + tl.arange(0, BR)).to(tl.int64)
     r_ok = rows < M
-    if GPP > 1:  # GPP whole groups per program: wider rows per load, fewer programs
-        k = g.to(tl.int64) * (GPP * BC) + tl.arange(0, GPP * BC)
-        ok = r_ok[:, None] & (k < K)[None, :]
+    k0 = g.to(tl.int64) * group
+    cols = tl.arange(0, BC)
+    if BC >= group:  # the whole group in one tile: one read
+        k = k0 + cols
+        ok = r_ok[:, None] & ((cols < group) & (k < K))[None, :]
         x = _load_activation(x_ptr, y_ptr, rows, k, ok, s_xm, s_ym, GLUE, RNE_X, ACCURATE)
-        q, scale = _quantize_tile(tl.reshape(x, (BR * GPP, BC)), FP8_MAX_, RNE)
-        tl.store(q_ptr + rows[:, None] * s_qm + k[None, :], tl.reshape(q, (BR, GPP * BC)), mask=ok)
-        gi = g * GPP + tl.arange(0, GPP)
-        tl.store(s_ptr + rows[:, None] * s_sm + gi[None, :] * s_sg, tl.reshape(scale, (BR, GPP)),
-                 mask=r_ok[:, None] & (gi * BC < K)[None, :])
+        q, scale = _quantize_tile(x, FP8_MAX_, RNE)
+        tl.store(q_ptr + rows[:, None] * s_qm + k[None, :], q, mask=ok)
     else:
-        k0 = g.to(tl.int64) * group
-        cols = tl.arange(0, BC)
-        if BC >= group:  # the whole group in one tile: one read
-            k = k0 + cols
-            ok = r_ok[:, None] & ((cols < group) & (k < K))[None, :]
+        amax = tl.zeros((BR,), dtype=tl.float32)
+        for c in range(0, group, BC):
+            k = k0 + c + cols
+            ok = r_ok[:, None] & (((c + cols) < group) & (k < K))[None, :]
             x = _load_activation(x_ptr, y_ptr, rows, k, ok, s_xm, s_ym, GLUE, RNE_X, ACCURATE)
-            q, scale = _quantize_tile(x, FP8_MAX_, RNE)
-            tl.store(q_ptr + rows[:, None] * s_qm + k[None, :], q, mask=ok)
-        else:
-            amax = tl.zeros((BR,), dtype=tl.float32)
-            for c in range(0, group, BC):
-                k = k0 + c + cols
-                ok = r_ok[:, None] & (((c + cols) < group) & (k < K))[None, :]
-                x = _load_activation(x_ptr, y_ptr, rows, k, ok, s_xm, s_ym, GLUE, RNE_X, ACCURATE)
-                amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-            scale = _scale_of(amax, FP8_MAX_)
-            for c in range(0, group, BC):
-                k = k0 + c + cols
-                ok = r_ok[:, None] & (((c + cols) < group) & (k < K))[None, :]
-                x = _load_activation(x_ptr, y_ptr, rows, k, ok, s_xm, s_ym, GLUE, RNE_X, ACCURATE)
-                tl.store(q_ptr + rows[:, None] * s_qm + k[None, :], _codes(x, scale, FP8_MAX_, RNE), mask=ok)
-        tl.store(s_ptr + rows * s_sm + g * s_sg, scale, mask=r_ok)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        scale = _scale_of(amax, FP8_MAX_)
+        for c in range(0, group, BC):
+            k = k0 + c + cols
+            ok = r_ok[:, None] & (((c + cols) < group) & (k < K))[None, :]
+            x = _load_activation(x_ptr, y_ptr, rows, k, ok, s_xm, s_ym, GLUE, RNE_X, ACCURATE)
+            tl.store(q_ptr + rows[:, None] * s_qm + k[None, :], _codes(x, scale, FP8_MAX_, RNE), mask=ok)
+    tl.store(s_ptr + rows * s_sm + g * s_sg, scale, mask=r_ok)
 
 
 QUANT_TILE = (1024, 2)
@@ -160,13 +148,13 @@ GLUES = {op: getattr(fused, op.upper()) for op in GLUE_OPS}
 
 
 def triton_quantize_groups(x: torch.Tensor, group_size: int | None, scales_column_major: bool = False,
-                           tile: tuple[int, ...] | None = None,
+                           tile: tuple[int, int] | None = None,
                            glue: tuple[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] float -> (q [M, K] float8_e4m3fn, scale [M, G] float32) in one pass; the same numbers as
     ``sala.ops.fp8.naive.quantize_groups`` (G = 1 for row-wise scales, ``group_size=None``).
     ``scales_column_major``: scale strides (1, M), the layout cuBLAS block scaling reads. ``tile``: (elements per
-    program, warps[, columns per program, several whole groups]), for benchmarks comparing launch shapes (default
-    :data:`QUANT_TILE` on a GPU); the numbers do not depend on it. ``glue=(name, y)``: quantise ``name(x, y)`` (a :data:`GLUES` entry, y like x) as the Triton glue
+    program, warps), for benchmarks comparing launch shapes (default :data:`QUANT_TILE` on a GPU); the numbers do not
+    depend on it. ``glue=(name, y)``: quantise ``name(x, y)`` (a :data:`GLUES` entry, y like x) as the Triton glue
     kernel computes it, without writing it out: the codes of ``quantize_groups(silu_mul(x, y))``."""
     if x.dim() != 2:
         raise ValueError(f"triton_quantize_groups wants x [M, K]; got {tuple(x.shape)}")
@@ -187,16 +175,14 @@ def triton_quantize_groups(x: torch.Tensor, group_size: int | None, scales_colum
     if M == 0 or K == 0:
         return q, scale.fill_(1.0)
     interpret = triton_interpret()  # small tiles: the interpreter's cost grows with tile size
-    elements, warps, *width = tile or ((256, 1) if interpret else QUANT_TILE)
+    elements, warps = tile or ((256, 1) if interpret else QUANT_TILE)
     bc = min(64 if interpret else 512, triton.next_power_of_2(group))
-    # groups per program: a tile ``width`` columns wide holds several whole groups (powers of two, one per row view)
-    gpp = max(1, width[0] // group) if width and bc == group and width[0] % group == 0 else 1
-    br = max(1, elements // (bc * gpp))
+    br = max(1, elements // bc)
     # no FP fusion with a glue: its rounding points are the glue kernel's (see glue_value)
-    _quantize_groups_kernel[(triton.cdiv(M, br), triton.cdiv(groups, gpp))](
+    _quantize_groups_kernel[(triton.cdiv(M, br), groups)](
         x, y, q, scale, M, K, group, x.stride(0), y.stride(0), q.stride(0), scale.stride(0), scale.stride(1), BR=br,
         BC=bc, FP8_MAX_=FP8_MAX, RNE=interpret, GLUE=op, RNE_X=interp_rne(x.dtype), ACCURATE=not interpret,
-        GPP=gpp, num_warps=warps, enable_fp_fusion=op < 0)
+        num_warps=warps, enable_fp_fusion=op < 0)
     return q, scale
 
 
