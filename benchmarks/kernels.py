@@ -486,7 +486,7 @@ FP8_SHAPES = (("qkv", 4096, 6144), ("o_proj", 4096, 4096), ("gate_up", 4096, 327
 DECODE_PLANS = ((16, 128, 8, 3, 1), (16, 64, 4, 3, 1), (16, 128, 8, 3, 0), (16, 64, 4, 4, 0), (16, 256, 8, 3, 1))
 # launch shapes of the one-pass quantiser compared at prefill M: (elements per program, warps); the first is the
 # default (triton_gemm.QUANT_TILE)
-QUANT_TILES = ((1024, 2), (512, 1), (512, 2), (2048, 4), (4096, 4), (1024, 4))
+QUANT_TILES = ((512, 1), (1024, 2), (512, 2), (2048, 4), (4096, 4), (256, 1))
 
 
 def bench_fp8_gemm(Ms=(1, 8, 8192), shapes=FP8_SHAPES, group: int = 128, device: str = "cuda") -> list[dict]:

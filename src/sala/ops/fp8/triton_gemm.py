@@ -138,9 +138,12 @@ def _quantize_groups_kernel(x_ptr, y_ptr, q_ptr, s_ptr, M, K, group, s_xm, s_ym,
     tl.store(s_ptr + rows * s_sm + g * s_sg, scale, mask=r_ok)
 
 
-QUANT_TILE = (1024, 2)
-"""The quantiser's (elements per program, warps) on a GPU: 1.2-1.3 TB/s at M = 8,192 on the 9B projections against
-0.57-0.73 for the other five shapes tried, (4096, 4) included (H200, ``benchmarks/kernels.py --only fp8``)."""
+QUANT_TILE = (512, 1)
+"""The quantiser's (elements per program, warps) on a GPU: 4 rows of a group of 128 per one-warp program ran at
+1.63-1.85 TB/s at M = 8,192 on the 9B projections, against 1.30-1.40 for (1024, 2), the earlier default, and at most
+1.65 for programs holding 4-8 whole groups (a variant tried and dropped; H100, ``benchmarks/kernels.py --only fp8``).
+It took the fp8 TTFT at 256K from 8.74 to 8.18 s on that card. An H200 sweep with the earlier per-element division
+had ranked (1024, 2) first."""
 
 GLUES = {op: getattr(fused, op.upper()) for op in GLUE_OPS}
 """Elementwise glue the quantiser can apply first: ``sala.ops.elementwise`` entries -> the glue kernel's op codes
