@@ -162,3 +162,27 @@ def test_misuse_of_the_caches_is_a_clear_error(model):
     k = torch.randn(1, 1, model.config.num_key_value_heads, model.config.head_dim)
     with pytest.raises(EngineError, match="eager decode attention needs the rows' slots and lengths"):
         view[0].attend(q, k, k, BatchLayout.decode(torch.zeros(1, dtype=torch.long)), model.model.layers[0].self_attn)
+
+
+@pytest.mark.parametrize("length", [40, LONG + 12], ids=["dense", "infllm-v2"])
+@pytest.mark.parametrize("prefill_autocast", [True, False], ids=["bf16-prefill", "fp32-prefill"])
+def test_a_cache_outlives_switching_autocast(model, prefill_autocast, length):
+    """Prefill under CPU autocast (bf16 K/V stored) and decode without it, or the reverse: the cache keeps the dtype
+    it was filled in, the query joins it and the output returns in the caller's dtype (before, dense attention
+    refused the mixed dtypes, and CPU autocast recast ops inside the InfLLM-v2 reference). Oracle: the fp32 forward over the whole sequence, no cache, within what
+    bf16 K/V (or bf16 decode projections) cost."""
+    from sala.utils.testing import rel_l2
+
+    ids = _ids(1, length, seed=91)
+    with torch.no_grad():
+        want = model(ids).logits[0, -4:]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=prefill_autocast):
+            pkv = model(ids[:, :-4], use_cache=True).past_key_values
+        got = []
+        for t in range(ids.shape[1] - 4, ids.shape[1]):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not prefill_autocast):
+                got.append(model(ids[:, t : t + 1], past_key_values=pkv, use_cache=True).logits[0, -1].float())
+    assert any(layer.keys is not None and layer.keys.dtype == (torch.bfloat16 if prefill_autocast else torch.float32)
+               for layer in pkv.layers if isinstance(layer, SparseLayerCache))
+    err = rel_l2(torch.stack(got), want)
+    assert err < 1e-2, err

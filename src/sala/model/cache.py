@@ -119,6 +119,15 @@ class PaddedKV(ABC):
                mixer: SparseAttentionParams) -> torch.Tensor:
         B, T = q.shape[:2]
         keys, values = self.update(k, v)  # [B, L, Hkv, D]
+        # the attention computes in its inputs' dtype (the mixer casts q, k, v to autocast's already; CPU autocast
+        # would recast ops inside the InfLLM-v2 reference). A cache filled under autocast and read without it, or
+        # the reverse, keeps its dtype: q joins it, and the output returns in q's.
+        with torch.autocast(q.device.type, enabled=False):
+            return self._attend(q.to(keys.dtype), keys, values, layout, mixer).to(q.dtype)
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: "BatchLayout",
+                mixer: SparseAttentionParams) -> torch.Tensor:
+        B, T = q.shape[:2]
         sparse_rows = [b for b in range(B) if mixer.uses_sparse(layout.valid_keys(b))]
         o = dense_causal_attention(q, keys, values, layout.key_valid, mixer.scale) if len(sparse_rows) < B \
             else torch.zeros_like(q)
