@@ -1,8 +1,8 @@
 """Decode GEMMs (M = 1 and 8) on the 9B projection shapes: how close each gets to the card's weight-read bandwidth.
 
 Times cuBLAS bf16 (``F.linear``), sala's Triton 16-bit decode GEMM (``triton_decode_gemm``) and the fp8 group GEMM
-(``triton_fp8_group_gemm``, activations quantised in the kernel, groups of 128) over a sweep of launch plans
-(BN, warps, stages, K steps per iteration) and K-split targets (CTAs per SM). Each timed call reads a different
+(``triton_fp8_group_gemm``, activations quantised in the kernel or beforehand, groups of 128) over a sweep of launch
+plans (BN, warps, stages, swap: the product computed as C^T = W @ x^T) and K-split targets (CTAs per SM). Each timed call reads a different
 copy of the weight (the copies together are over 3x the L2), 32 calls per CUDA graph, as a decode step's layers
 do: a repeated weight would be served from L2. Every variant is checked against ``F.linear`` / the fp8 reference
 first. Prints TB/s of weight bytes and writes ``$OUT/decode_gemv.json``.
@@ -56,6 +56,9 @@ def graph_us(fn_of_copy, copies: int) -> float:
 
 
 def splits_for(tiles: int, k_steps: int, sms: int, per_sm: int) -> int:
+    """K splits for ``per_sm`` CTAs per SM. Unlike the library's ``split_k_plan`` (>= 4 K steps per split, no split
+    once tiles >= SMs) this allows 2 K steps per split, so a plan picked here may run end to end with fewer splits
+    (o_proj: 9 here, 8 there)."""
     if tiles >= per_sm * sms // 2:
         return 1
     return max(1, min(triton.cdiv(per_sm * sms, tiles), k_steps // 2))
@@ -156,9 +159,10 @@ def main() -> None:
         del w16, q8
     # per plan over all shapes at M = 1 and 8: which single plan (and split target) is best on the sum
     for kind in ("fp8", "pre", "bf16"):
-        keys = [key for key in rows[0] if key.startswith(kind + " ")]
         for m in (1, 8):
-            totals = sorted((sum(r[key] for r in rows if r["M"] == m and key in r), key) for key in keys)
+            rows_m = [r for r in rows if r["M"] == m]  # plans that ran on every shape (none out of resources)
+            keys = [key for key in rows_m[0] if key.startswith(kind + " ") and all(key in r for r in rows_m)]
+            totals = sorted((sum(r[key] for r in rows_m), key) for key in keys)
             print(f"{kind} M={m}: best plans over the four shapes (sum of us):",
                   ", ".join(f"{key} {t:.1f}" for t, key in totals[:5]))
         for m in (1, 8):
@@ -166,8 +170,9 @@ def main() -> None:
                   f", fp8 default {sum(r['fp8_default_us'] for r in rows if r['M'] == m):.1f}, per-shape best "
                   f"{sum(r[kind + '_best_us'] for r in rows if r['M'] == m):.1f}")
     # the in-kernel-quantising plan with the smallest M = 1 sum, for an end-to-end run (SALA_FP8_DECODE_PLAN)
-    best = min((sum(r[key] for r in rows if r["M"] == 1 and key in r), key) for key in rows[0]
-               if key.startswith("fp8 ") and key.endswith("/2"))[1]
+    rows_1 = [r for r in rows if r["M"] == 1]
+    best = min((sum(r[key] for r in rows_1), key) for key in rows_1[0]
+               if key.startswith("fp8 ") and key.endswith("/2") and all(key in r for r in rows_1))[1]
     bn, rest = best.split()[1].split("n", 1)
     warps, rest = rest.split("w", 1)
     stages, swap = rest.split("s", 1)

@@ -57,7 +57,7 @@ step profile_prefill bash -c 'for q in none fp8; do timeout 200 python benchmark
 step e2e256 sala bench e2e --systems sala,sala-fp8 --contexts 256K --decode-steps 16 --decode-batch 8 \
     --out "$OUT/e2e_256k"
 # -- issue 15: decode GEMMs, every launch plan against cuBLAS bf16, weights rotated past the L2
-step gemv env PYTHONPATH=src:benchmarks python benchmarks/decode_gemv.py
+step gemv env PYTHONPATH=benchmarks:$PYTHONPATH python benchmarks/decode_gemv.py
 # -- issue 11: the distillation KL kernel against the PyTorch passes it replaced (SmolLM2 vocabulary)
 step kl python benchmarks/kernels.py --only kl --out "$OUT/kernels"
 # -- issue 15: bf16 vs fp8 (groups of 128, and row-wise) vs the dense systems

@@ -522,14 +522,35 @@ def test_triton_decode_gemm_is_f_linear(monkeypatch, dtype):
         triton_decode_gemm(x.float(), w.float())
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 8])
+def test_cuda_decode_gemm_is_f_linear(m):
+    """The 16-bit decode GEMM compiled on a GPU (default plan, and the transposed product with split-K) against
+    F.linear on a shape whose N leaves SMs idle."""
+    from sala.ops.fp8.triton_gemm import triton_decode_gemm
+
+    dev = torch.device("cuda")
+    x = _randn(m, 4096, seed=77).bfloat16().to(dev)
+    w = (0.02 * _randn(512, 4096, seed=78)).bfloat16().to(dev)
+    want = torch.nn.functional.linear(x.float(), w.float())
+    for plan, split in ((None, None), ((16, 64, 4, 3, 1), 6)):
+        got = triton_decode_gemm(x, w, split_k=split, plan=plan)
+        assert_close(got.float(), want, 8e-3, f"cuda decode GEMM, plan {plan}, split {split}")
+
+
 def test_fp8_decode_plan_switch(monkeypatch):
+    from sala.ops.fp8.triton_gemm import launch_plan
     from sala.utils import env
 
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a GPU's plans (launch_plan only reads the switch)
+    default = launch_plan(1, True)
     monkeypatch.setenv("SALA_FP8_DECODE_PLAN", "16,64,4,3,1")
     assert env.fp8_decode_plan() == (16, 64, 4, 3, 1)
+    assert launch_plan(1, True) == launch_plan(16, False) == (16, 64, 4, 3, 1) != default
+    assert launch_plan(17, True) == (64, 128, 4, 3, 0)  # prefill-sized M keeps its plan
     monkeypatch.delenv("SALA_FP8_DECODE_PLAN")
     assert env.fp8_decode_plan() is None
-    for bad in ("16,64,4,3", "8,64,4,3,1", "16,64,4,3,2", "a,b,c,d,e"):
+    for bad in ("16,64,4,3", "8,64,4,3,1", "16,64,4,3,2", "a,b,c,d,e", "16,48,4,3,1", "16,64,3,3,1"):
         monkeypatch.setenv("SALA_FP8_DECODE_PLAN", bad)
         with pytest.raises(ValueError, match="BM,BN,warps,stages,swap"):
             env.fp8_decode_plan()

@@ -70,13 +70,18 @@ _SCRIPT = textwrap.dedent('''
             "GROUP": 128, "BK": 128, "BM": bm, "BN": bn, "QUANT_A": quant_a, "HAS_BIAS": True, "RNE_O": False,
             "FP8_MAX_": FP8_MAX, "RNE_A": False, "SPLIT": split, "SWAP": bool(swap), "SCALED": True},
             warps=warps, stages=stages)
+    # the 16-bit decode GEMM (triton_decode_gemm's default decode plan: no swap, no scales), split-K
+    g16 = dict(g, a_ptr="*bf16", b_ptr="*bf16")
+    out["bf16 decode gemm"] = build(_fp8_group_gemm_kernel, g16, {
+        "GROUP": 128, "BK": 128, "BM": 16, "BN": 64, "QUANT_A": False, "HAS_BIAS": False, "RNE_O": False,
+        "FP8_MAX_": FP8_MAX, "RNE_A": False, "SPLIT": True, "SWAP": False, "SCALED": False}, warps=4, stages=3)
     print(json.dumps(out))
 ''')
 
 
 @pytest.fixture(scope="module")
 def compiled() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SALA_FP8_DECODE_PLAN")}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     r = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     if r.returncode != 0 and "ptxas" in r.stderr and "No such file" in r.stderr:
@@ -88,7 +93,7 @@ def compiled() -> dict:
 def test_kernels_compile_to_sm90_cubins(compiled):
     assert set(compiled) == {"kl_rows grad=True", "kl_rows grad=False", "fp8 quantiser glue=-1",
                              "fp8 quantiser glue=0", "fp8 quantiser glue=1", "fp8 gemm decode quant",
-                             "fp8 gemm decode", "fp8 gemm prefill"}
+                             "fp8 gemm decode", "fp8 gemm prefill", "bf16 decode gemm"}
     assert all(k["cubin"] for k in compiled.values()), compiled
 
 

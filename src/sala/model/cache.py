@@ -156,6 +156,7 @@ class NoCache(PaddedKV):
     def attend(self, q, k, v, layout, mixer) -> torch.Tensor:
         if layout.doc_bounds is None:
             return super().attend(q, k, v, layout, mixer)
+        # packed documents (training): q, k, v come from this call in one dtype, as the mixer cast them
         docs, p = layout.doc_bounds, mixer.params
         sparse = [mixer.uses_sparse(b - a) for a, b in docs]
         dense = None

@@ -58,8 +58,9 @@ def fp8_cublas_blockwise() -> bool:
 
 
 def fp8_decode_plan() -> tuple[int, int, int, int, int] | None:
-    """``SALA_FP8_DECODE_PLAN=BM,BN,warps,stages,swap``: the decode-sized fp8 group GEMM's launch plan instead of
-    the built-in one (for benchmarks comparing plans end to end); unset: None."""
+    """``SALA_FP8_DECODE_PLAN=BM,BN,warps,stages,swap``: the decode-sized fp8 group GEMM's launch plan on a GPU
+    instead of the built-in one (for benchmarks comparing plans end to end; the interpreter keeps its small tiles);
+    unset: None."""
     value = os.environ.get("SALA_FP8_DECODE_PLAN", "").strip()
     if not value:
         return None
@@ -67,9 +68,10 @@ def fp8_decode_plan() -> tuple[int, int, int, int, int] | None:
         plan = tuple(int(v) for v in value.split(","))
     except ValueError:
         plan = ()
-    if len(plan) != 5 or min(plan[:4]) < 1 or plan[0] < 16 or plan[1] < 16 or plan[4] not in (0, 1):
-        raise ValueError(f"SALA_FP8_DECODE_PLAN must be BM,BN,warps,stages,swap (BM, BN >= 16, warps and stages >= 1, "
-                         f"swap 0 or 1); got {value!r}")
+    pow2 = all(v > 0 and v & (v - 1) == 0 for v in plan[:3])
+    if len(plan) != 5 or not pow2 or plan[3] < 1 or plan[0] < 16 or plan[1] < 16 or plan[4] not in (0, 1):
+        raise ValueError(f"SALA_FP8_DECODE_PLAN must be BM,BN,warps,stages,swap (BM, BN >= 16 and warps powers of "
+                         f"two, stages >= 1, swap 0 or 1); got {value!r}")
     return plan
 
 
