@@ -205,3 +205,30 @@ def test_decode_batch_errors():
         decode_attention_batch(q, keys, values, ck1, ck2, slot.float(), pos, P, 0.3, DENSE_LEN)
     with pytest.raises(ValueError, match="keys/values"):
         append_compressed_keys(keys[0], ck1, ck2, slot, pos, 8, 4)
+
+
+@pytest.mark.parametrize("S,BS", [(150, 64), (5, 8), (64, 64)])
+def test_flash_decoding_merge_of_many_splits(monkeypatch, S, BS):
+    """The merge of S (o, log2-sum-exp) partials per (query, head) row, BS splits per load: against the softmax
+    weighting of the partials in fp64, with empty splits (-inf, o = 0) scattered in, one row empty throughout (0)
+    and more splits than one load holds (150 over steps of 64)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import triton
+
+    from sala.ops.infllm_v2.sparse_attn import _merge_partials_kernel
+
+    g = torch.Generator().manual_seed(S)
+    T, H, D = 2, 3, 24
+    R = T * H
+    po = torch.randn(S, R, D, generator=g)
+    pl = 8 * torch.randn(S, R, generator=g)
+    empty = torch.rand(S, R, generator=g) < 0.3
+    empty[:, 4] = True
+    pl[empty], po[empty] = float("-inf"), 0.0
+    w = torch.softmax(pl.double() * torch.log(torch.tensor(2.0, dtype=torch.float64)), dim=0).nan_to_num(0.0)
+    want = (w[..., None] * po.double()).sum(0).view(T, H, D)
+    o = torch.full((T, H, D), float("nan"))
+    _merge_partials_kernel[(R,)](po, pl, o, S, R, H, o.stride(0), o.stride(1), D=D,
+                                 BD=triton.next_power_of_2(D), BS=BS, RNE=False)
+    assert torch.equal(o[1, 1], torch.zeros(D))  # row 4: every split empty
+    assert_close(o.double(), want, 1e-6, f"merge of {S} splits, {BS} per load")

@@ -409,42 +409,47 @@ def _decode_forward(q, k, v, topk_idx, q_pos, o, n_sm: int, a: dict, slot=None, 
         G=a["G"], MB=a["MB"], NBI=nbi, HAS_CNT=counts is not None, HAS_PRIOR=False, PARTIAL=True,
         BATCHED=slot is not None, TMA=False, **a["tok_launch"], **a["common"],
     )
-    BR = 16
-    _merge_partials_kernel[(triton.cdiv(T * H, BR),)](
+    # one program per (query, head) row, all of its splits in one [BS, D] load (a chunk at a time past BS): the
+    # row-serial loop over S splits (S ~ 50 at 256K, 2 programs of 16 rows at one decode token) took 16 us per layer
+    BS = min(64, triton.next_power_of_2(S))
+    _merge_partials_kernel[(T * H,)](
         po, pl, o, S, T * H, H, o.stride(0), o.stride(1),
-        D=D, BD=triton.next_power_of_2(D), BR=BR, RNE=a["common"]["RNE"], num_warps=4,
+        D=D, BD=triton.next_power_of_2(D), BS=BS, RNE=a["common"]["RNE"], num_warps=4,
     )
     return o
 
 
 @triton.jit(do_not_specialize=["S", "R"])
 def _merge_partials_kernel(po_ptr, pl_ptr, o_ptr, S, R, H, s_ot, s_oh,
-                           D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, RNE: tl.constexpr):
-    """Flash-decoding merge: rows r = t * H + h of the S normalised partials po [S, R, D] with their log2-sum-exp
-    pl [S, R] (both contiguous) -> o[t, h] (0 where every split was empty)."""
-    o_r = tl.program_id(0) * BR + tl.arange(0, BR)
-    m_r = o_r < R
+                           D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, RNE: tl.constexpr):
+    """Flash-decoding merge of row r = t * H + h (this program): the S normalised partials po [S, R, D] with their
+    log2-sum-exp pl [S, R] (both contiguous) -> o[t, h] (0 where every split was empty), BS splits per step."""
+    r = tl.program_id(0)
     o_d = tl.arange(0, BD)
-    m_rd = m_r[:, None] & (o_d < D)[None, :]
-    b_m = tl.full([BR], float("-inf"), dtype=tl.float32)
-    b_l = tl.zeros([BR], dtype=tl.float32)
-    b_acc = tl.zeros([BR, BD], dtype=tl.float32)
-    for s in range(S):
-        x = tl.load(pl_ptr + s * R + o_r, mask=m_r, other=float("-inf"))
-        b_o = tl.load(po_ptr + (s * R + o_r).to(tl.int64)[:, None] * D + o_d[None, :], mask=m_rd, other=0.0)
-        m_new = tl.maximum(b_m, x)
+    m_d = o_d < D
+    o_s = tl.arange(0, BS)
+    b_m = tl.full([1], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([1], dtype=tl.float32)
+    b_acc = tl.zeros([1, BD], dtype=tl.float32)
+    for s0 in range(0, S, BS):
+        s = s0 + o_s
+        m_s = s < S
+        x = tl.load(pl_ptr + s * R + r, mask=m_s, other=float("-inf"))[:, None]  # [BS, 1]
+        b_o = tl.load(po_ptr + (s.to(tl.int64) * R + r)[:, None] * D + o_d[None, :],
+                      mask=m_s[:, None] & m_d[None, :], other=0.0)  # [BS, BD]
+        m_new = tl.maximum(b_m, tl.max(x, axis=0))  # [1]
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(b_m - m_safe)
-        w = tl.exp2(x - m_safe)
-        b_l = b_l * alpha + w
-        b_acc = b_acc * alpha[:, None] + b_o * w[:, None]
+        w = tl.exp2(x - m_safe[None, :])  # [BS, 1]; empty splits (-inf) weigh 0
+        b_l = b_l * alpha + tl.sum(w, axis=0)
+        b_acc = b_acc * alpha[:, None] + tl.sum(w * b_o, axis=0)[None, :]
         b_m = m_new
     out = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]
     if RNE:
         out = rne_bf16(out)
-    t = (o_r // H).to(tl.int64)
-    h = o_r % H
-    tl.store(o_ptr + t[:, None] * s_ot + h[:, None] * s_oh + o_d[None, :], out.to(o_ptr.dtype.element_ty), mask=m_rd)
+    t = (r // H).to(tl.int64)
+    h = r % H
+    tl.store(o_ptr + t * s_ot + h * s_oh + o_d[None, :], out.to(o_ptr.dtype.element_ty), mask=m_d[None, :])
 
 
 def _token_forward(q, k, v, topk_idx, q_pos, o, a: dict) -> torch.Tensor:
