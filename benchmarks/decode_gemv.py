@@ -11,6 +11,7 @@ first. Prints TB/s of weight bytes and writes ``$OUT/decode_gemv.json``.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -64,6 +65,31 @@ def splits_for(tiles: int, k_steps: int, sms: int, per_sm: int) -> int:
     return max(1, min(triton.cdiv(per_sm * sms, tiles), k_steps // 2))
 
 
+def _sweep(row: dict, copies: int, n: int, k: int, sms: int, per_sm_choices, where: str, kind: str, plans,
+           ref: torch.Tensor, call) -> tuple:
+    """Time ``call(copy, split, plan)`` for every plan and split target into ``row`` (keys ``"{kind} {plan}/{per
+    SM}"``), after checking it against ``ref``; plans out of shared memory or off the reference are skipped. Sets
+    ``row[kind + "_best"]`` and ``row[kind + "_best_us"]``; returns ((plan, per SM, splits), us) of the fastest."""
+    best = (None, 1e9)
+    for plan in plans:
+        for per_sm in per_sm_choices:
+            split = splits_for(triton.cdiv(n, plan[1]), k // 128, sms, per_sm)
+            fn = functools.partial(call, split=split, plan=plan)
+            try:
+                err = rel_l2(fn(0).float(), ref)
+            except triton.runtime.errors.OutOfResources:
+                continue
+            if not err < 1e-2:
+                print(f"  {kind} {where} plan {plan} split {split}: rel err {err:.2e}, skipped")
+                continue
+            us = graph_us(fn, copies)
+            row[f"{kind} {plan[1]}n{plan[2]}w{plan[3]}s{'x' if plan[4] else ''}/{per_sm}"] = us
+            if us < best[1]:
+                best = ((plan, per_sm, split), us)
+    row[kind + "_best"], row[kind + "_best_us"] = best
+    return best
+
+
 def main() -> None:
     out_dir = os.environ.get("OUT", "out")
     os.makedirs(out_dir, exist_ok=True)
@@ -93,62 +119,14 @@ def main() -> None:
             row["fp8_default_us"] = graph_us(lambda i: triton_fp8_group_gemm(x, None, *q8[i], None, torch.bfloat16,
                                                                               128), copies)
             row["fp8_default_plan"] = launch_plan(m, True)
-            best8, best16 = (None, 1e9), (None, 1e9)
-            for plan in fp8_plans:
-                tiles = triton.cdiv(n, plan[1])
-                for per_sm in per_sm_choices:
-                    split = splits_for(tiles, k // 128, sms, per_sm)
-                    fn = lambda i: triton_fp8_group_gemm(x, None, *q8[i], None, torch.bfloat16, 128,  # noqa: E731
-                                                         split_k=split, plan=plan)
-                    try:
-                        err = rel_l2(fn(0).float(), ref8)
-                    except triton.runtime.errors.OutOfResources:
-                        continue
-                    if not err < 1e-2:
-                        print(f"  fp8 {name} M={m} plan {plan} split {split}: rel err {err:.2e}, skipped")
-                        continue
-                    us = graph_us(fn, copies)
-                    row[f"fp8 {plan[1]}n{plan[2]}w{plan[3]}s{'x' if plan[4] else ''}/{per_sm}"] = us
-                    if us < best8[1]:
-                        best8 = ((plan, per_sm, split), us)
             xq, xs = quantize_groups(x, 128)
-            best_pre = (None, 1e9)
-            for plan in pre_plans:
-                tiles = triton.cdiv(n, plan[1])
-                for per_sm in per_sm_choices:
-                    split = splits_for(tiles, k // 128, sms, per_sm)
-                    fn = lambda i: triton_fp8_group_gemm(xq, xs, *q8[i], None, torch.bfloat16, 128,  # noqa: E731
-                                                         split_k=split, plan=plan)
-                    try:
-                        err = rel_l2(fn(0).float(), ref8)
-                    except triton.runtime.errors.OutOfResources:
-                        continue
-                    if not err < 1e-2:
-                        print(f"  pre {name} M={m} plan {plan} split {split}: rel err {err:.2e}, skipped")
-                        continue
-                    us = graph_us(fn, copies)
-                    row[f"pre {plan[1]}n{plan[2]}w{plan[3]}sx/{per_sm}"] = us
-                    if us < best_pre[1]:
-                        best_pre = ((plan, per_sm, split), us)
-            row["pre_best"], row["pre_best_us"] = best_pre
-            for plan in bf16_plans:
-                tiles = triton.cdiv(n, plan[1])
-                for per_sm in per_sm_choices:
-                    split = splits_for(tiles, k // 128, sms, per_sm)
-                    fn = lambda i: triton_decode_gemm(x, w16[i], split_k=split, plan=plan)  # noqa: E731
-                    try:
-                        err = rel_l2(fn(0).float(), ref16)
-                    except triton.runtime.errors.OutOfResources:
-                        continue
-                    if not err < 1e-2:
-                        print(f"  bf16 {name} M={m} plan {plan} split {split}: rel err {err:.2e}, skipped")
-                        continue
-                    us = graph_us(fn, copies)
-                    row[f"bf16 {plan[1]}n{plan[2]}w{plan[3]}s{'x' if plan[4] else ''}/{per_sm}"] = us
-                    if us < best16[1]:
-                        best16 = ((plan, per_sm, split), us)
-            row["fp8_best"], row["fp8_best_us"] = best8
-            row["bf16_best"], row["bf16_best_us"] = best16
+            sweep = functools.partial(_sweep, row, copies, n, k, sms, per_sm_choices, f"{name} M={m}")
+            best8 = sweep("fp8", fp8_plans, ref8, lambda i, split, plan: triton_fp8_group_gemm(
+                x, None, *q8[i], None, torch.bfloat16, 128, split_k=split, plan=plan))
+            best_pre = sweep("pre", pre_plans, ref8, lambda i, split, plan: triton_fp8_group_gemm(
+                xq, xs, *q8[i], None, torch.bfloat16, 128, split_k=split, plan=plan))
+            best16 = sweep("bf16", bf16_plans, ref16, lambda i, split, plan: triton_decode_gemm(
+                x, w16[i], split_k=split, plan=plan))
             gb16, gb8 = 2 * k * n / 1e9, k * n * (1 + 4 / 128) / 1e9
             print(f"{name:8s} M={m}: cuBLAS bf16 {row['cublas_bf16_us']:7.1f} us ({gb16 / row['cublas_bf16_us'] * 1e3:.2f} TB/s)"
                   f" | triton bf16 best {best16[1]:7.1f} us ({gb16 / best16[1] * 1e3:.2f} TB/s) {best16[0]}"
