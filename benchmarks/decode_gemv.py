@@ -2,9 +2,9 @@
 
 Times cuBLAS bf16 (``F.linear``), sala's Triton 16-bit decode GEMM (``triton_decode_gemm``) and the fp8 group GEMM
 (``triton_fp8_group_gemm``, activations quantised in the kernel or beforehand, groups of 128) over a sweep of launch
-plans (BN, warps, stages, swap: the product computed as C^T = W @ x^T) and K-split targets (CTAs per SM). Each timed call reads a different
-copy of the weight (the copies together are over 3x the L2), 32 calls per CUDA graph, as a decode step's layers
-do: a repeated weight would be served from L2. Every variant is checked against ``F.linear`` / the fp8 reference
+plans (BN, warps, stages, swap: the product computed as C^T = W @ x^T) and K-split targets (CTAs per SM). Each
+timed call reads a different copy of the weight (the copies together are over 3x the L2), 32 calls per CUDA graph,
+as a decode step's layers do: a repeated weight would be served from L2. Every variant is checked against ``F.linear`` / the fp8 reference
 first. Prints TB/s of weight bytes and writes ``$OUT/decode_gemv.json``.
 
     PYTHONPATH=src:benchmarks OUT=out python benchmarks/decode_gemv.py        # one GPU, a few minutes
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from kernels import FP8_SHAPES  # benchmarks/ is on PYTHONPATH (see the usage line)
+from kernels import FP8_SHAPES, _graph_ms  # benchmarks/ is on PYTHONPATH (see the usage line)
 from sala.ops.fp8 import naive_fp8_linear, quantize_fp8_weight
 from sala.ops.fp8.naive import quantize_groups
 from sala.ops.fp8.triton_gemm import _sm_count, launch_plan, triton_decode_gemm, triton_fp8_group_gemm
@@ -32,28 +32,10 @@ CALLS = 32
 
 
 def graph_us(fn_of_copy, copies: int) -> float:
-    """Median microseconds per call: CALLS calls, call i on weight copy i % copies, in one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(3):
-            fn_of_copy(i % copies)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(CALLS):
-            fn_of_copy(i % copies)
-    graph.replay()
-    times = []
-    for _ in range(5):  # median of 5 x 10 replays: each replay is 32 calls of 5-100 us
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 10)
-    return 1e3 * sorted(times)[2] / CALLS
+    """Microseconds per call: CALLS calls captured in one CUDA graph (kernels.py's graph timer), call i on weight
+    copy i % copies (the copy is picked while capturing)."""
+    copy = itertools.cycle(range(copies))
+    return 1e3 * _graph_ms(lambda: fn_of_copy(next(copy)), calls=CALLS)
 
 
 def splits_for(tiles: int, k_steps: int, sms: int, per_sm: int) -> int:

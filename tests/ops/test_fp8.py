@@ -548,6 +548,7 @@ def test_fp8_decode_plan_switch(monkeypatch):
     assert env.fp8_decode_plan() == (16, 64, 4, 3, 1)
     assert launch_plan(1, True) == launch_plan(16, False) == (16, 64, 4, 3, 1) != default
     assert launch_plan(17, True) == (64, 128, 4, 3, 0)  # prefill-sized M keeps its plan
+    assert launch_plan(1, False, scaled=False) == (16, 64, 4, 3, 0)  # the 16-bit decode GEMM is not fp8's
     monkeypatch.delenv("SALA_FP8_DECODE_PLAN")
     assert env.fp8_decode_plan() is None
     for bad in ("16,64,4,3", "8,64,4,3,1", "16,64,4,3,2", "a,b,c,d,e", "16,48,4,3,1", "16,64,3,3,1"):

@@ -117,7 +117,6 @@ class PaddedKV(ABC):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: "BatchLayout",
                mixer: SparseAttentionParams) -> torch.Tensor:
-        B, T = q.shape[:2]
         keys, values = self.update(k, v)  # [B, L, Hkv, D]
         # the attention computes in its inputs' dtype (the mixer casts q, k, v to autocast's already; CPU autocast
         # would recast ops inside the InfLLM-v2 reference). A cache filled under autocast and read without it, or

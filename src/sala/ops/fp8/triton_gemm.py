@@ -226,13 +226,12 @@ def _fp8_group_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, ws_ptr
             b = tl.load(b_ptr + rn[:, None] * s_bn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         else:  # [BK, BN]
             b = tl.load(b_ptr + rn[None, :] * s_bn + k[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        a = tl.load(a_ptr + rm[:, None] * s_am + k[None, :], mask=a_mask, other=0.0)
         if SCALED:
             g = (kk * BK) // GROUP
             if QUANT_A:  # a is the float activation; BK == GROUP, so this step is one whole group of each row
-                x = tl.load(a_ptr + rm[:, None] * s_am + k[None, :], mask=a_mask, other=0.0).to(tl.float32)
-                a, sa = _quantize_tile(x, FP8_MAX_, RNE_A)
+                a, sa = _quantize_tile(a.to(tl.float32), FP8_MAX_, RNE_A)
             else:
-                a = tl.load(a_ptr + rm[:, None] * s_am + k[None, :], mask=a_mask, other=0.0)
                 sa = tl.load(as_ptr + rm * s_asm + g, mask=m_ok, other=0.0)
             sb = tl.load(bs_ptr + rn * s_bsn + g, mask=n_ok, other=0.0)
             if SWAP:
@@ -240,7 +239,6 @@ def _fp8_group_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, ws_ptr
             else:
                 acc += tl.dot(a, b, out_dtype=tl.float32) * sa[:, None] * sb[None, :]
         else:  # a plain 16-bit GEMM (a and b of one float dtype): the decode GEMV of unquantised weights
-            a = tl.load(a_ptr + rm[:, None] * s_am + k[None, :], mask=a_mask, other=0.0)
             if RNE_A:  # the interpreter: its dots take no bf16; fp32 products of bf16 values are exact
                 a, b = a.to(tl.float32), b.to(tl.float32)
             if SWAP:
@@ -283,16 +281,20 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def launch_plan(m: int, quantise: bool = True) -> tuple[int, ...]:
+def launch_plan(m: int, quantise: bool = True, scaled: bool = True) -> tuple[int, ...]:
     """(BM, BN, num_warps, num_stages, swap) for M rows: decode-sized M reads each weight tile once per 16 rows and
     computes the product transposed (``swap``: C^T = W @ x^T, so the [BN, 128] weight tile is the M operand of
     Hopper's wgmma, read from shared memory, instead of going through ldmatrix into mma.sync with 16-row tiles).
     That took the four 9B projections at M = 1 from 116 to 110 us on an H100 (weights rotated past the L2, CUDA
     graphs; ``benchmarks/decode_gemv.py``): 16 x 128 tiles, 8 warps, 3 stages when the kernel quantises its rows
     itself, 16 x 64 with 8 warps for rows quantised beforehand. Prefill takes 128 x 128 tiles. The interpreter
-    takes small tiles (it runs every program in Python). ``SALA_FP8_DECODE_PLAN`` replaces the decode plan on a GPU."""
+    takes small tiles (it runs every program in Python). ``SALA_FP8_DECODE_PLAN`` replaces the decode plan on a GPU.
+    ``scaled=False``: the 16-bit decode GEMM (:func:`triton_decode_gemm`), whose fastest decode plan on an H100 was
+    16 x 64 tiles, 4 warps, 3 stages, not transposed."""
     if triton_interpret():
         return 16, 32, 1, 1, 0
+    if m <= 16 and not scaled:
+        return 16, 64, 4, 3, 0
     if m <= 16:
         return env.fp8_decode_plan() or ((16, 128, 8, 3, 1) if quantise else (16, 64, 8, 3, 1))
     if m <= 64:
@@ -347,13 +349,14 @@ def triton_decode_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if x.dtype != weight.dtype or x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"triton_decode_gemm wants x and weight of one 16-bit float dtype; got {x.dtype}, "
                          f"{weight.dtype}")
-    if plan is None:
-        plan = (16, 64, 4, 3, 0) if x.shape[0] <= 16 and not triton_interpret() else launch_plan(x.shape[0], False)
-    return _launch_gemm(x, weight, weight, weight, bias, x.dtype, 128, False, split_k, plan, scaled=False)
+    return _launch_gemm(x, weight, weight, weight, bias, x.dtype, 128, False, split_k,
+                        plan or launch_plan(x.shape[0], False, scaled=False), scaled=False)
 
 
 def _launch_gemm(xq, x_scale, q_weight, w_scale, bias, out_dtype, group_size, quant_a, split_k, plan,
                  scaled: bool = True) -> torch.Tensor:
+    """The group GEMM's launch for checked arguments (``scaled=False``: no scales; the scale pointers are
+    placeholders): the empty cases, K splits, the workspace and arrival counters of a split launch."""
     M, K = xq.shape
     N = q_weight.shape[0]
     bk = min(group_size, 128)
